@@ -1,0 +1,248 @@
+"""The Typer app: commands, shared option aliases, and the one error boundary."""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+
+from aigc_cli import __version__
+from aigc_cli.errors import AigcError, ExitCode, RecordError, UsageError
+from aigc_cli.output import Messages, OutputFormat, SequenceRenderer, Streams
+from aigc_cli.settings import Decoding, GenerationSettings
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 1 runtime failure; 2 usage error (bad flag, empty prompt); "
+    "3 model unavailable (not found, offline, corrupt); 4 some records failed (batch files); "
+    "130 interrupted."
+)
+
+app = typer.Typer(
+    name="aigc",
+    help=f"Text generation with GPT-2 from the command line.\n\n{EXIT_CODES_HELP}",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+# Shared option aliases, defined once.
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="AIGC_MODEL",
+        help="Hugging Face model id (downloaded once, then cached) or a local model directory. "
+        "'tiny-random' is a built-in tiny random GPT-2 for smoke tests: it needs no download "
+        "and its output is gibberish by design.",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, float16 or bfloat16.")
+]
+FormatOpt = Annotated[
+    OutputFormat,
+    typer.Option("--format", help="auto (rich on a terminal, plain otherwise), rich, plain or jsonl."),
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", envvar="AIGC_DEBUG", help="Show tracebacks of errors.")]
+
+_DEVICES = ("auto", "cpu", "cuda", "mps")
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _boundary(command: F) -> F:
+    """The one error boundary: AigcError -> one line on stderr and its exit code; Ctrl-C -> 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug")) or os.environ.get("AIGC_DEBUG", "") not in ("", "0")
+        messages = Messages(Streams())
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except AigcError as exc:
+            if debug:
+                raise
+            messages.error(exc.message, exc.hint)
+            raise typer.Exit(int(exc.exit_code)) from None
+        except KeyboardInterrupt:
+            messages.error("interrupted")
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        except BrokenPipeError:
+            _silence_broken_pipe()
+            raise typer.Exit(int(ExitCode.OK)) from None
+        except Exception as exc:
+            if debug:
+                raise
+            messages.error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            raise typer.Exit(int(ExitCode.FAILURE)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _silence_broken_pipe() -> None:
+    """The reader went away (`| head`): point stdout at devnull so the interpreter's final flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
+    if value not in allowed:
+        raise UsageError(f"{flag}: must be one of {', '.join(allowed)} (got {value!r})")
+    return value
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Show the version and exit.")] = False,
+) -> None:
+    if version:
+        typer.echo(f"aigc {__version__}")
+        raise typer.Exit()
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  aigc generate \"Hello, how are you?\" -n 5\n\n"
+    "  aigc generate \"Once upon a time\" --decoding beam --num-beams 5 -n 2\n\n"
+    "  aigc generate \"The news today:\" --stop \"\\n\" --ban weather --format jsonl\n\n"
+    f"{EXIT_CODES_HELP}"
+)
+@_boundary
+def generate(
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="One or more prompts.", show_default=False)] = None,
+    num_sequences: Annotated[int, typer.Option("--num-sequences", "-n", help="Sequences per prompt.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens at most (the prompt is not counted).")] = 50,
+    min_new_tokens: Annotated[int, typer.Option(help="New tokens at least before EOS may end a sequence.")] = 0,
+    decoding: Annotated[Decoding, typer.Option(help="sample, greedy, beam or contrastive.")] = Decoding.sample,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 means greedy.")] = 1.0,
+    top_k: Annotated[
+        Optional[int], typer.Option(help="Keep the k most likely tokens (sample: default 50, 0 = off; contrastive: default 4).")
+    ] = None,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set with this much probability.")] = 1.0,
+    typical_p: Annotated[float, typer.Option(help="Locally typical sampling mass (1 = off).")] = 1.0,
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min-p times the top probability.")] = None,
+    num_beams: Annotated[Optional[int], typer.Option(help="Beams for --decoding beam (default max(4, -n)).")] = None,
+    length_penalty: Annotated[float, typer.Option(help="Beam search: >1 favours longer sequences.")] = 1.0,
+    early_stopping: Annotated[bool, typer.Option(help="Beam search: stop once -n beams are finished.")] = False,
+    penalty_alpha: Annotated[float, typer.Option(help="Contrastive search degeneration penalty (0 = greedy).")] = 0.6,
+    repetition_penalty: Annotated[float, typer.Option(help="Penalise tokens already present (1 = off).")] = 1.0,
+    no_repeat_ngram_size: Annotated[int, typer.Option(help="Never repeat an n-gram of this size (0 = off).")] = 0,
+    stop: Annotated[Optional[list[str]], typer.Option(help="End the output before this text (repeatable).")] = None,
+    ban: Annotated[Optional[list[str]], typer.Option(help="Never generate this word, any case (repeatable).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed and settings give the same output.")] = None,
+    model: ModelOpt = "gpt2",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    output_format: FormatOpt = OutputFormat.auto,
+    debug: DebugOpt = False,
+) -> None:
+    """Generate N numbered continuations of each prompt."""
+    streams = Streams()
+    messages = Messages(streams)
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        decoding=decoding,
+        num_sequences=num_sequences,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        typical_p=typical_p,
+        min_p=min_p,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        penalty_alpha=penalty_alpha,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        stop=tuple(stop or ()),
+        ban=tuple(ban or ()),
+        seed=seed,
+    ).resolved()
+    _choice(device, _DEVICES, "--device")
+    _choice(dtype, _DTYPES, "--dtype")
+    if not prompts:
+        raise UsageError("no prompt given: pass one or more prompts as arguments")
+    for i, p in enumerate(prompts):
+        if p == "" or p.isspace():
+            raise UsageError(f"prompt {i + 1} is empty")
+    base_seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
+
+    from aigc_cli.engine import Engine, Request
+
+    with messages.status(f"Loading {model}..."):
+        engine = Engine.load(model, device=device, dtype=dtype)
+    requests = []
+    for i, p in enumerate(prompts):
+        try:
+            engine.encode(p, settings)
+        except RecordError as exc:
+            raise UsageError(f"prompt {i + 1}: {exc.message}") from None
+        requests.append(Request(id=i, prompt=p, settings=settings, seed=base_seed))
+
+    renderer = SequenceRenderer(
+        streams,
+        output_format,
+        provenance={"model": engine.name, "revision": engine.lm.revision},
+        multi_prompt=len(prompts) > 1,
+    )
+    lone = len(prompts) * settings.num_sequences == 1
+    on_text = (lambda c, text: renderer.stream(c, text, settings.stop)) if lone and renderer.can_stream else None
+    for completion in engine.generate(requests, on_text=on_text):
+        renderer.completion(completion, settings.as_record())
+
+
+@app.command(epilog="Example:\n\n  aigc info --model ./my-finetuned-gpt2")
+@_boundary
+def info(
+    model: ModelOpt = "gpt2",
+    debug: DebugOpt = False,
+) -> None:
+    """Show versions, available devices and where --model resolves, without loading it."""
+    import platform
+
+    import torch
+    import transformers
+
+    from aigc_cli.models import resolve
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        devices.append("mps")
+    lines = [
+        f"aigc {__version__}",
+        f"python {platform.python_version()}",
+        f"torch {torch.__version__}",
+        f"transformers {transformers.__version__}",
+        f"devices: {', '.join(devices)}",
+    ]
+    for line in lines:
+        typer.echo(line)
+    res = resolve(model)
+    where = {
+        "builtin": "built-in tiny random GPT-2 (no download)",
+        "local": f"local directory {res.path}",
+        "hub-cache": f"Hugging Face cache {res.path}",
+        "hub": "Hugging Face Hub (will be downloaded and cached on first use)",
+    }[res.kind]
+    typer.echo(f"model {model}: {where}")
+
+
+def main() -> None:
+    app(prog_name="aigc")

@@ -1,0 +1,376 @@
+"""Decoding loops over a loaded causal LM: greedy, sampling, contrastive search (ours) and beam search.
+
+Greedy, sampling and contrastive search run in one lean loop with a KV cache, so that each row
+has its own random generator (a prompt's output does not depend on its batch mates), rows that
+finish leave the batch, and stop strings / banned words are checked on the decoded text.
+Beam search is delegated to transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+from aigc_cli.settings import Decoding, GenerationSettings
+from aigc_cli.textrules import BanRule, find_stop
+
+_BAN_RETRIES = 64
+OnText = Callable[[int, str], None]
+
+
+@dataclass
+class RowResult:
+    """One generated sequence."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "length" | "stop" | "eos"
+
+
+def row_seed(base_seed: int, record_id: Any, index: int) -> int:
+    """The seed of one (record, sequence) pair: independent of batching, sharding and resuming."""
+    digest = hashlib.sha256(f"{base_seed}\x00{record_id}\x00{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class _Row:
+    """Per-row bookkeeping shared by the loops: generated ids, decoded text and the finish test."""
+
+    tokenizer: Any
+    prompt_tail: str
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+    def text_with(self, token: int) -> str:
+        return self.tokenizer.decode(self.generated + [token], clean_up_tokenization_spaces=False)
+
+    def push(self, token: int, step: int, eos: int, s: GenerationSettings) -> bool:
+        """Append one token (step counts from 0); returns whether the text grew."""
+        if token == eos:
+            self.finish_reason = "eos"
+            return False
+        self.generated.append(token)
+        text = self.tokenizer.decode(self.generated, clean_up_tokenization_spaces=False)
+        cut = find_stop(text, s.stop) if s.stop else None
+        if cut is not None:
+            text = text[:cut]
+            self.finish_reason = "stop"
+        elif step + 1 >= s.max_new_tokens:
+            self.finish_reason = "length"
+        self.text = text
+        return True
+
+
+class _Decoder:
+    """Shared state of one batch decode: rows, rules, processors."""
+
+    def __init__(self, lm: Any, prompts: Sequence[list[int]], settings: GenerationSettings, on_text: OnText | None):
+        self.model = lm.model
+        self.tok = lm.tokenizer
+        self.device = lm.device
+        self.s = settings
+        self.on_text = on_text
+        self.eos = self.tok.eos_token_id
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
+        self.ban = BanRule(settings.ban)
+        width = max(len(p) for p in prompts)
+        self.prompt_width = width
+        self.rows = [
+            _Row(self.tok, self.tok.decode(p[-16:], clean_up_tokenization_spaces=False)) for p in prompts
+        ]
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: GPT-2 continues from the right edge
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        self.ids = ids.to(self.device)
+        self.mask = mask.to(self.device)
+        self.processors = self._processors()
+
+    def _processors(self) -> LogitsProcessorList:
+        s = self.s
+        procs: list[LogitsProcessor] = []
+        if s.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(penalty=s.repetition_penalty))
+        if s.no_repeat_ngram_size > 0:
+            procs.append(NoRepeatNGramLogitsProcessor(s.no_repeat_ngram_size))
+        bad = self.ban_token_sequences()
+        if bad:
+            procs.append(NoBadWordsLogitsProcessor(bad, eos_token_id=self.eos))
+        if s.min_new_tokens > 0:
+            procs.append(MinNewTokensLengthLogitsProcessor(self.prompt_width, s.min_new_tokens, self.eos))
+        return LogitsProcessorList(procs)
+
+    def ban_token_sequences(self) -> list[list[int]]:
+        """The usual tokenizations of banned words, masked up front; the text check catches the rest."""
+        seqs = {tuple(self.tok.encode(v, add_special_tokens=False)) for v in self.ban.variants()}
+        return [list(s) for s in seqs if s]
+
+    def warpers(self) -> LogitsProcessorList:
+        s = self.s
+        procs: list[LogitsProcessor] = []
+        if s.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(s.temperature))
+        if s.top_k:
+            procs.append(TopKLogitsWarper(top_k=s.top_k))
+        if s.top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p=s.top_p))
+        if s.min_p:
+            procs.append(MinPLogitsWarper(min_p=s.min_p))
+        if s.typical_p < 1.0:
+            procs.append(TypicalLogitsWarper(mass=s.typical_p))
+        return LogitsProcessorList(procs)
+
+    def position_ids(self, mask: torch.Tensor) -> torch.Tensor:
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def violates_ban(self, row: _Row, token: int) -> bool:
+        if not self.ban or token == self.eos:
+            return False
+        return self.ban.violated(row.prompt_tail + row.text, row.prompt_tail + row.text_with(token))
+
+    def accept(self, row_index: int, token: int, step: int) -> None:
+        """Append `token` to a row, decide whether the row is finished, and report its text."""
+        row = self.rows[row_index]
+        if row.push(token, step, self.eos, self.s) and self.on_text is not None:
+            self.on_text(row_index, row.text)
+
+    def results(self) -> list[RowResult]:
+        return [RowResult(r.generated, r.text, r.finish_reason or "length") for r in self.rows]
+
+
+@torch.inference_mode()
+def generate_rows(
+    lm: Any,
+    prompts: Sequence[list[int]],
+    settings: GenerationSettings,
+    seeds: Sequence[int],
+    on_text: OnText | None = None,
+) -> list[RowResult]:
+    """Generate one sequence per prompt row (rows may repeat a prompt); `settings` must be resolved."""
+    if settings.decoding is Decoding.beam:
+        raise ValueError("beam search generates several rows per prompt: use generate_beam")
+    dec = _Decoder(lm, prompts, settings, on_text)
+    if settings.decoding is Decoding.contrastive:
+        _contrastive_loop(dec)
+    else:
+        _sample_loop(dec, seeds)
+    return dec.results()
+
+
+def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
+    """Greedy or multinomial sampling; finished rows are dropped from the batch."""
+    sampling = dec.s.decoding is Decoding.sample
+    warpers = dec.warpers() if sampling else LogitsProcessorList()
+    gens = []
+    if sampling:
+        for seed in seeds:
+            g = torch.Generator(device=dec.device)
+            g.manual_seed(seed)
+            gens.append(g)
+    cache = DynamicCache()
+    active = list(range(len(dec.rows)))
+    ids, mask = dec.ids, dec.mask
+    out = dec.model(input_ids=ids, attention_mask=mask, position_ids=dec.position_ids(mask), past_key_values=cache)
+    logits = out.logits[:, -1, :]
+    for step in range(dec.s.max_new_tokens):
+        scores = dec.processors(ids, logits.float())
+        if sampling:
+            scores = warpers(ids, scores)
+        tokens = []
+        for b, r in enumerate(active):
+            row_scores = scores[b]
+            token = _pick(row_scores, gens[r] if sampling else None)
+            tries = 0
+            while dec.violates_ban(dec.rows[r], token):
+                tries += 1
+                row_scores = row_scores.clone()
+                row_scores[token] = -float("inf")
+                if tries > _BAN_RETRIES or torch.isinf(row_scores).all():
+                    token = dec.eos  # every remaining candidate would write a banned word
+                    break
+                token = _pick(row_scores, gens[r] if sampling else None)
+            tokens.append(token)
+            dec.accept(r, token, step)
+        token_t = torch.tensor(tokens, dtype=torch.long, device=dec.device)[:, None]
+        ids = torch.cat([ids, token_t], dim=-1)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        keep = [b for b, r in enumerate(active) if dec.rows[r].finish_reason is None]
+        if not keep:
+            return
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=dec.device)
+            ids, mask, token_t = ids[index], mask[index], token_t[index]
+            cache.batch_select_indices(index)
+            active = [active[b] for b in keep]
+        out = dec.model(
+            input_ids=token_t, attention_mask=mask, position_ids=dec.position_ids(mask)[:, -1:], past_key_values=cache
+        )
+        logits = out.logits[:, -1, :]
+
+
+def _pick(scores: torch.Tensor, generator: torch.Generator | None) -> int:
+    if generator is None:
+        return int(scores.argmax())
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _contrastive_loop(dec: _Decoder) -> None:
+    """Contrastive search (Su et al. 2022): among the top-k tokens pick the one maximising
+    (1 - alpha) * p(v) - alpha * max_j cos(h_v, h_j) over the context's last-layer states."""
+    k, alpha = dec.s.top_k, dec.s.penalty_alpha
+    cache = DynamicCache()
+    active = list(range(len(dec.rows)))
+    ids, mask = dec.ids, dec.mask
+    out = dec.model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=dec.position_ids(mask),
+        past_key_values=cache,
+        output_hidden_states=True,
+    )
+    context = out.hidden_states[-1].float()  # (B, L, H)
+    ctx_mask = mask.bool()
+    logits = out.logits[:, -1, :]
+    for step in range(dec.s.max_new_tokens):
+        scores = dec.processors(ids, logits.float())
+        for b, r in enumerate(active):  # banned candidates leave the top-k before it is taken
+            _mask_banned_top(dec, dec.rows[r], scores[b], k)
+        probs = torch.softmax(scores, dim=-1)
+        top_p, top_ids = probs.topk(k, dim=-1)  # (B, k)
+        bsz = top_ids.shape[0]
+        cache.batch_repeat_interleave(k)
+        mask_k = torch.cat([mask, mask.new_ones((bsz, 1))], dim=-1).repeat_interleave(k, dim=0)
+        out = dec.model(
+            input_ids=top_ids.reshape(-1, 1),
+            attention_mask=mask_k,
+            position_ids=dec.position_ids(mask_k)[:, -1:],
+            past_key_values=cache,
+            output_hidden_states=True,
+        )
+        h_next = out.hidden_states[-1][:, -1, :].float()  # (B*k, H)
+        ctx = context.repeat_interleave(k, dim=0)
+        sim = torch.nn.functional.cosine_similarity(ctx, h_next[:, None, :], dim=-1)  # (B*k, L)
+        sim = sim.masked_fill(~ctx_mask.repeat_interleave(k, dim=0), -float("inf"))
+        penalty = sim.max(dim=-1).values.view(bsz, k)
+        candidate_scores = (1.0 - alpha) * top_p - alpha * penalty
+        candidate_scores = candidate_scores.masked_fill(top_p <= 0, -float("inf"))
+        choice = candidate_scores.argmax(dim=-1)  # (B,)
+        chosen = top_ids.gather(1, choice[:, None])  # (B, 1)
+        flat = torch.arange(bsz, device=dec.device) * k + choice
+        cache.batch_select_indices(flat)
+        logits = out.logits[flat, -1, :]
+        context = torch.cat([context, h_next[flat][:, None, :]], dim=1)
+        ctx_mask = torch.cat([ctx_mask, ctx_mask.new_ones((bsz, 1))], dim=-1)
+        ids = torch.cat([ids, chosen], dim=-1)
+        mask = torch.cat([mask, mask.new_ones((bsz, 1))], dim=-1)
+        for b, r in enumerate(active):
+            dec.accept(r, int(chosen[b]), step)
+        keep = [b for b, r in enumerate(active) if dec.rows[r].finish_reason is None]
+        if not keep:
+            return
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=dec.device)
+            ids, mask, logits = ids[index], mask[index], logits[index]
+            context, ctx_mask = context[index], ctx_mask[index]
+            cache.batch_select_indices(index)
+            active = [active[b] for b in keep]
+
+
+def _mask_banned_top(dec: _Decoder, row: _Row, scores: torch.Tensor, width: int) -> None:
+    """Mask banned tokens in place until the `width` best candidates of a row are all allowed."""
+    if not dec.ban:
+        return
+    checked: set[int] = set()
+    for _ in range(_BAN_RETRIES):
+        top = [int(t) for t in scores.topk(width).indices if int(t) not in checked]
+        bad = [t for t in top if dec.violates_ban(row, t)]
+        checked.update(top)
+        if not bad:
+            return
+        scores[bad] = -float("inf")
+
+
+class _StopOnText(StoppingCriteria):
+    """Beam search: a beam is done once its text holds a stop string."""
+
+    def __init__(self, tokenizer: Any, prompt_width: int, stops: Sequence[str]) -> None:
+        self.tok, self.width, self.stops = tokenizer, prompt_width, stops
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tok.batch_decode(input_ids[:, self.width :], clean_up_tokenization_spaces=False)
+        done = [find_stop(t, self.stops) is not None for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _BanLogits(LogitsProcessor):
+    """Beam search: banned words leave each beam's best 2*beams candidates before beams are ranked."""
+
+    def __init__(self, dec: _Decoder, width: int) -> None:
+        self.dec, self.width = dec, width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        tail = self.dec.rows[0].prompt_tail
+        for b in range(input_ids.shape[0]):
+            row = _Row(self.dec.tok, tail, [int(t) for t in input_ids[b, self.dec.prompt_width :]])
+            row.text = self.dec.tok.decode(row.generated, clean_up_tokenization_spaces=False)
+            _mask_banned_top(self.dec, row, scores[b], self.width)
+        return scores
+
+
+@torch.inference_mode()
+def generate_beam(lm: Any, prompt: list[int], settings: GenerationSettings) -> list[RowResult]:
+    """Beam search for one prompt with transformers' generate; returns the best -n beams."""
+    s = settings
+    dec = _Decoder(lm, [prompt], s, None)
+    extra = LogitsProcessorList()
+    if dec.ban:
+        extra.append(_BanLogits(dec, 2 * s.num_beams))
+    out = lm.model.generate(
+        input_ids=dec.ids,
+        attention_mask=dec.mask,
+        do_sample=False,
+        num_beams=s.num_beams,
+        num_return_sequences=s.num_sequences,
+        length_penalty=s.length_penalty,
+        early_stopping=s.early_stopping,
+        max_new_tokens=s.max_new_tokens,
+        min_new_tokens=s.min_new_tokens or None,
+        repetition_penalty=s.repetition_penalty,
+        no_repeat_ngram_size=s.no_repeat_ngram_size or None,
+        bad_words_ids=dec.ban_token_sequences() or None,
+        logits_processor=extra,
+        stopping_criteria=[_StopOnText(lm.tokenizer, dec.prompt_width, s.stop)] if s.stop else None,
+        pad_token_id=dec.pad,
+        eos_token_id=dec.eos,
+    )
+    results = []
+    for seq in out[:, dec.prompt_width :].tolist():
+        row = _Row(lm.tokenizer, "")
+        for step, token in enumerate(seq):
+            if row.finish_reason is not None:
+                break
+            row.push(token, step, dec.eos, s)
+        results.append(RowResult(row.generated, row.text, row.finish_reason or "length"))
+    return results

@@ -1,0 +1,136 @@
+"""The engine: a model loaded once, prompts checked against its context, batched generation.
+
+`Engine.generate(requests)` is the library entry point; the CLI is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aigc_cli.errors import RecordError
+from aigc_cli.settings import Decoding, GenerationSettings
+
+DEFAULT_CPU_BATCH = 16
+DEFAULT_GPU_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt and the sequences wanted for it."""
+
+    id: Any  # prompt index, or the record id of a batch file
+    prompt: str
+    settings: GenerationSettings  # resolved
+    seed: int
+    indices: tuple[int, ...] | None = None  # sequence numbers to generate; None: all of 0..n-1
+
+    def wanted(self) -> tuple[int, ...]:
+        return self.indices if self.indices is not None else tuple(range(self.settings.num_sequences))
+
+
+@dataclass
+class Completion:
+    """One generated sequence of one request."""
+
+    id: Any
+    index: int  # 0-based sequence number
+    prompt: str
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    seed: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Row:
+    request: Request
+    index: int
+    prompt_ids: list[int]
+
+
+class Engine:
+    """A loaded model and tokenizer, reused for every prompt of the process."""
+
+    def __init__(self, lm: Any) -> None:
+        self.lm = lm
+        self.name: str = lm.name
+        self.context_length: int = lm.context_length
+
+    @classmethod
+    def load(cls, model: str, device: str = "auto", dtype: str = "auto") -> Engine:
+        from aigc_cli.models import load
+
+        return cls(load(model, device=device, dtype=dtype))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
+
+    def encode(self, prompt: str, settings: GenerationSettings) -> list[int]:
+        """Token ids of a prompt; RecordError when it is empty or does not fit the context."""
+        if prompt == "" or prompt.isspace():
+            raise RecordError("empty_prompt", "the prompt is empty")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not ids:
+            raise RecordError("empty_prompt", "the prompt has no tokens")
+        total = len(ids) + settings.max_new_tokens
+        if total > self.context_length:
+            raise RecordError(
+                "prompt_too_long",
+                f"the prompt has {len(ids)} tokens and --max-new-tokens is {settings.max_new_tokens}: "
+                f"{total} is more than the model's context of {self.context_length} tokens",
+            )
+        return ids
+
+    def generate(
+        self,
+        requests: Sequence[Request],
+        batch_size: int | None = None,
+        on_text: Callable[[Completion, str], None] | None = None,
+    ) -> Iterator[Completion]:
+        """Generate every wanted sequence; yields completions in request order, index order.
+
+        Rows of requests that share settings run together, sorted by prompt length so that
+        similar lengths share a batch. `on_text(partial, text_so_far)` streams a lone row.
+        """
+        from aigc_cli.decoding import generate_beam, generate_rows, row_seed
+
+        batch_size = batch_size or (DEFAULT_GPU_BATCH if self.lm.device == "cuda" else DEFAULT_CPU_BATCH)
+        encoded = {id(r): self.encode(r.prompt, r.settings) for r in requests}
+        done: dict[tuple[int, int], Completion] = {}
+
+        def finish(row: _Row, text: str, reason: str, n_tokens: int) -> Completion:
+            req = row.request
+            return Completion(req.id, row.index, req.prompt, text, reason, len(row.prompt_ids), n_tokens, req.seed)
+
+        groups: dict[GenerationSettings, list[_Row]] = {}
+        for req in requests:
+            if req.settings.decoding is Decoding.beam:
+                ids = encoded[id(req)]
+                beams = generate_beam(self.lm, ids, req.settings)
+                for index in req.wanted():
+                    res = beams[index]
+                    done[(id(req), index)] = finish(_Row(req, index, ids), res.text, res.finish_reason, len(res.token_ids))
+                continue
+            rows = groups.setdefault(req.settings, [])
+            rows.extend(_Row(req, index, encoded[id(req)]) for index in req.wanted())
+        for settings, rows in groups.items():
+            rows.sort(key=lambda r: len(r.prompt_ids))
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                stream = None
+                if on_text is not None and len(rows) == 1:
+                    lone = chunk[0]
+                    partial = finish(lone, "", "", 0)
+                    stream = lambda _i, text, p=partial: on_text(p, text)  # noqa: E731
+                seeds = [row_seed(r.request.seed, r.request.id, r.index) for r in chunk]
+                results = generate_rows(self.lm, [r.prompt_ids for r in chunk], settings, seeds, stream)
+                for r, res in zip(chunk, results):
+                    done[(id(r.request), r.index)] = finish(r, res.text, res.finish_reason, len(res.token_ids))
+        for req in requests:
+            for index in req.wanted():
+                yield done[(id(req), index)]

@@ -1,0 +1,253 @@
+"""Model resolution and loading: built-in, local directory, Hub cache or Hub download; fail fast offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from aigc_cli.errors import ModelUnavailableError, UsageError
+from aigc_cli.tiny import TINY_MODEL_ID
+
+_LFS_MAGIC = b"version https://git-lfs.github.com/spec"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_HUB_PROBE_TIMEOUT_S = 3.0
+OFFLINE_HINT = "pass --model PATH (a local model directory) or --model tiny-random for a smoke test"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where a --model value points, decided without loading anything heavy."""
+
+    name: str
+    kind: str  # "builtin" | "local" | "hub-cache" | "hub"
+    path: str | None  # local directory or cached snapshot
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str
+    revision: str  # hub commit, "local", or "builtin"
+    device: str
+    dtype: str
+    context_length: int
+    load_seconds: float
+
+
+def resolve(name: str) -> Resolution:
+    """Decide where `name` comes from; raises ModelUnavailableError with a fix when it cannot come from anywhere."""
+    if name == TINY_MODEL_ID:
+        return Resolution(name, "builtin", None)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        check_local_dir(path)
+        return Resolution(name, "local", str(path))
+    if _looks_like_path(name):
+        raise ModelUnavailableError(f"--model: no such directory: {name}", hint=OFFLINE_HINT)
+    snapshot = _cached_snapshot(name)
+    if snapshot is not None:
+        return Resolution(name, "hub-cache", snapshot)
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        raise ModelUnavailableError(
+            f"--model {name}: not in the Hugging Face cache and HF_HUB_OFFLINE is set", hint=OFFLINE_HINT
+        )
+    if not _hub_reachable():
+        raise ModelUnavailableError(
+            f"--model {name}: not in the Hugging Face cache and the Hub ({_hub_endpoint()}) cannot be reached",
+            hint=OFFLINE_HINT,
+        )
+    return Resolution(name, "hub", None)
+
+
+def check_local_dir(path: Path) -> None:
+    """Raise ModelUnavailableError naming the file when a model directory is incomplete or corrupt."""
+    if not (path / "config.json").is_file():
+        raise ModelUnavailableError(f"--model {path}: no config.json in this directory")
+    weights = [path / f for f in _WEIGHT_FILES if (path / f).is_file()]
+    if not weights:
+        raise ModelUnavailableError(
+            f"--model {path}: no weights file (expected one of {', '.join(_WEIGHT_FILES)})"
+        )
+    first = weights[0]
+    files = [first]
+    if first.name.endswith(".index.json"):
+        try:
+            index = json.loads(first.read_text())
+            files = [path / f for f in sorted(set(index["weight_map"].values()))]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelUnavailableError(f"{first}: unreadable weights index ({exc})") from None
+    for f in files:
+        _check_weights_file(f)
+
+
+def _check_weights_file(f: Path) -> None:
+    if not f.is_file():
+        raise ModelUnavailableError(f"{f}: weights file is missing")
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        head = fh.read(min(size, 200))
+        if head.startswith(_LFS_MAGIC):
+            raise ModelUnavailableError(
+                f"{f}: this is a git-lfs pointer file, not the weights ({size} bytes)",
+                hint="run `git lfs pull` in the model directory, or download the weights again",
+            )
+        if f.suffix != ".safetensors":
+            return
+        if size < 8:
+            raise ModelUnavailableError(f"{f}: truncated safetensors file ({size} bytes)")
+        fh.seek(0)
+        header_len = int.from_bytes(fh.read(8), "little")
+        if 8 + header_len > size:
+            raise ModelUnavailableError(f"{f}: truncated safetensors file (header says {header_len} bytes, file has {size})")
+        try:
+            header = json.loads(fh.read(header_len))
+        except ValueError:
+            raise ModelUnavailableError(f"{f}: corrupt safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise ModelUnavailableError(
+            f"{f}: truncated safetensors file ({size} bytes, {8 + header_len + end} expected)"
+        )
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/") and name.count("/") > 1
+
+
+def _env_true(var: str) -> bool:
+    return os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def _hub_reachable() -> bool:
+    """A quick TCP probe, so an offline machine fails in seconds instead of transformers' ~50 s of retries."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or _hub_endpoint())
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=_HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an invalid repo id is simply not cached
+        return None
+    return str(Path(found).parent) if isinstance(found, str) else None
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available on this machine (try --device auto)")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: Apple MPS is not available on this machine (try --device auto)")
+    return requested
+
+
+def pick_dtype(requested: str, device: str) -> Any:
+    import torch
+
+    if requested == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device == "mps" else torch.float32
+    if requested == "float16" and device == "cpu":
+        raise UsageError("--dtype float16: not supported on CPU (use float32 or bfloat16)")
+    return getattr(torch, requested)
+
+
+def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Resolve and load model + tokenizer once; the only place that touches transformers' loaders."""
+    started = time.perf_counter()
+    res = resolve(name)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    _quiet_transformers()
+    if res.kind == "builtin":
+        from aigc_cli.tiny import build_tiny
+
+        model, tokenizer = build_tiny()
+        revision = "builtin"
+    else:
+        model, tokenizer, revision = _load_pretrained(res, torch_dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(device=dev, dtype=torch_dtype).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    config = model.config
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        revision=revision,
+        device=dev,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        context_length=int(context),
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+def _load_pretrained(res: Resolution, torch_dtype: Any) -> tuple[Any, Any, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = res.path if res.kind in ("local", "hub-cache") else res.name
+    local_only = res.kind != "hub"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelUnavailableError(f"--model {res.name}: cannot load the tokenizer ({_first_line(exc)})") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, local_files_only=local_only, trust_remote_code=False
+        )
+    except Exception as exc:
+        raise ModelUnavailableError(f"--model {res.name}: cannot load the weights ({_first_line(exc)})") from exc
+    if res.kind == "local":
+        revision = "local"
+    else:
+        revision = Path(res.path).name if res.path else (getattr(model.config, "_commit_hash", None) or "unknown")
+    return model, tokenizer, revision
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _quiet_transformers() -> None:
+    """No pad-token, attention-mask or generation-flag warnings reach the user."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")

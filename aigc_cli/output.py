@@ -1,0 +1,172 @@
+"""Rendering for people and for pipes: Rich, plain text, JSONL; the only module that imports rich."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import IO, Any, Iterator
+
+from rich.console import Console
+from rich.text import Text
+
+from aigc_cli.textrules import stream_safe_length
+
+
+class OutputFormat(str, Enum):
+    auto = "auto"
+    rich = "rich"
+    plain = "plain"
+    jsonl = "jsonl"
+
+
+@dataclass
+class Streams:
+    """The process's streams, injectable so tests can simulate a terminal or a pipe."""
+
+    stdout: IO[str] = field(default_factory=lambda: sys.stdout)
+    stderr: IO[str] = field(default_factory=lambda: sys.stderr)
+
+    @staticmethod
+    def _tty(stream: IO[str]) -> bool:
+        try:
+            return stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    @property
+    def stdout_tty(self) -> bool:
+        return self._tty(self.stdout)
+
+    @property
+    def stderr_tty(self) -> bool:
+        return self._tty(self.stderr)
+
+    @property
+    def no_color(self) -> bool:
+        return os.environ.get("NO_COLOR", "") != ""
+
+    def resolve(self, fmt: OutputFormat) -> OutputFormat:
+        if fmt is OutputFormat.auto:
+            return OutputFormat.rich if self.stdout_tty else OutputFormat.plain
+        return fmt
+
+    def err_console(self) -> Console:
+        return Console(
+            file=self.stderr,
+            highlight=False,
+            markup=False,
+            no_color=self.no_color,
+            force_terminal=self.stderr_tty or None,
+        )
+
+    def out_console(self) -> Console:
+        return Console(file=self.stdout, highlight=False, markup=False, no_color=self.no_color, force_terminal=True)
+
+
+def json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
+
+
+class Messages:
+    """Progress, warnings and errors: always stderr, never stdout."""
+
+    def __init__(self, streams: Streams) -> None:
+        self.streams = streams
+        self.console = streams.err_console()
+
+    def error(self, message: str, hint: str | None = None) -> None:
+        line = f"aigc: error: {message}" + (f" (hint: {hint})" if hint else "")
+        self.console.print(Text(line, style="bold red"), soft_wrap=True)
+
+    def warn(self, message: str) -> None:
+        self.console.print(Text(f"aigc: warning: {message}", style="yellow"), soft_wrap=True)
+
+    def info(self, message: str) -> None:
+        self.console.print(Text(message), soft_wrap=True)
+
+    @contextmanager
+    def status(self, message: str) -> Iterator[None]:
+        """A spinner on a terminal; silence in a pipe."""
+        if self.streams.stderr_tty:
+            with self.console.status(message):
+                yield
+        else:
+            yield
+
+
+class SequenceRenderer:
+    """Writes completions to stdout in the chosen format, streaming a lone sequence when asked."""
+
+    def __init__(self, streams: Streams, fmt: OutputFormat, provenance: dict[str, Any], multi_prompt: bool) -> None:
+        self.streams = streams
+        self.fmt = streams.resolve(fmt)
+        self.provenance = provenance
+        self.multi_prompt = multi_prompt
+        self.console = streams.out_console() if self.fmt is OutputFormat.rich else None
+        self._shown = 0
+        self._streaming: Any = None
+
+    @property
+    def can_stream(self) -> bool:
+        return self.fmt in (OutputFormat.rich, OutputFormat.plain) and self.streams.stdout_tty
+
+    def _title(self, c: Any) -> str:
+        prefix = f"Prompt {c.id + 1}, " if self.multi_prompt and isinstance(c.id, int) else ""
+        return f"{prefix}Sequence {c.index + 1}" if prefix else f"Sequence {c.index + 1}"
+
+    def _write(self, text: str, style: str = "") -> None:
+        if self.console is not None:
+            self.console.print(Text(text, style=style), end="", soft_wrap=True)
+            self.console.file.flush()
+        else:
+            self.streams.stdout.write(text)
+            self.streams.stdout.flush()
+
+    def _header(self, c: Any) -> None:
+        if self.console is not None:
+            self.console.rule(Text(self._title(c), style="bold"), align="left")
+        else:
+            self.streams.stdout.write(f"--- {self._title(c)} ---\n")
+        self._write(c.prompt, "dim")
+
+    def stream(self, c: Any, text: str, stops: tuple[str, ...]) -> None:
+        """Show the part of `text` that is final (no half stop string, no half character)."""
+        if self._streaming is None:
+            self._streaming = c
+            self._shown = 0
+            self._header(c)
+        safe = stream_safe_length(text, stops)
+        if safe > self._shown:
+            self._write(text[self._shown : safe], "bold cyan")
+            self._shown = safe
+
+    def completion(self, c: Any, settings_record: dict[str, Any] | None = None) -> None:
+        if self.fmt is OutputFormat.jsonl:
+            record = {
+                "id": c.id,
+                "index": c.index,
+                "prompt": c.prompt,
+                "text": c.text,
+                "finish_reason": c.finish_reason,
+                "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": c.completion_tokens,
+                "seed": c.seed,
+                **self.provenance,
+                **c.extra,
+            }
+            if settings_record is not None:
+                record["settings"] = settings_record
+            self.streams.stdout.write(json_line(record) + "\n")
+            self.streams.stdout.flush()
+            return
+        if self._streaming is not None:
+            self._write(c.text[self._shown :], "bold cyan")
+            self._streaming = None
+        else:
+            self._header(c)
+            self._write(c.text, "bold cyan")
+        self._write("\n\n")

@@ -1,0 +1,61 @@
+"""Text-level rules checked while decoding: stop strings and banned words; no torch."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop string starts in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def stream_safe_length(text: str, stops: Sequence[str]) -> int:
+    """How much of `text` can be shown now without showing part of a stop string or a split UTF-8 char."""
+    n = len(text)
+    while n and text[n - 1] == "\ufffd":  # an incomplete multi-byte character decodes as U+FFFD
+        n -= 1
+    for s in stops:
+        for k in range(min(len(s) - 1, n), 0, -1):
+            if text[n - k : n] == s[:k]:
+                n -= k
+                break
+    return max(n, 0)
+
+
+class BanRule:
+    """Whole-word, case-insensitive banned words; the end of the text counts as a word boundary.
+
+    Treating the end as a boundary is conservative: with `--ban cat` the text may never end in
+    "cat" at any step, so "category" can only appear when no step ends right after "cat".
+    """
+
+    def __init__(self, words: Sequence[str]) -> None:
+        cleaned = [w.strip() for w in words if w.strip()]
+        self.words = tuple(cleaned)
+        self._pattern = (
+            re.compile("|".join(rf"(?<!\w){re.escape(w)}(?!\w)" for w in cleaned), re.IGNORECASE)
+            if cleaned
+            else None
+        )
+        self._span = max((len(w) for w in cleaned), default=0) + 1
+
+    def __bool__(self) -> bool:
+        return self._pattern is not None
+
+    def violated(self, before: str, after: str) -> bool:
+        """True when `after` (which extends `before`) holds a banned word ending in the new part."""
+        if self._pattern is None:
+            return False
+        start = max(0, len(before) - self._span)
+        return any(m.end() > len(before) for m in self._pattern.finditer(after, start))
+
+    def variants(self) -> list[str]:
+        """Common spellings of each word, used to ban their exact token sequences up front."""
+        out: list[str] = []
+        for w in self.words:
+            for v in {w, w.lower(), w.capitalize(), w.upper()}:
+                out += [v, " " + v]
+        return out
