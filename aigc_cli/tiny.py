@@ -39,12 +39,22 @@ def build_tiny(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions:
         n_head=n_head,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,  # tied random embeddings make the model repeat its last token forever
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
         model = GPT2LMHeadModel(config)
-        # Larger logits than the default init, so sampling settings visibly matter.
         with torch.no_grad():
-            model.transformer.wte.weight.mul_(10.0)
+            # Larger logits than the default init, so sampling settings visibly matter ...
+            model.transformer.wte.weight.mul_(5.0)
+            head = model.lm_head.weight
+            head.mul_(8.0)
+            # ... and a bias through ln_f towards printable ASCII and newline, so the gibberish
+            # is mostly printable (random bytes would be mostly invalid UTF-8 and control codes).
+            printable = torch.zeros(head.shape[0], dtype=torch.bool)
+            printable[32:127] = True
+            printable[10] = True
+            head[:, 0] = torch.where(printable, 1.0, -1.0)
+            model.transformer.ln_f.bias[0] = 3.0
     model.eval()
     return model, tokenizer

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny models built in-process, an isolated environment, a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from aigc_cli.cli import app
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test sees the user's model choice, colour settings or Hugging Face cache."""
+    for var in ("AIGC_MODEL", "AIGC_DEBUG", "NO_COLOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf-home"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    from aigc_cli.models import load
+
+    return load("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model saved as a local model directory (config, safetensors, tokenizer files)."""
+    from aigc_cli.tiny import build_tiny
+
+    model, tokenizer = build_tiny()
+    path = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+class Cli:
+    """Runs the Typer app in-process; stdout and stderr are kept apart."""
+
+    def __init__(self) -> None:
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None):
+        return self.runner.invoke(app, list(args), input=input, env=env)
+
+    def jsonl(self, *args: str, input: str | None = None) -> list[dict]:
+        result = self(*args, "--format", "jsonl", input=input)
+        assert result.exit_code == 0, result.stderr
+        return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return Cli()
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

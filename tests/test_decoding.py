@@ -1,0 +1,188 @@
+"""Decoding checked against references: transformers `generate`, a naive contrastive search, invariances."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from aigc_cli.decoding import generate_beam, generate_rows, row_seed
+from aigc_cli.engine import Engine, Request
+from aigc_cli.settings import Decoding, GenerationSettings as S
+
+PROMPTS = ["Hello, how are you?", "The", "Once upon a time, in a land far away", "x = 1;"]
+
+
+def _ids(lm, text):
+    return lm.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _hf_generate(lm, prompt_ids, **kwargs):
+    x = torch.tensor([prompt_ids])
+    out = lm.model.generate(
+        input_ids=x, attention_mask=torch.ones_like(x), pad_token_id=lm.tokenizer.eos_token_id, **kwargs
+    )
+    return [t for t in out[0, len(prompt_ids) :].tolist()]
+
+
+def _strip_eos(tokens, eos):
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2}, {"min_new_tokens": 10}],
+    ids=["plain", "reppen", "ngram", "minnew"],
+)
+def test_greedy_equals_transformers(tiny_lm, prompt, extra):
+    ids = _ids(tiny_lm, prompt)
+    settings = S(decoding=Decoding.greedy, max_new_tokens=24, **extra).resolved()
+    ours = generate_rows(tiny_lm, [ids], settings, [0])[0].token_ids
+    ref = _hf_generate(tiny_lm, ids, do_sample=False, max_new_tokens=24, **extra)
+    assert ours == _strip_eos(ref, tiny_lm.tokenizer.eos_token_id)
+
+
+def test_batched_greedy_with_left_padding_equals_one_at_a_time(tiny_lm):
+    settings = S(decoding=Decoding.greedy, max_new_tokens=20).resolved()
+    prompts = [_ids(tiny_lm, p) for p in PROMPTS]
+    batched = [r.token_ids for r in generate_rows(tiny_lm, prompts, settings, [0] * len(prompts))]
+    alone = [generate_rows(tiny_lm, [p], settings, [0])[0].token_ids for p in prompts]
+    assert batched == alone
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:3])
+@pytest.mark.parametrize("extra", [{}, {"length_penalty": 0.5, "no_repeat_ngram_size": 3}], ids=["plain", "lp-ngram"])
+def test_beam_equals_transformers(tiny_lm, prompt, extra):
+    ids = _ids(tiny_lm, prompt)
+    settings = S(decoding=Decoding.beam, num_beams=4, num_sequences=3, max_new_tokens=16, **extra).resolved()
+    ours = [r.token_ids for r in generate_beam(tiny_lm, ids, settings)]
+    x = torch.tensor([ids])
+    out = tiny_lm.model.generate(
+        input_ids=x,
+        attention_mask=torch.ones_like(x),
+        do_sample=False,
+        num_beams=4,
+        num_return_sequences=3,
+        max_new_tokens=16,
+        pad_token_id=tiny_lm.tokenizer.eos_token_id,
+        **extra,
+    )
+    eos = tiny_lm.tokenizer.eos_token_id
+    assert ours == [_strip_eos(seq, eos) for seq in out[:, len(ids) :].tolist()]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_contrastive_alpha_zero_equals_greedy(tiny_lm, prompt):
+    ids = _ids(tiny_lm, prompt)
+    greedy = generate_rows(tiny_lm, [ids], S(decoding=Decoding.greedy, max_new_tokens=20).resolved(), [0])
+    contrastive = generate_rows(
+        tiny_lm, [ids], S(decoding=Decoding.contrastive, penalty_alpha=0.0, max_new_tokens=20).resolved(), [0]
+    )
+    assert contrastive[0].token_ids == greedy[0].token_ids
+
+
+def _naive_contrastive(lm, ids, k, alpha, steps):
+    """Su et al. 2022 without a KV cache: every candidate re-runs the whole sequence."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            out = lm.model(torch.tensor([seq]), output_hidden_states=True)
+            context = out.hidden_states[-1][0]
+            probs = torch.softmax(out.logits[0, -1].float(), -1)
+            top_p, top_ids = probs.topk(k)
+            best, best_score = None, -float("inf")
+            for p, v in zip(top_p.tolist(), top_ids.tolist()):
+                h = lm.model(torch.tensor([seq + [v]]), output_hidden_states=True).hidden_states[-1][0, -1]
+                penalty = torch.nn.functional.cosine_similarity(context, h[None, :], dim=-1).max().item()
+                score = (1 - alpha) * p - alpha * penalty
+                if score > best_score:
+                    best, best_score = v, score
+            if best == lm.tokenizer.eos_token_id:
+                break
+            seq.append(best)
+    return seq[len(ids) :]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:3])
+def test_contrastive_equals_naive_reference(tiny_lm, prompt):
+    ids = _ids(tiny_lm, prompt)
+    settings = S(decoding=Decoding.contrastive, penalty_alpha=0.6, top_k=4, max_new_tokens=12).resolved()
+    ours = generate_rows(tiny_lm, [ids], settings, [0])[0].token_ids
+    assert ours == _naive_contrastive(tiny_lm, ids, 4, 0.6, 12)
+    greedy = generate_rows(tiny_lm, [ids], S(decoding=Decoding.greedy, max_new_tokens=12).resolved(), [0])
+    assert ours != greedy[0].token_ids  # alpha > 0 changes the choice on this model: the penalty is live
+
+
+def test_contrastive_batched_equals_alone(tiny_lm):
+    settings = S(decoding=Decoding.contrastive, max_new_tokens=12).resolved()
+    prompts = [_ids(tiny_lm, p) for p in PROMPTS]
+    batched = [r.token_ids for r in generate_rows(tiny_lm, prompts, settings, [0] * 4)]
+    alone = [generate_rows(tiny_lm, [p], settings, [0])[0].token_ids for p in prompts]
+    assert batched == alone
+
+
+def test_sampling_is_reproducible_and_batch_invariant(tiny_lm):
+    settings = S(max_new_tokens=20, top_k=0).resolved()
+    prompts = [_ids(tiny_lm, p) for p in PROMPTS]
+    seeds = [row_seed(7, i, 0) for i in range(len(prompts))]
+    batched = [r.token_ids for r in generate_rows(tiny_lm, prompts, settings, seeds)]
+    again = [r.token_ids for r in generate_rows(tiny_lm, prompts, settings, seeds)]
+    alone = [generate_rows(tiny_lm, [p], settings, [s])[0].token_ids for p, s in zip(prompts, seeds)]
+    assert batched == again == alone
+    other = [r.token_ids for r in generate_rows(tiny_lm, prompts, settings, [s + 1 for s in seeds])]
+    assert other != batched
+
+
+def test_sampling_settings_change_the_distribution(tiny_lm):
+    ids = _ids(tiny_lm, "Hello")
+    seeds = list(range(24))
+
+    def distinct(**kw):
+        """The set of first tokens drawn over many seeds: how wide the filtered distribution is."""
+        s = S(max_new_tokens=1, **kw).resolved()
+        return {r.token_ids[0] for r in generate_rows(tiny_lm, [ids] * len(seeds), s, seeds)}
+
+    wide = distinct(top_k=0, temperature=1.5)
+    assert len(distinct(top_k=1)) == 1  # top-k 1 is greedy
+    assert len(distinct(top_k=0, top_p=1e-6)) == 1  # a tiny nucleus is greedy too
+    assert len(wide) > 3
+    for kw in ({"min_p": 0.5}, {"typical_p": 0.2}, {"temperature": 0.05}):
+        assert len(distinct(top_k=0, **kw)) < len(wide), kw
+
+
+def _engine_texts(tiny_lm, prompt, n, **kw):
+    engine = Engine(tiny_lm)
+    settings = S(num_sequences=n, max_new_tokens=30, **kw).resolved()
+    return list(engine.generate([Request(0, prompt, settings, seed=3)]))
+
+
+@pytest.mark.parametrize("decoding", ["sample", "beam", "contrastive", "greedy"])
+def test_stop_holds_on_every_output(tiny_lm, decoding):
+    n = {"sample": 8, "beam": 3}.get(decoding, 1)
+    free = _engine_texts(tiny_lm, "Hello, how are you?", n, decoding=Decoding(decoding))
+    # Choose stop strings that the unconstrained outputs do contain, so the test has teeth.
+    stops = sorted({c.text[3:5] for c in free if len(c.text) >= 5})[:2]
+    assert any(s in c.text for c in free for s in stops)
+    outs = _engine_texts(tiny_lm, "Hello, how are you?", n, decoding=Decoding(decoding), stop=tuple(stops))
+    for c in outs:
+        assert not any(s in c.text for s in stops), (c.text, stops)
+    assert any(c.finish_reason == "stop" for c in outs)
+
+
+def _words(text):
+    return {w.lower() for w in re.findall(r"\w+", text)}
+
+
+@pytest.mark.parametrize("decoding", ["sample", "beam", "contrastive", "greedy"])
+def test_ban_holds_on_every_output(tiny_lm, decoding):
+    n = {"sample": 8, "beam": 3}.get(decoding, 1)
+    prompt = "Hello, how are you? I am"
+    free = _engine_texts(tiny_lm, prompt, n, decoding=Decoding(decoding))
+    words = sorted(set.union(*(_words(c.text) for c in free)), key=len)
+    assert words, "the control outputs hold words to ban"
+    banned = words[:3]
+    outs = _engine_texts(tiny_lm, prompt, n, decoding=Decoding(decoding), ban=tuple(banned))
+    for c in outs:
+        assert not (_words(c.text) & set(banned)), (c.text, banned)
