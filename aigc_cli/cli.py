@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import secrets
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
 from aigc_cli import __version__
-from aigc_cli.errors import AigcError, ExitCode, RecordError, UsageError
+from aigc_cli.batch import (
+    BatchJob,
+    InputFormat,
+    count_lines,
+    load_template,
+    open_for_resume,
+    open_output,
+    parse_shard,
+    read_records,
+    records_from_args,
+)
+from aigc_cli.errors import AigcError, ExitCode, UsageError
 from aigc_cli.output import Messages, OutputFormat, SequenceRenderer, Streams
 from aigc_cli.settings import Decoding, GenerationSettings
 
@@ -119,11 +133,15 @@ def _root(
     "  aigc generate \"Hello, how are you?\" -n 5\n\n"
     "  aigc generate \"Once upon a time\" --decoding beam --num-beams 5 -n 2\n\n"
     "  aigc generate \"The news today:\" --stop \"\\n\" --ban weather --format jsonl\n\n"
+    "  aigc generate -f prompts.txt -o out.jsonl --seed 1     (then add --resume after an interruption)\n\n"
+    "  cat prompts.jsonl | aigc generate - --shard 0/4 > part0.jsonl\n\n"
     f"{EXIT_CODES_HELP}"
 )
 @_boundary
 def generate(
-    prompts: Annotated[Optional[list[str]], typer.Argument(help="One or more prompts.", show_default=False)] = None,
+    prompts: Annotated[
+        Optional[list[str]], typer.Argument(help="One or more prompts; '-' reads prompts from stdin.", show_default=False)
+    ] = None,
     num_sequences: Annotated[int, typer.Option("--num-sequences", "-n", help="Sequences per prompt.")] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens at most (the prompt is not counted).")] = 50,
     min_new_tokens: Annotated[int, typer.Option(help="New tokens at least before EOS may end a sequence.")] = 0,
@@ -144,13 +162,26 @@ def generate(
     stop: Annotated[Optional[list[str]], typer.Option(help="End the output before this text (repeatable).")] = None,
     ban: Annotated[Optional[list[str]], typer.Option(help="Never generate this word, any case (repeatable).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed and settings give the same output.")] = None,
+    file: Annotated[Optional[str], typer.Option("--file", "-f", help="Read prompts from this file ('-' for stdin).")] = None,
+    input_format: Annotated[
+        InputFormat, typer.Option(help="auto (JSONL if the first line is a JSON object), lines or jsonl.")
+    ] = InputFormat.auto,
+    template: Annotated[Optional[str], typer.Option(help="Render each input record into this $field template.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write JSONL records to this file.")] = None,
+    resume: Annotated[bool, typer.Option(help="With -o: skip records the file already holds, append the rest.")] = False,
+    strict: Annotated[bool, typer.Option(help="Stop at the first bad input record instead of writing an error record.")] = False,
+    batch_size: Annotated[str, typer.Option(help="Sequences per forward batch, or auto.")] = "auto",
+    shard: Annotated[Optional[str], typer.Option(help="i/N: process only records i, i+N, i+2N, ... (0-based).")] = None,
+    deterministic: Annotated[
+        bool, typer.Option(help="Generate each sequence alone: sampled output then never depends on batch mates.")
+    ] = False,
     model: ModelOpt = "gpt2",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     output_format: FormatOpt = OutputFormat.auto,
     debug: DebugOpt = False,
 ) -> None:
-    """Generate N numbered continuations of each prompt."""
+    """Generate N numbered continuations of each prompt (arguments, a file, or stdin)."""
     streams = Streams()
     messages = Messages(streams)
     settings = GenerationSettings(
@@ -175,35 +206,141 @@ def generate(
     ).resolved()
     _choice(device, _DEVICES, "--device")
     _choice(dtype, _DTYPES, "--dtype")
-    if not prompts:
-        raise UsageError("no prompt given: pass one or more prompts as arguments")
-    for i, p in enumerate(prompts):
-        if p == "" or p.isspace():
-            raise UsageError(f"prompt {i + 1} is empty")
-    base_seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
+    source = _prompt_source(prompts, file, streams)
+    if template is not None and source.kind == "args":
+        raise UsageError("--template: renders records of -f FILE or stdin, not prompt arguments")
+    if resume and output is None:
+        raise UsageError("--resume: needs -o/--output FILE (the file to continue)")
+    shard_spec = parse_shard(shard) if shard is not None else None
+    batch = 1 if deterministic else _batch_size(batch_size)
+    tmpl = load_template(template) if template is not None else None
+    fmt = OutputFormat.jsonl if output is not None or (source.kind != "args" and output_format is OutputFormat.auto) else output_format
 
-    from aigc_cli.engine import Engine, Request
+    from aigc_cli.engine import Engine
 
     with messages.status(f"Loading {model}..."):
         engine = Engine.load(model, device=device, dtype=dtype)
-    requests = []
-    for i, p in enumerate(prompts):
-        try:
-            engine.encode(p, settings)
-        except RecordError as exc:
-            raise UsageError(f"prompt {i + 1}: {exc.message}") from None
-        requests.append(Request(id=i, prompt=p, settings=settings, seed=base_seed))
-
+    state = open_for_resume(output) if resume and output is not None else None
+    if settings.seed is None:
+        known = state.seed if state is not None else None
+        settings = dataclasses.replace(settings, seed=known if known is not None else secrets.randbelow(2**31))
+    sink = open_output(output, resume) if output is not None else streams.stdout
+    out_streams = Streams(stdout=sink, stderr=streams.stderr)
     renderer = SequenceRenderer(
-        streams,
-        output_format,
-        provenance={"model": engine.name, "revision": engine.lm.revision},
-        multi_prompt=len(prompts) > 1,
+        out_streams, fmt, provenance={"model": engine.name, "revision": engine.lm.revision}, multi_prompt=source.many
     )
-    lone = len(prompts) * settings.num_sequences == 1
-    on_text = (lambda c, text: renderer.stream(c, text, settings.stop)) if lone and renderer.can_stream else None
-    for completion in engine.generate(requests, on_text=on_text):
-        renderer.completion(completion, settings.as_record())
+    lone = source.kind == "args" and len(source.prompts) * settings.num_sequences == 1
+    job = BatchJob(
+        engine=engine,
+        settings=settings,
+        emit=lambda item: renderer.error_record(item, messages) if isinstance(item, dict) else renderer.completion(item),
+        batch_size=batch,
+        strict=strict or source.kind == "args",
+        shard=shard_spec,
+        resume=state,
+        output_name=output or "-",
+        on_text=(lambda c, text: renderer.stream(c, text, settings.stop)) if lone and renderer.can_stream else None,
+    )
+    try:
+        with _terminate_as_interrupt(), messages.progress(source.total if source.kind != "args" else 0) as update:
+            job.on_progress = lambda summary: update(summary.records, summary.tokens)
+            summary = job.run(source.records(tmpl, input_format))
+    except KeyboardInterrupt:
+        done = job.summary.records
+        if output is not None:
+            hint = f"rerun the same command with --resume to continue from {output}"
+            messages.error(f"interrupted after {done} records ({job.summary.sequences} sequences written to {output}); {hint}")
+        else:
+            messages.error(f"interrupted after {done} records")
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    finally:
+        if output is not None:
+            sink.close()
+    if summary.errors:
+        messages.warn(f"{summary.errors} of {summary.records} records could not be processed (see their error records)")
+        raise typer.Exit(int(ExitCode.PARTIAL))
+
+
+class _Source:
+    """Where prompts come from: arguments, a file or stdin."""
+
+    def __init__(self, kind: str, prompts: list[str] | None = None, path: str | None = None) -> None:
+        self.kind, self.prompts, self.path = kind, prompts or [], path
+
+    @property
+    def many(self) -> bool:
+        return self.kind != "args" or len(self.prompts) > 1
+
+    @property
+    def total(self) -> int | None:
+        return count_lines(self.path) if self.kind == "file" else None
+
+    def records(self, template: Any, input_format: InputFormat) -> Iterator[Any]:
+        if self.kind == "args":
+            yield from records_from_args(self.prompts)
+        elif self.kind == "stdin":
+            yield from read_records(sys.stdin.buffer, input_format, template)
+        else:
+            with open(self.path, "rb") as raw:  # type: ignore[arg-type]
+                yield from read_records(raw, input_format, template)
+
+
+def _prompt_source(prompts: list[str] | None, file: str | None, streams: Streams) -> _Source:
+    """Arguments, -f FILE, '-' or a piped stdin; stdin is read only when asked or when nothing else was given."""
+    prompts = prompts or []
+    if file is not None:
+        if prompts:
+            raise UsageError("-f/--file: give prompts either as arguments or in a file, not both")
+        if file == "-":
+            return _Source("stdin")
+        if not os.path.isfile(file):
+            raise UsageError(f"-f/--file {file}: no such file")
+        return _Source("file", path=file)
+    if prompts == ["-"]:
+        return _Source("stdin")
+    if "-" in prompts:
+        raise UsageError("'-' (read stdin) cannot be mixed with prompt arguments")
+    if not prompts:
+        if _stdin_is_terminal():
+            raise UsageError("no prompt given: pass prompts as arguments, -f FILE, or pipe them to stdin")
+        return _Source("stdin")
+    for i, p in enumerate(prompts):
+        if p == "" or p.isspace():
+            raise UsageError(f"prompt {i + 1} is empty")
+    return _Source("args", prompts=prompts)
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin is None or sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return True
+
+
+def _batch_size(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"--batch-size: a positive integer or auto (got {text!r})")
+    return int(text)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the job like Ctrl-C: what is complete stays written, the exit code is 130."""
+
+    def raise_interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    except ValueError:  # not the main thread (some test runners)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command(epilog="Example:\n\n  aigc info --model ./my-finetuned-gpt2")

@@ -25,6 +25,7 @@ class Request:
     settings: GenerationSettings  # resolved
     seed: int
     indices: tuple[int, ...] | None = None  # sequence numbers to generate; None: all of 0..n-1
+    prompt_ids: tuple[int, ...] | None = None  # from Engine.encode, when the caller checked the prompt already
 
     def wanted(self) -> tuple[int, ...]:
         return self.indices if self.indices is not None else tuple(range(self.settings.num_sequences))
@@ -100,7 +101,10 @@ class Engine:
         from aigc_cli.decoding import generate_beam, generate_rows, row_seed
 
         batch_size = batch_size or (DEFAULT_GPU_BATCH if self.lm.device == "cuda" else DEFAULT_CPU_BATCH)
-        encoded = {id(r): self.encode(r.prompt, r.settings) for r in requests}
+        encoded = {
+            id(r): list(r.prompt_ids) if r.prompt_ids is not None else self.encode(r.prompt, r.settings)
+            for r in requests
+        }
         done: dict[tuple[int, int], Completion] = {}
 
         def finish(row: _Row, text: str, reason: str, n_tokens: int) -> Completion:

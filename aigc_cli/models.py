@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import socket
@@ -35,11 +37,31 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     name: str
-    revision: str  # hub commit, "local", or "builtin"
+    source: Resolution
     device: str
     dtype: str
     context_length: int
     load_seconds: float
+
+    @functools.cached_property
+    def revision(self) -> str:
+        """Provenance: the Hub commit, a hash of a local directory's weights, or "builtin"."""
+        if self.source.kind == "builtin":
+            return "builtin"
+        if self.source.kind == "local":
+            return weights_sha256(Path(self.source.path or "."))
+        commit = getattr(self.model.config, "_commit_hash", None)
+        return commit or (Path(self.source.path).name if self.source.path else "unknown")
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 over a model directory's weight files (computed once, only when provenance is written)."""
+    digest = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin")):
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def resolve(name: str) -> Resolution:
@@ -195,9 +217,8 @@ def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
         from aigc_cli.tiny import build_tiny
 
         model, tokenizer = build_tiny()
-        revision = "builtin"
     else:
-        model, tokenizer, revision = _load_pretrained(res, torch_dtype)
+        model, tokenizer = _load_pretrained(res, torch_dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device=dev, dtype=torch_dtype).eval()
@@ -208,7 +229,7 @@ def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
         model=model,
         tokenizer=tokenizer,
         name=name,
-        revision=revision,
+        source=res,
         device=dev,
         dtype=str(torch_dtype).removeprefix("torch."),
         context_length=int(context),
@@ -216,7 +237,7 @@ def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     )
 
 
-def _load_pretrained(res: Resolution, torch_dtype: Any) -> tuple[Any, Any, str]:
+def _load_pretrained(res: Resolution, torch_dtype: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = res.path if res.kind in ("local", "hub-cache") else res.name
@@ -231,11 +252,7 @@ def _load_pretrained(res: Resolution, torch_dtype: Any) -> tuple[Any, Any, str]:
         )
     except Exception as exc:
         raise ModelUnavailableError(f"--model {res.name}: cannot load the weights ({_first_line(exc)})") from exc
-    if res.kind == "local":
-        revision = "local"
-    else:
-        revision = Path(res.path).name if res.path else (getattr(model.config, "_commit_hash", None) or "unknown")
-    return model, tokenizer, revision
+    return model, tokenizer
 
 
 def _first_line(exc: BaseException) -> str:

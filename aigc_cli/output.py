@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from rich.console import Console
 from rich.text import Text
@@ -89,6 +90,36 @@ class Messages:
         self.console.print(Text(message), soft_wrap=True)
 
     @contextmanager
+    def progress(self, total: int | None) -> Iterator[Callable[[int, int], None]]:
+        """A progress bar on a terminal (prompts done, tokens/s, ETA); yields update(done, tokens)."""
+        if not self.streams.stderr_tty:
+            yield lambda done, tokens: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        started = time.perf_counter()
+        # redirect_stdout=False: stdout carries records only, never the bar's re-rendered output.
+        bar = Progress(
+            TextColumn("prompts"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} tok/s"),
+            TimeRemainingColumn(),
+            console=self.console,
+            redirect_stdout=False,
+            redirect_stderr=False,
+            transient=False,
+        )
+        task = bar.add_task("generate", total=total, rate="-")
+
+        def update(done: int, tokens: int) -> None:
+            rate = tokens / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, completed=done, rate=f"{rate:,.0f}")
+
+        with bar:
+            yield update
+
+    @contextmanager
     def status(self, message: str) -> Iterator[None]:
         """A spinner on a terminal; silence in a pipe."""
         if self.streams.stderr_tty:
@@ -144,7 +175,15 @@ class SequenceRenderer:
             self._write(text[self._shown : safe], "bold cyan")
             self._shown = safe
 
-    def completion(self, c: Any, settings_record: dict[str, Any] | None = None) -> None:
+    def error_record(self, record: dict[str, Any], messages: Messages) -> None:
+        """A record that could not be processed: a JSONL record, or a warning for people."""
+        if self.fmt is OutputFormat.jsonl:
+            self.streams.stdout.write(json_line(record) + "\n")
+            self.streams.stdout.flush()
+        else:
+            messages.warn(record["error"]["message"])
+
+    def completion(self, c: Any) -> None:
         if self.fmt is OutputFormat.jsonl:
             record = {
                 "id": c.id,
@@ -158,8 +197,6 @@ class SequenceRenderer:
                 **self.provenance,
                 **c.extra,
             }
-            if settings_record is not None:
-                record["settings"] = settings_record
             self.streams.stdout.write(json_line(record) + "\n")
             self.streams.stdout.flush()
             return

@@ -113,12 +113,11 @@ class GenerationSettings:
         return dataclasses.replace(self, **overrides).resolved()
 
     def as_record(self) -> dict[str, Any]:
-        """The settings as they are written into JSONL provenance (seed kept apart)."""
+        """The settings as they are written into JSONL provenance; `seed` is the run's seed."""
         d = dataclasses.asdict(self)
         d["decoding"] = self.decoding.value
         d["stop"] = list(self.stop)
         d["ban"] = list(self.ban)
-        d.pop("seed")
         return d
 
 

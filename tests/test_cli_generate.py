@@ -112,7 +112,6 @@ def test_model_from_env_and_local_dir(cli, tiny_dir):
 
 BAD = [
     (["generate", ""], 2, "prompt 1 is empty"),
-    (["generate"], 2, "no prompt"),
     (["generate", "hi", "--top-p", "1.5"], 2, "--top-p"),
     (["generate", "hi", "--top-p", "0"], 2, "--top-p"),
     (["generate", "hi", "--temperature", "-1"], 2, "--temperature"),
@@ -132,6 +131,12 @@ def test_bad_input(cli, args, code, message):
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert r.stdout == ""
+
+
+def test_no_prompt_on_a_terminal_is_a_usage_error(cli, monkeypatch):
+    monkeypatch.setattr("aigc_cli.cli._stdin_is_terminal", lambda: True)
+    r = cli("generate", *TINY)
+    assert r.exit_code == 2 and "no prompt given" in r.stderr
 
 
 def test_prompt_too_long_gives_both_counts(cli):

@@ -1,0 +1,385 @@
+"""Batch jobs: prompt sources (args, files, stdin; lines or JSONL), windows of records, ordered and
+resumable JSONL output, shards.
+
+Input is read lazily and processed in windows of a few batches, so memory stays bounded whatever
+the file's size; each window's records are written in input order as soon as it is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from string import Template
+from typing import IO, Any
+
+from aigc_cli.errors import RecordError, UsageError
+from aigc_cli.settings import GenerationSettings
+
+
+class InputFormat(str, Enum):
+    auto = "auto"
+    lines = "lines"
+    jsonl = "jsonl"
+
+
+# JSONL field -> (settings field, type). `seed` replaces the run's seed for that record only.
+OVERRIDES: dict[str, tuple[str, type]] = {
+    "n": ("num_sequences", int),
+    "seed": ("seed", int),
+    "max_new_tokens": ("max_new_tokens", int),
+    "temperature": ("temperature", float),
+    "top_p": ("top_p", float),
+    "top_k": ("top_k", int),
+    "stop": ("stop", list),
+}
+
+
+@dataclass
+class InputRecord:
+    """One input record: a prompt to generate for, or the reason it cannot be."""
+
+    ordinal: int  # 0-based position among the input's records (shards split on it)
+    line: int  # 1-based line number in the input
+    id: Any
+    where: str = ""  # how messages name the record: "line 7", "prompt 2"
+    prompt: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    error: RecordError | None = None
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/N' with 0 <= i < N."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard: expected i/N, e.g. 0/4 (got {text!r})") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard: need 0 <= i < N (got {text!r})")
+    return i, n
+
+
+def load_template(path: str) -> Template:
+    try:
+        return Template(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--template {path}: cannot read ({exc})") from None
+
+
+def _numbered_lines(raw: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    for number, data in enumerate(raw, start=1):
+        yield number, data.rstrip(b"\n").rstrip(b"\r")
+
+
+def read_records(raw: IO[bytes], fmt: InputFormat, template: Template | None = None) -> Iterator[InputRecord]:
+    """Records of a binary stream, read lazily; `auto` is JSONL when the first non-empty line is a JSON object."""
+    lines = _numbered_lines(raw)
+    head: list[tuple[int, bytes]] = []
+    if fmt is InputFormat.auto:
+        fmt = InputFormat.lines
+        for number, data in lines:
+            head.append((number, data))
+            if data.strip():
+                fmt = InputFormat.jsonl if _is_json_object(data) else InputFormat.lines
+                break
+    ordinal = 0
+    for number, data in _chain(head, lines):
+        if fmt is InputFormat.jsonl and not data.strip():
+            continue  # blank lines separate nothing in JSONL
+        record = _parse_line(number, data, fmt, template)
+        record.ordinal = ordinal
+        ordinal += 1
+        yield record
+
+
+def records_from_args(prompts: Iterable[str]) -> Iterator[InputRecord]:
+    """Prompts given as arguments: ids 0, 1, ..."""
+    for i, prompt in enumerate(prompts):
+        yield InputRecord(ordinal=i, line=i + 1, id=i, prompt=prompt, where=f"prompt {i + 1}")
+
+
+def _chain(head: list[tuple[int, bytes]], rest: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+    yield from head
+    yield from rest
+
+
+def _is_json_object(data: bytes) -> bool:
+    try:
+        return isinstance(json.loads(data), dict)
+    except ValueError:
+        return False
+
+
+def _parse_line(number: int, data: bytes, fmt: InputFormat, template: Template | None) -> InputRecord:
+    record = InputRecord(ordinal=0, line=number, id=number, where=f"line {number}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        record.error = RecordError("invalid_utf8", f"line {number} is not valid UTF-8 (byte {exc.start})")
+        return record
+    if fmt is InputFormat.lines:
+        fields: dict[str, Any] = {"prompt": text}
+    else:
+        try:
+            fields = json.loads(text)
+        except ValueError as exc:
+            record.error = RecordError("malformed_json", f"line {number} is not valid JSON ({exc.msg})")
+            return record
+        if not isinstance(fields, dict):
+            record.error = RecordError("malformed_json", f"line {number} is not a JSON object")
+            return record
+        if "id" in fields:
+            if isinstance(fields["id"], bool) or not isinstance(fields["id"], (str, int)):
+                record.error = RecordError("bad_field", f"line {number}: 'id' must be a string or an integer")
+                return record
+            record.id = fields["id"]
+    try:
+        record.overrides = _overrides(fields)
+        record.prompt = _prompt(fields, template)
+    except RecordError as exc:
+        exc.message = f"{record.where}: {exc.message}"
+        record.error = exc
+    return record
+
+
+def _prompt(fields: dict[str, Any], template: Template | None) -> str:
+    if template is not None:
+        try:
+            return template.substitute({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
+        except KeyError as exc:
+            raise RecordError("template_field", f"the template's ${exc.args[0]} is not a field of this record") from None
+        except ValueError as exc:
+            raise UsageError(f"--template: {exc}") from None
+    prompt = fields.get("prompt")
+    if prompt is None:
+        raise RecordError("missing_prompt", "no 'prompt' field")
+    if not isinstance(prompt, str):
+        raise RecordError("bad_field", "'prompt' must be a string")
+    return prompt
+
+
+def _overrides(fields: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, (name, kind) in OVERRIDES.items():
+        if key not in fields:
+            continue
+        value = fields[key]
+        if kind is list:
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise RecordError("bad_override", f"'{key}' must be a string or a list of strings")
+            value = tuple(value)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise RecordError("bad_override", f"'{key}' must be {'an integer' if kind is int else 'a number'} (got {value!r})")
+        out[name] = value
+    return out
+
+
+_FLAG_FIELDS = {
+    "-n/--num-sequences": "'n'",
+    "--max-new-tokens": "'max_new_tokens'",
+    "--temperature": "'temperature'",
+    "--top-p": "'top_p'",
+    "--top-k": "'top_k'",
+    "--stop": "'stop'",
+}
+
+
+def _field_named(message: str) -> str:
+    """Settings messages name CLI flags; for a record's override, name its JSON field."""
+    flag, sep, rest = message.partition(":")
+    return f"{_FLAG_FIELDS[flag]}:{rest}" if sep and flag in _FLAG_FIELDS else message
+
+
+def fingerprint(model: str, revision: str, settings_record: dict[str, Any], seed: int, prompt: str) -> str:
+    """Identifies what a record was generated from; --resume skips only records with the same one."""
+    blob = json.dumps([model, revision, settings_record, seed, prompt], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ResumeState:
+    """What an earlier run of the same job already wrote to the output file."""
+
+    done: dict[str, dict[int, str]] = field(default_factory=dict)  # json(id) -> index -> fingerprint
+    errors: set[str] = field(default_factory=set)  # json(id) of error records
+    seed: int | None = None
+    records: int = 0
+
+    def has(self, record_id: Any, index: int, fp: str, path: str) -> bool:
+        got = self.done.get(_key(record_id), {}).get(index)
+        if got is not None and got != fp:
+            raise UsageError(
+                f"--resume: {path} holds record id {record_id!r} made with other settings, seed, prompt or model; "
+                "use a new --output file or the original options"
+            )
+        return got is not None
+
+
+def _key(record_id: Any) -> str:
+    return json.dumps(record_id)
+
+
+def open_for_resume(path: str) -> ResumeState:
+    """Read what an interrupted run wrote; cut a half-written last line so appending continues cleanly."""
+    state = ResumeState()
+    p = Path(path)
+    if not p.exists():
+        return state
+    data = p.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with p.open("r+b") as fh:  # a half-written last line from a killed run
+            fh.truncate(end)
+    for number, line in enumerate(data[:end].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            key = _key(rec["id"])
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"--resume: {path} line {number} is not an aigc JSONL record; not appending to it") from None
+        state.records += 1
+        if "error" in rec:
+            state.errors.add(key)
+            continue
+        state.done.setdefault(key, {})[int(rec["index"])] = rec.get("fingerprint", "")
+        if state.seed is None:
+            state.seed = rec.get("settings", {}).get("seed")
+    return state
+
+
+@dataclass
+class Summary:
+    records: int = 0
+    sequences: int = 0
+    errors: int = 0
+    skipped: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class BatchJob:
+    """One run over a stream of records with one engine and one set of base settings."""
+
+    engine: Any
+    settings: GenerationSettings  # resolved, with the run's base seed
+    emit: Callable[[Any], None]  # gets a Completion (with extra fields) or an error record dict
+    batch_size: int | None = None
+    strict: bool = False
+    shard: tuple[int, int] | None = None
+    resume: ResumeState | None = None
+    output_name: str = "-"
+    on_progress: Callable[[Summary], None] | None = None
+    on_text: Callable[[Any, str], None] | None = None
+    summary: Summary = field(default_factory=Summary)
+
+    def run(self, records: Iterable[InputRecord]) -> Summary:
+        window: list[InputRecord] = []
+        size = max(4 * (self.batch_size or 16), 16)
+        for record in records:
+            if self.shard is not None and record.ordinal % self.shard[1] != self.shard[0]:
+                continue
+            window.append(record)
+            if len(window) >= size:
+                self._window(window)
+                window = []
+        if window:
+            self._window(window)
+        return self.summary
+
+    def _window(self, window: list[InputRecord]) -> None:
+        from aigc_cli.engine import Request
+
+        planned: list[tuple[InputRecord, Any]] = []
+        failed: InputRecord | None = None
+        for record in window:
+            request = self._request(record, Request)
+            if record.error is not None and self.strict:
+                failed = record  # records before it are still generated and written
+                break
+            planned.append((record, request))
+        requests = [r for _, r in planned if r is not None and r.wanted()]
+        completions = iter(self.engine.generate(requests, batch_size=self.batch_size, on_text=self.on_text))
+        for record, request in planned:
+            self.summary.records += 1
+            if request is None:
+                self._emit_error(record)
+            else:
+                for _ in request.wanted():
+                    completion = next(completions)
+                    completion.extra = request_extra(self.engine, request)
+                    self.summary.sequences += 1
+                    self.summary.tokens += completion.completion_tokens
+                    self.emit(completion)
+                self.summary.skipped += request.settings.num_sequences - len(request.wanted())
+        if self.on_progress is not None:
+            self.on_progress(self.summary)
+        if failed is not None:
+            assert failed.error is not None
+            raise UsageError(failed.error.message)
+
+    def _request(self, record: InputRecord, request_type: type) -> Any:
+        if record.error is not None:
+            return None
+        overrides = dict(record.overrides)
+        seed = overrides.pop("seed", self.settings.seed)
+        try:
+            if not 0 <= seed < 2**63:
+                raise RecordError("bad_override", f"'seed' must be in [0, 2^63) (got {seed})")
+            try:
+                settings = self.settings.with_overrides(**overrides) if overrides else self.settings
+            except UsageError as exc:
+                raise RecordError("bad_override", _field_named(exc.message)) from None
+            ids = tuple(self.engine.encode(record.prompt, settings))
+        except RecordError as exc:
+            if not exc.message.startswith(record.where):
+                exc.message = f"{record.where}: {exc.message}"
+            record.error = exc
+            return None
+        request = request_type(id=record.id, prompt=record.prompt, settings=settings, seed=seed, prompt_ids=ids)
+        if self.resume is None:
+            return request
+        fp = record_fingerprint(self.engine, request)
+        wanted = tuple(i for i in range(settings.num_sequences) if not self.resume.has(record.id, i, fp, self.output_name))
+        return dataclasses.replace(request, indices=wanted)
+
+    def _emit_error(self, record: InputRecord) -> None:
+        if self.resume is not None and _key(record.id) in self.resume.errors:
+            return
+        self.summary.errors += 1
+        assert record.error is not None
+        self.emit({"id": record.id, "line": record.line, "error": {"code": record.error.code, "message": record.error.message}})
+
+
+def record_fingerprint(engine: Any, request: Any) -> str:
+    return fingerprint(engine.name, engine.lm.revision, request.settings.as_record(), request.seed, request.prompt)
+
+
+def request_extra(engine: Any, request: Any) -> dict[str, Any]:
+    """Provenance fields every generated record carries."""
+    return {"settings": request.settings.as_record(), "fingerprint": record_fingerprint(engine, request)}
+
+
+def open_output(path: str, resume: bool) -> IO[str]:
+    """The -o file: appended to with --resume, else replaced."""
+    try:
+        return open(path, "a" if resume else "w", encoding="utf-8", newline="\n")
+    except OSError as exc:
+        raise UsageError(f"--output {path}: cannot open for writing ({exc.strerror})") from None
+
+
+def count_lines(path: str) -> int | None:
+    """A quick count for the progress bar's total (files only; stdin is not read twice)."""
+    try:
+        if os.path.getsize(path) > 2**31:
+            return None
+        with open(path, "rb") as fh:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+    except OSError:
+        return None
