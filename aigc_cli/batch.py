@@ -65,8 +65,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def load_template(path: str) -> Template:
+    """A $field template; the file's final newline is not part of the prompt."""
     try:
-        return Template(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        return Template(text[:-1] if text.endswith("\n") else text)
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--template {path}: cannot read ({exc})") from None
 
