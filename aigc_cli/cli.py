@@ -27,7 +27,8 @@ from aigc_cli.batch import (
     records_from_args,
 )
 from aigc_cli.errors import AigcError, ExitCode, UsageError
-from aigc_cli.output import Messages, OutputFormat, SequenceRenderer, Streams
+from aigc_cli.output import Messages, OutputFormat, SequenceRenderer, Streams, render_rows
+from aigc_cli.recommend import Aggregate, ScoreKind
 from aigc_cli.settings import Decoding, GenerationSettings
 
 EXIT_CODES_HELP = (
@@ -341,6 +342,176 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  aigc score essay.txt\n\n"
+    "  cat sentences.txt | aigc score - --per-line --format jsonl\n\n"
+    f"{EXIT_CODES_HELP}"
+)
+@_boundary
+def score(
+    path: Annotated[str, typer.Argument(help="Text file to score, or '-' for stdin.", show_default=False)],
+    per_line: Annotated[bool, typer.Option(help="Score each non-empty line on its own.")] = False,
+    stride: Annotated[
+        Optional[int], typer.Option(help="Sliding-window stride for texts longer than the context (default: half of it).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    model: ModelOpt = "gpt2",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    output_format: FormatOpt = OutputFormat.auto,
+    debug: DebugOpt = False,
+) -> None:
+    """Perplexity, mean negative log-likelihood and token count of a text under the model.
+
+    Every token is scored, the first one conditioned on the model's BOS token (<|endoftext|> for
+    GPT-2); texts longer than the context use a sliding window.
+    """
+    _choice(device, _DEVICES, "--device")
+    _choice(dtype, _DTYPES, "--dtype")
+    if stride is not None and stride < 1:
+        raise UsageError(f"--stride: must be at least 1 (got {stride})")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size: must be at least 1 (got {batch_size})")
+    text = _read_text(path)
+    streams = Streams()
+    from aigc_cli.engine import Engine
+    from aigc_cli.scoring import perplexity
+
+    with Messages(streams).status(f"Loading {model}..."):
+        engine = Engine.load(model, device=device, dtype=dtype)
+    if stride is not None and stride > engine.context_length:
+        raise UsageError(f"--stride: must not exceed the model's context of {engine.context_length} (got {stride})")
+    tok = engine.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    pieces = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()] if per_line else [(0, text)]
+    rows = []
+    for n, piece in pieces:
+        ids = tok.encode(piece, add_special_tokens=False)
+        if not ids:
+            raise UsageError(f"{path}: there is no text to score")
+        result = perplexity(engine.lm.model, ids, bos, engine.context_length, stride, batch_size, engine.lm.device)
+        row = {"perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens}
+        rows.append({"line": n, **row} if per_line else row)
+    columns = (["line"] if per_line else []) + ["perplexity", "nll", "tokens"]
+    render_rows(streams, output_format, columns, rows, title=None)
+
+
+def _read_text(path: str) -> str:
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  aigc recommend sports technology --catalog sample -k 5\n\n"
+    "  aigc recommend --profile me.json --catalog news.tsv --explain\n\n"
+    "  aigc recommend --catalog sample --eval sample\n\n"
+    "  aigc recommend cooking travel --per-interest 3      (no catalog: generated ideas)\n\n"
+    f"{EXIT_CODES_HELP}"
+)
+@_boundary
+def recommend(
+    interests: Annotated[Optional[list[str]], typer.Argument(help="The user's interests.", show_default=False)] = None,
+    profile: Annotated[
+        Optional[str], typer.Option(help="JSON user profile: interests, liked and disliked item titles or ids.")
+    ] = None,
+    catalog: Annotated[
+        Optional[str],
+        typer.Option(help="Items to rank: JSONL, CSV or TSV with id,title[,description,category], MIND news.tsv, or 'sample'."),
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--top", help="How many items to show.")] = 10,
+    score_kind: Annotated[
+        ScoreKind, typer.Option("--score", help="pmi (log P(item|user) - log P(item|neutral)), loglik or mean (per token).")
+    ] = ScoreKind.pmi,
+    aggregate: Annotated[Aggregate, typer.Option(help="Combine interests by max or mean.")] = Aggregate.max,
+    explain: Annotated[bool, typer.Option(help="Show each interest's score.")] = False,
+    template: Annotated[Optional[str], typer.Option(help="User prompt template with $interests.")] = None,
+    neutral_template: Annotated[Optional[str], typer.Option(help="Neutral prompt for PMI.")] = None,
+    per_interest: Annotated[int, typer.Option(help="Without --catalog: generated ideas per interest.")] = 3,
+    eval_path: Annotated[
+        Optional[str],
+        typer.Option("--eval", help="Evaluate on users (JSONL or MIND behaviors.tsv, or 'sample'): HR@k, nDCG@k, MRR, AUC."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="(prompt, item) pairs per forward pass.")] = 16,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for generated ideas.")] = None,
+    model: ModelOpt = "gpt2",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    output_format: FormatOpt = OutputFormat.auto,
+    debug: DebugOpt = False,
+) -> None:
+    """Rank a catalog for a user's interests with the language model (zero-shot), or suggest ideas."""
+    from aigc_cli import recommend as rec
+
+    _choice(device, _DEVICES, "--device")
+    _choice(dtype, _DTYPES, "--dtype")
+    if k < 1:
+        raise UsageError(f"-k: must be at least 1 (got {k})")
+    if per_interest < 1:
+        raise UsageError(f"--per-interest: must be at least 1 (got {per_interest})")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size: must be at least 1 (got {batch_size})")
+    if eval_path is not None and catalog is None:
+        raise UsageError("--eval: needs --catalog (the items the users' candidates refer to)")
+    user = rec.load_profile(profile) if profile else rec.Profile()
+    user.interests += interests or []
+    items = rec.load_catalog(catalog) if catalog else None
+    users = rec.load_eval(eval_path) if eval_path else None
+    prompts = rec.Prompts.load(template, neutral_template)
+    if users is None and not user.interests and not (items and user.liked):
+        raise UsageError("no user: give interests as arguments, or --profile FILE with interests or liked items")
+    streams = Streams()
+    from aigc_cli.engine import Engine
+
+    with Messages(streams).status(f"Loading {model}..."):
+        engine = Engine.load(model, device=device, dtype=dtype)
+    if users is not None and items is not None:
+        ours, baseline = rec.evaluate(engine, items, users, prompts, k, score_kind, aggregate, batch_size)
+        rows = [{"ranking": f"aigc ({score_kind.value})", **ours}, {"ranking": "random", **baseline}]
+        render_rows(streams, output_format, list(rows[0]), rows, title=f"{len(users)} users, k={k}")
+    elif items is not None:
+        ranked = rec.rank(engine, items, user, prompts, score_kind, aggregate, batch_size)[:k]
+        rows = [
+            {"rank": n, "id": r.item.id, "title": r.item.title, "score": r.score, "per_interest": r.per_context}
+            for n, r in enumerate(ranked, start=1)
+        ]
+        columns = ["rank", "id", "title", "score"] + (["per_interest"] if explain else [])
+        render_rows(streams, output_format, columns, rows, title=f"Top {len(rows)} for {', '.join(user.interests) or 'your liked items'}")
+    else:
+        rows = _ideas(engine, user.interests, per_interest, seed)
+        render_rows(streams, output_format, ["interest", "idea"], rows, title="Generated ideas (not real items)")
+
+
+def _ideas(engine: Any, interests: list[str], per_interest: int, seed: int | None) -> list[dict[str, Any]]:
+    """Short generated ideas per interest: one line each, deduplicated, none empty."""
+    from string import Template
+
+    from aigc_cli.engine import Request
+    from aigc_cli.prompts import load_prompt
+
+    template = Template(load_prompt("recommend-ideas.txt", "--template"))
+    settings = GenerationSettings(
+        num_sequences=per_interest * 3, max_new_tokens=24, stop=("\n",), top_p=0.95, seed=seed
+    ).resolved()
+    base = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
+    requests = [Request(i, template.safe_substitute(interests=x), settings, base) for i, x in enumerate(interests)]
+    rows, seen = [], set()
+    for c in engine.generate(requests):
+        idea = c.text.strip().strip(".-*").strip()
+        key = (c.id, idea.lower())
+        if idea and key not in seen and sum(r["interest"] == interests[c.id] for r in rows) < per_interest:
+            seen.add(key)
+            rows.append({"interest": interests[c.id], "idea": idea, "generated": True})
+    return rows
 
 
 @app.command(epilog="Example:\n\n  aigc info --model ./my-finetuned-gpt2")

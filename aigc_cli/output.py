@@ -207,3 +207,43 @@ class SequenceRenderer:
             self._header(c)
             self._write(c.text, "bold cyan")
         self._write("\n\n")
+
+
+def render_rows(
+    streams: Streams, fmt: OutputFormat, columns: list[str], rows: list[dict[str, Any]], title: str | None = None
+) -> None:
+    """Tabular results: a Rich table, tab-separated plain text with a header, or one JSON object per row.
+
+    Rows are dicts; `columns` picks what the table shows, JSONL carries every key.
+    """
+    fmt = streams.resolve(fmt)
+    if fmt is OutputFormat.jsonl:
+        for row in rows:
+            streams.stdout.write(json_line(row) + "\n")
+        streams.stdout.flush()
+        return
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    if fmt is OutputFormat.plain:
+        if title:
+            streams.stdout.write(f"# {title}\n")
+        streams.stdout.write("\t".join(columns) + "\n")
+        for line in cells:
+            streams.stdout.write("\t".join(v.replace("\t", " ").replace("\n", " ") for v in line) + "\n")
+        streams.stdout.flush()
+        return
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c, justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
+    for line in cells:
+        table.add_row(*(Text(v) for v in line))
+    streams.out_console().print(table)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    return "" if value is None else str(value)
