@@ -99,7 +99,8 @@ def _boundary(command: F) -> F:
         except Exception as exc:
             if debug:
                 raise
-            messages.error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            first = (str(exc).strip().splitlines() or [""])[0]
+            messages.error(f"{type(exc).__name__}: {first} (run with --debug for the traceback)")
             raise typer.Exit(int(ExitCode.FAILURE)) from None
 
     return wrapper  # type: ignore[return-value]

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from aigc_cli.errors import ModelUnavailableError, UsageError
-from aigc_cli.tiny import TINY_MODEL_ID
+from aigc_cli.tiny import TINY_MODELS
 
 _LFS_MAGIC = b"version https://git-lfs.github.com/spec"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -66,7 +66,7 @@ def weights_sha256(path: Path) -> str:
 
 def resolve(name: str) -> Resolution:
     """Decide where `name` comes from; raises ModelUnavailableError with a fix when it cannot come from anywhere."""
-    if name == TINY_MODEL_ID:
+    if name in TINY_MODELS:
         return Resolution(name, "builtin", None)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -214,9 +214,9 @@ def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     torch_dtype = pick_dtype(dtype, dev)
     _quiet_transformers()
     if res.kind == "builtin":
-        from aigc_cli.tiny import build_tiny
+        from aigc_cli.tiny import build
 
-        model, tokenizer = build_tiny()
+        model, tokenizer = build(name)
     else:
         model, tokenizer = _load_pretrained(res, torch_dtype)
     if tokenizer.pad_token_id is None:

@@ -40,7 +40,7 @@ def test_batched_logprobs_equal_one_at_a_time(tiny_lm, batch_size):
 
 def test_perplexity_of_a_short_text_equals_direct_computation(tiny_lm):
     ids = tiny_lm.tokenizer.encode("The cat sat on the mat.")
-    result = perplexity(tiny_lm.model, ids, 256, context=1024)
+    result = perplexity(tiny_lm.model, ids, 256, context=1024)  # 256 is <|endoftext|>
     direct = _direct(tiny_lm.model, [256], ids)
     assert result.tokens == len(ids)  # every token, the first conditioned on BOS
     assert result.nll == pytest.approx(-sum(direct) / len(ids), abs=1e-6)
@@ -124,9 +124,13 @@ def test_shuffling_the_catalog_changes_no_score(tiny_lm):
 class _EchoModel(torch.nn.Module):
     """Raises the probability of tokens already in its input: a user who mentions a word likes items with it."""
 
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size = vocab_size
+
     def forward(self, input_ids, attention_mask=None, **kwargs):
         bsz, width = input_ids.shape
-        logits = torch.zeros(bsz, width, 257)
+        logits = torch.zeros(bsz, width, self.vocab_size)
         for b in range(bsz):
             for t in range(width):
                 logits[b, t, input_ids[b, : t + 1]] = 4.0
@@ -135,13 +139,16 @@ class _EchoModel(torch.nn.Module):
 
 @pytest.mark.parametrize("kind", [ScoreKind.pmi, ScoreKind.loglik, ScoreKind.mean])
 def test_direction_matching_item_ranks_first(tiny_lm, kind):
-    engine = Engine(SimpleNamespace(**{**vars(tiny_lm), "model": _EchoModel()}))
-    # Same length and shape, so only the letters differ: f and o appear in "football" and in no template.
-    catalog = [Item("1", "zqzqzqzq"), Item("2", "xwxwxwxw"), Item("3", "fofofofo"), Item("4", "vjvjvjvj")]
-    ranked = rank(engine, catalog, Profile(interests=["football", "yoga"]), Prompts.load(), kind)
+    engine = Engine(SimpleNamespace(**{**vars(tiny_lm), "model": _EchoModel(len(tiny_lm.tokenizer))}))
+    # One byte token per letter and the same shape, so only the letters differ: x and q appear in
+    # the interest "xqx" and in no template (no word of the tokenizer starts with x or z).
+    catalog = [Item("1", "zjzjzjzj"), Item("2", "zvzvzvzv"), Item("3", "xqxqxqxq"), Item("4", "zwzwzwzw")]
+    lengths = {len(tiny_lm.tokenizer.encode(" " + i.title)) for i in catalog}
+    assert lengths == {9}
+    ranked = rank(engine, catalog, Profile(interests=["xqx", "yoga"]), Prompts.load(), kind)
     assert ranked[0].item.id == "3"
     if kind is ScoreKind.pmi:
-        assert ranked[0].per_context["interest:football"] > ranked[0].per_context["interest:yoga"]
+        assert ranked[0].per_context["interest:xqx"] > 0 and ranked[0].per_context["interest:xqx"] > ranked[0].per_context["interest:yoga"]
 
 
 def test_metrics_against_hand_computed_cases():
@@ -266,7 +273,7 @@ def test_score_cli(cli, tiny_lm, tmp_path):
     assert whole["nll"] == pytest.approx(-sum(_direct(tiny_lm.model, [256], ids)) / len(ids), abs=1e-5)
     lines = cli.jsonl("score", str(f), "--per-line", *TINY)
     assert [r["line"] for r in lines] == [1, 3]
-    assert lines[1]["tokens"] == len("Hello world.")
+    assert lines[1]["tokens"] == len(tiny_lm.tokenizer.encode("Hello world."))
     assert all(r["perplexity"] == pytest.approx(math.exp(r["nll"])) for r in lines)
     empty = tmp_path / "e.txt"
     empty.write_text("")
