@@ -27,7 +27,7 @@ from aigc_cli.batch import (
     records_from_args,
 )
 from aigc_cli.errors import AigcError, ExitCode, UsageError
-from aigc_cli.output import Messages, OutputFormat, SequenceRenderer, Streams, render_rows
+from aigc_cli.output import Messages, OutputFormat, SequenceRenderer, Streams, render_poems, render_rows
 from aigc_cli.recommend import Aggregate, ScoreKind
 from aigc_cli.settings import Decoding, GenerationSettings
 
@@ -513,6 +513,98 @@ def _ideas(engine: Any, interests: list[str], per_interest: int, seed: int | Non
             seen.add(key)
             rows.append({"interest": interests[c.id], "idea": idea, "generated": True})
     return rows
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  aigc poem \"the sea at night\" --form haiku -n 2 --annotate\n\n"
+    "  aigc poem autumn --form sonnet --candidates 4\n\n"
+    "  aigc poem 春天 --form qijue --acrostic 春夏秋冬 --model uer/gpt2-chinese-poem\n\n"
+    "  aigc poem --check my_haiku.txt --form haiku\n\n"
+    "Forms: free, haiku, tanka, limerick, couplet, quatrain, sonnet (English); wujue, qijue, wulv, qilv (Chinese).\n\n"
+    f"{EXIT_CODES_HELP} With --check: 0 the poem fits, 1 it does not."
+)
+@_boundary
+def poem(
+    topic: Annotated[Optional[str], typer.Argument(help="What the poem is about.", show_default=False)] = None,
+    form_name: Annotated[
+        Optional[str], typer.Option("--form", help="Poem form (default: haiku, or wujue for a Chinese topic).")
+    ] = None,
+    num_sequences: Annotated[int, typer.Option("--num-sequences", "-n", help="Poems to print.")] = 1,
+    candidates: Annotated[
+        Optional[int], typer.Option(help="Constrained poems to sample; the best -n by the model's own score are kept (default max(4, -n)).")
+    ] = None,
+    lines: Annotated[Optional[int], typer.Option(help="Lines (free form).")] = None,
+    syllables: Annotated[Optional[str], typer.Option(help="Syllables per line, e.g. 5,7,5 or 8-9 for all lines.")] = None,
+    rhyme_scheme: Annotated[Optional[str], typer.Option(help="Rhyme scheme, e.g. ABAB ('.' for an unrhymed line).")] = None,
+    acrostic: Annotated[Optional[str], typer.Option(help="Chinese forms: each line starts with the next character (藏头诗).")] = None,
+    annotate: Annotated[bool, typer.Option(help="Show syllables or characters per line and the rhyme key.")] = False,
+    template: Annotated[Optional[str], typer.Option(help="Prompt template with $topic and $form.")] = None,
+    check_path: Annotated[
+        Optional[str], typer.Option("--check", help="Check an existing poem (file or '-') against --form instead of writing one.")
+    ] = None,
+    decoding: Annotated[Decoding, typer.Option(help="sample or beam.")] = Decoding.sample,
+    num_beams: Annotated[Optional[int], typer.Option(help="Beams for --decoding beam.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely allowed tokens (default 50).")] = None,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="Penalise repeated tokens (1 = off).")] = 1.0,
+    no_repeat_ngram_size: Annotated[int, typer.Option(help="Never repeat an n-gram of this size (0 = off).")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    model: ModelOpt = "gpt2",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    output_format: FormatOpt = OutputFormat.auto,
+    debug: DebugOpt = False,
+) -> None:
+    """Write poems whose form (lines, syllables, rhyme) is guaranteed by constrained decoding."""
+    from aigc_cli.poetics import check, has_cjk, resolve_form
+
+    if form_name is None:
+        form_name = "wujue" if topic and has_cjk(topic) else "haiku"
+    form = resolve_form(form_name, syllables, rhyme_scheme, lines)
+    if acrostic is not None and (form.language != "zh" or len(acrostic) != form.lines):
+        raise UsageError(f"--acrostic: needs a Chinese form and one character per line ({form.lines} for {form.name})")
+    streams = Streams()
+    if check_path is not None:
+        report = check(_read_text(check_path), form, acrostic)
+        rows = [{"line": n, "text": r.text, "count": r.count, "rhyme": r.rhyme} for n, r in enumerate(report.lines, start=1)]
+        render_rows(streams, output_format, ["line", "text", "count", "rhyme"], rows, title=f"{form.name}: " + ("fits" if report.ok else "does not fit"))
+        for problem in report.problems:
+            Messages(streams).error(problem)
+        raise typer.Exit(0 if report.ok else 1)
+    if not topic or not topic.strip():
+        raise UsageError("no topic: aigc poem TOPIC --form FORM (or --check FILE)")
+    if decoding not in (Decoding.sample, Decoding.beam):
+        raise UsageError("--decoding: poems use sample or beam")
+    candidates = candidates if candidates is not None else max(4, num_sequences)
+    if candidates < num_sequences:
+        raise UsageError(f"--candidates ({candidates}) must be at least -n ({num_sequences})")
+    settings = GenerationSettings(
+        decoding=decoding,
+        num_sequences=num_sequences,
+        num_beams=num_beams,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        seed=seed if seed is not None else secrets.randbelow(2**31),
+    ).resolved()
+    _choice(device, _DEVICES, "--device")
+    _choice(dtype, _DTYPES, "--dtype")
+    from aigc_cli.prompts import load_prompt
+
+    prompt_template = load_prompt(template or f"poem-{form.language}.txt", "--template")
+    from aigc_cli.engine import Engine
+    from aigc_cli.poem import write_poems
+
+    with Messages(streams).status(f"Loading {model}..."):
+        engine = Engine.load(model, device=device, dtype=dtype)
+    poems = write_poems(engine, topic, form, settings, candidates, prompt_template, acrostic)
+    render_poems(
+        streams, output_format, poems, f"{form.name} on {topic}", annotate, {"model": engine.name, "form": form.name, "topic": topic}
+    )
 
 
 @app.command(epilog="Example:\n\n  aigc info --model ./my-finetuned-gpt2")

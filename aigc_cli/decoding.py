@@ -33,6 +33,8 @@ from aigc_cli.textrules import BanRule, find_stop
 
 _BAN_RETRIES = 64
 OnText = Callable[[int, str], None]
+# Builds extra logits processors (e.g. a poem form) for a batch whose prompts are left-padded to this width.
+ExtraProcessors = Callable[[int], list[Any]]
 
 
 @dataclass
@@ -83,7 +85,14 @@ class _Row:
 class _Decoder:
     """Shared state of one batch decode: rows, rules, processors."""
 
-    def __init__(self, lm: Any, prompts: Sequence[list[int]], settings: GenerationSettings, on_text: OnText | None):
+    def __init__(
+        self,
+        lm: Any,
+        prompts: Sequence[list[int]],
+        settings: GenerationSettings,
+        on_text: OnText | None,
+        extra: ExtraProcessors | None = None,
+    ):
         self.model = lm.model
         self.tok = lm.tokenizer
         self.device = lm.device
@@ -105,6 +114,8 @@ class _Decoder:
         self.ids = ids.to(self.device)
         self.mask = mask.to(self.device)
         self.processors = self._processors()
+        self.extra = extra(width) if extra is not None else []
+        self.processors.extend(self.extra)  # after the penalties, so a form can guard rows they emptied
 
     def _processors(self) -> LogitsProcessorList:
         s = self.s
@@ -165,11 +176,12 @@ def generate_rows(
     settings: GenerationSettings,
     seeds: Sequence[int],
     on_text: OnText | None = None,
+    extra: ExtraProcessors | None = None,
 ) -> list[RowResult]:
     """Generate one sequence per prompt row (rows may repeat a prompt); `settings` must be resolved."""
     if settings.decoding is Decoding.beam:
         raise ValueError("beam search generates several rows per prompt: use generate_beam")
-    dec = _Decoder(lm, prompts, settings, on_text)
+    dec = _Decoder(lm, prompts, settings, on_text, extra)
     if settings.decoding is Decoding.contrastive:
         _contrastive_loop(dec)
     else:
@@ -340,11 +352,13 @@ class _BanLogits(LogitsProcessor):
 
 
 @torch.inference_mode()
-def generate_beam(lm: Any, prompt: list[int], settings: GenerationSettings) -> list[RowResult]:
+def generate_beam(
+    lm: Any, prompt: list[int], settings: GenerationSettings, extra_processors: ExtraProcessors | None = None
+) -> list[RowResult]:
     """Beam search for one prompt with transformers' generate; returns the best -n beams."""
     s = settings
-    dec = _Decoder(lm, [prompt], s, None)
-    extra = LogitsProcessorList()
+    dec = _Decoder(lm, [prompt], s, None, extra_processors)
+    extra = LogitsProcessorList(dec.extra)  # transformers runs these after its own penalties
     if dec.ban:
         extra.append(_BanLogits(dec, 2 * s.num_beams))
     out = lm.model.generate(

@@ -44,6 +44,7 @@ class Completion:
     completion_tokens: int
     seed: int
     extra: dict[str, Any] = field(default_factory=dict)
+    token_ids: list[int] = field(default_factory=list, repr=False)  # generated ids, EOS excluded
 
 
 @dataclass
@@ -92,11 +93,13 @@ class Engine:
         requests: Sequence[Request],
         batch_size: int | None = None,
         on_text: Callable[[Completion, str], None] | None = None,
+        processors: Callable[[int], list[Any]] | None = None,
     ) -> Iterator[Completion]:
         """Generate every wanted sequence; yields completions in request order, index order.
 
         Rows of requests that share settings run together, sorted by prompt length so that
-        similar lengths share a batch. `on_text(partial, text_so_far)` streams a lone row.
+        similar lengths share a batch. `on_text(partial, text_so_far)` streams a lone row;
+        `processors(prompt_width)` adds logits processors (poem forms) to every batch.
         """
         from aigc_cli.decoding import generate_beam, generate_rows, row_seed
 
@@ -107,18 +110,20 @@ class Engine:
         }
         done: dict[tuple[int, int], Completion] = {}
 
-        def finish(row: _Row, text: str, reason: str, n_tokens: int) -> Completion:
+        def finish(row: _Row, text: str, reason: str, tokens: list[int]) -> Completion:
             req = row.request
-            return Completion(req.id, row.index, req.prompt, text, reason, len(row.prompt_ids), n_tokens, req.seed)
+            return Completion(
+                req.id, row.index, req.prompt, text, reason, len(row.prompt_ids), len(tokens), req.seed, token_ids=tokens
+            )
 
         groups: dict[GenerationSettings, list[_Row]] = {}
         for req in requests:
             if req.settings.decoding is Decoding.beam:
                 ids = encoded[id(req)]
-                beams = generate_beam(self.lm, ids, req.settings)
+                beams = generate_beam(self.lm, ids, req.settings, processors)
                 for index in req.wanted():
                     res = beams[index]
-                    done[(id(req), index)] = finish(_Row(req, index, ids), res.text, res.finish_reason, len(res.token_ids))
+                    done[(id(req), index)] = finish(_Row(req, index, ids), res.text, res.finish_reason, res.token_ids)
                 continue
             rows = groups.setdefault(req.settings, [])
             rows.extend(_Row(req, index, encoded[id(req)]) for index in req.wanted())
@@ -129,12 +134,12 @@ class Engine:
                 stream = None
                 if on_text is not None and len(rows) == 1:
                     lone = chunk[0]
-                    partial = finish(lone, "", "", 0)
+                    partial = finish(lone, "", "", [])
                     stream = lambda _i, text, p=partial: on_text(p, text)  # noqa: E731
                 seeds = [row_seed(r.request.seed, r.request.id, r.index) for r in chunk]
-                results = generate_rows(self.lm, [r.prompt_ids for r in chunk], settings, seeds, stream)
+                results = generate_rows(self.lm, [r.prompt_ids for r in chunk], settings, seeds, stream, processors)
                 for r, res in zip(chunk, results):
-                    done[(id(r.request), r.index)] = finish(r, res.text, res.finish_reason, len(res.token_ids))
+                    done[(id(r.request), r.index)] = finish(r, res.text, res.finish_reason, res.token_ids)
         for req in requests:
             for index in req.wanted():
                 yield done[(id(req), index)]

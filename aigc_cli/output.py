@@ -247,3 +247,45 @@ def _cell(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
     return "" if value is None else str(value)
+
+
+def render_poems(
+    streams: Streams, fmt: OutputFormat, poems: list[Any], title: str, annotate: bool, provenance: dict[str, Any]
+) -> None:
+    """One Rich panel per poem (lines annotated on request), plain text, or one JSON object per poem."""
+    fmt = streams.resolve(fmt)
+    if fmt is OutputFormat.jsonl:
+        for p in poems:
+            record = {
+                "index": p.index,
+                "text": p.text,
+                "lines": p.lines,
+                "counts": p.counts,
+                "rhymes": p.rhymes,
+                "score": p.score,
+                "seed": p.seed,
+                **provenance,
+            }
+            streams.stdout.write(json_line(record) + "\n")
+        streams.stdout.flush()
+        return
+
+    def lines_of(p: Any) -> list[str]:
+        if not annotate:
+            return list(p.lines)
+        width = max(len(line) for line in p.lines)
+        return [f"{line.ljust(width)}  [{count}{' | ' + rhyme if rhyme else ''}]" for line, count, rhyme in zip(p.lines, p.counts, p.rhymes)]
+
+    if fmt is OutputFormat.plain:
+        for p in poems:
+            streams.stdout.write(f"--- Poem {p.index + 1} ({title}, score {p.score:.3f}) ---\n")
+            streams.stdout.write("\n".join(lines_of(p)) + "\n\n")
+        streams.stdout.flush()
+        return
+    from rich.panel import Panel
+
+    console = streams.out_console()
+    for p in poems:
+        console.print(
+            Panel(Text("\n".join(lines_of(p))), title=Text(f"Poem {p.index + 1}: {title}"), subtitle=Text(f"score {p.score:.3f}"), expand=False)
+        )
