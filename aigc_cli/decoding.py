@@ -169,6 +169,43 @@ class _Decoder:
         return [RowResult(r.generated, r.text, r.finish_reason or "length") for r in self.rows]
 
 
+
+class _Runner:
+    """One batch's forward passes behind one interface: aigc's native GPT-2 with a preallocated KV
+    cache, or a transformers model with its DynamicCache (other architectures)."""
+
+    def __init__(self, model: Any, batch: int, capacity: int) -> None:
+        from aigc_cli.gpt2 import GPT2
+
+        self.model = model
+        self.native = isinstance(model, GPT2)
+        self.cache = model.new_cache(batch, capacity) if self.native else DynamicCache()
+
+    def __call__(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits of the last position (B, V) in float32, last-layer hidden states (B, T, E) or None)."""
+        if self.native:
+            h = self.model.forward(ids, positions, mask, self.cache)
+            return self.model.logits(h[:, -1, :]).float(), (h.float() if hidden else None)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, output_hidden_states=hidden
+        )
+        return out.logits[:, -1, :].float(), (out.hidden_states[-1].float() if hidden else None)
+
+    def select(self, index: torch.Tensor) -> None:
+        if self.native:
+            self.cache.select(index)
+        else:
+            self.cache.batch_select_indices(index)
+
+    def repeat_interleave(self, times: int) -> None:
+        if self.native:
+            self.cache.repeat_interleave(times)
+        else:
+            self.cache.batch_repeat_interleave(times)
+
+
 @torch.inference_mode()
 def generate_rows(
     lm: Any,
@@ -199,11 +236,10 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
             g = torch.Generator(device=dec.device)
             g.manual_seed(seed)
             gens.append(g)
-    cache = DynamicCache()
     active = list(range(len(dec.rows)))
     ids, mask = dec.ids, dec.mask
-    out = dec.model(input_ids=ids, attention_mask=mask, position_ids=dec.position_ids(mask), past_key_values=cache)
-    logits = out.logits[:, -1, :]
+    run = _Runner(dec.model, len(dec.rows), dec.prompt_width + dec.s.max_new_tokens)
+    logits, _ = run(ids, mask, dec.position_ids(mask))
     for step in range(dec.s.max_new_tokens):
         scores = dec.processors(ids, logits.float())
         if sampling:
@@ -232,12 +268,9 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
         if len(keep) < len(active):
             index = torch.tensor(keep, device=dec.device)
             ids, mask, token_t = ids[index], mask[index], token_t[index]
-            cache.batch_select_indices(index)
+            run.select(index)
             active = [active[b] for b in keep]
-        out = dec.model(
-            input_ids=token_t, attention_mask=mask, position_ids=dec.position_ids(mask)[:, -1:], past_key_values=cache
-        )
-        logits = out.logits[:, -1, :]
+        logits, _ = run(token_t, mask, dec.position_ids(mask)[:, -1:])
 
 
 def _pick(scores: torch.Tensor, generator: torch.Generator | None) -> int:
@@ -251,19 +284,11 @@ def _contrastive_loop(dec: _Decoder) -> None:
     """Contrastive search (Su et al. 2022): among the top-k tokens pick the one maximising
     (1 - alpha) * p(v) - alpha * max_j cos(h_v, h_j) over the context's last-layer states."""
     k, alpha = dec.s.top_k, dec.s.penalty_alpha
-    cache = DynamicCache()
     active = list(range(len(dec.rows)))
     ids, mask = dec.ids, dec.mask
-    out = dec.model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=dec.position_ids(mask),
-        past_key_values=cache,
-        output_hidden_states=True,
-    )
-    context = out.hidden_states[-1].float()  # (B, L, H)
+    run = _Runner(dec.model, len(dec.rows), dec.prompt_width + dec.s.max_new_tokens + 1)
+    logits, context = run(ids, mask, dec.position_ids(mask), hidden=True)  # context: (B, L, H)
     ctx_mask = mask.bool()
-    logits = out.logits[:, -1, :]
     for step in range(dec.s.max_new_tokens):
         scores = dec.processors(ids, logits.float())
         for b, r in enumerate(active):  # banned candidates leave the top-k before it is taken
@@ -271,16 +296,10 @@ def _contrastive_loop(dec: _Decoder) -> None:
         probs = torch.softmax(scores, dim=-1)
         top_p, top_ids = probs.topk(k, dim=-1)  # (B, k)
         bsz = top_ids.shape[0]
-        cache.batch_repeat_interleave(k)
+        run.repeat_interleave(k)
         mask_k = torch.cat([mask, mask.new_ones((bsz, 1))], dim=-1).repeat_interleave(k, dim=0)
-        out = dec.model(
-            input_ids=top_ids.reshape(-1, 1),
-            attention_mask=mask_k,
-            position_ids=dec.position_ids(mask_k)[:, -1:],
-            past_key_values=cache,
-            output_hidden_states=True,
-        )
-        h_next = out.hidden_states[-1][:, -1, :].float()  # (B*k, H)
+        next_logits, hidden = run(top_ids.reshape(-1, 1), mask_k, dec.position_ids(mask_k)[:, -1:], hidden=True)
+        h_next = hidden[:, -1, :]  # (B*k, H)
         ctx = context.repeat_interleave(k, dim=0)
         sim = torch.nn.functional.cosine_similarity(ctx, h_next[:, None, :], dim=-1)  # (B*k, L)
         sim = sim.masked_fill(~ctx_mask.repeat_interleave(k, dim=0), -float("inf"))
@@ -290,8 +309,8 @@ def _contrastive_loop(dec: _Decoder) -> None:
         choice = candidate_scores.argmax(dim=-1)  # (B,)
         chosen = top_ids.gather(1, choice[:, None])  # (B, 1)
         flat = torch.arange(bsz, device=dec.device) * k + choice
-        cache.batch_select_indices(flat)
-        logits = out.logits[flat, -1, :]
+        run.select(flat)
+        logits = next_logits[flat]
         context = torch.cat([context, h_next[flat][:, None, :]], dim=1)
         ctx_mask = torch.cat([ctx_mask, ctx_mask.new_ones((bsz, 1))], dim=-1)
         ids = torch.cat([ids, chosen], dim=-1)
@@ -305,7 +324,7 @@ def _contrastive_loop(dec: _Decoder) -> None:
             index = torch.tensor(keep, device=dec.device)
             ids, mask, logits = ids[index], mask[index], logits[index]
             context, ctx_mask = context[index], ctx_mask[index]
-            cache.batch_select_indices(index)
+            run.select(index)
             active = [active[b] for b in keep]
 
 
@@ -361,7 +380,7 @@ def generate_beam(
     extra = LogitsProcessorList(dec.extra)  # transformers runs these after its own penalties
     if dec.ban:
         extra.append(_BanLogits(dec, 2 * s.num_beams))
-    out = lm.model.generate(
+    out = lm.hf_model.generate(
         input_ids=dec.ids,
         attention_mask=dec.mask,
         do_sample=False,

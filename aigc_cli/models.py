@@ -34,7 +34,7 @@ class Resolution:
 
 @dataclass
 class LoadedModel:
-    model: Any
+    model: Any  # the forward pass used for decoding and scoring: aigc's native GPT-2, or transformers'
     tokenizer: Any
     name: str
     source: Resolution
@@ -42,6 +42,21 @@ class LoadedModel:
     dtype: str
     context_length: int
     load_seconds: float
+    _hf: Any = None  # transformers' model, loaded only when needed (beam search, other architectures)
+
+    @property
+    def native(self) -> bool:
+        return self._hf is not self.model
+
+    @property
+    def hf_model(self) -> Any:
+        """transformers' model with the same weights (beam search uses its `generate`)."""
+        if self._hf is None:
+            import torch
+
+            model, _ = _load_pretrained(self.source, getattr(torch, self.dtype), tokenizer=False)
+            self._hf = _finish_hf(model, self.tokenizer, self.device, getattr(torch, self.dtype))
+        return self._hf
 
     @functools.cached_property
     def revision(self) -> str:
@@ -213,18 +228,27 @@ def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     _quiet_transformers()
+    from aigc_cli.gpt2 import from_hf_model, load_gpt2
+
+    hf = native = None
     if res.kind == "builtin":
         from aigc_cli.tiny import build
 
-        model, tokenizer = build(name)
+        hf, tokenizer = build(name)
+        native = from_hf_model(hf)
     else:
-        model, tokenizer = _load_pretrained(res, torch_dtype)
+        if res.kind == "hub":  # download once into the cache, then load like a local directory
+            res = Resolution(res.name, "hub-cache", _download(res.name))
+        tokenizer = _load_tokenizer(res)
+        native = load_gpt2(Path(res.path or "."))
+        if native is None:
+            hf, _ = _load_pretrained(res, torch_dtype, tokenizer=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model.to(device=dev, dtype=torch_dtype).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    config = model.config
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
+    if hf is not None:
+        hf = _finish_hf(hf, tokenizer, dev, torch_dtype)
+    model = native.to(device=dev, dtype=torch_dtype) if native is not None else hf
+    context = native.cfg.n_positions if native is not None else _context_of(hf.config)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -234,25 +258,56 @@ def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
         dtype=str(torch_dtype).removeprefix("torch."),
         context_length=int(context),
         load_seconds=time.perf_counter() - started,
+        _hf=hf if native is None else (hf if res.kind == "builtin" else None),
     )
 
 
-def _load_pretrained(res: Resolution, torch_dtype: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _context_of(config: Any) -> int:
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
+
+
+def _finish_hf(model: Any, tokenizer: Any, device: str, dtype: Any) -> Any:
+    model = model.to(device=device, dtype=dtype).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _download(repo_id: str) -> str:
+    """Fetch config, tokenizer and safetensors weights once into the Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"],
+        )
+    except Exception as exc:
+        raise ModelUnavailableError(f"--model {repo_id}: cannot download ({_first_line(exc)})", hint=OFFLINE_HINT) from exc
+
+
+def _load_tokenizer(res: Resolution) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(res.path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelUnavailableError(f"--model {res.name}: cannot load the tokenizer ({_first_line(exc)})") from exc
+
+
+def _load_pretrained(res: Resolution, torch_dtype: Any, tokenizer: bool = True) -> tuple[Any, Any]:
+    """transformers' model (and tokenizer): safetensors by default, never remote code."""
+    from transformers import AutoModelForCausalLM
 
     source = res.path if res.kind in ("local", "hub-cache") else res.name
     local_only = res.kind != "hub"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
-    except Exception as exc:
-        raise ModelUnavailableError(f"--model {res.name}: cannot load the tokenizer ({_first_line(exc)})") from exc
+    tok = _load_tokenizer(res) if tokenizer else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, local_files_only=local_only, trust_remote_code=False
         )
     except Exception as exc:
         raise ModelUnavailableError(f"--model {res.name}: cannot load the weights ({_first_line(exc)})") from exc
-    return model, tokenizer
+    return model, tok
 
 
 def _first_line(exc: BaseException) -> str:

@@ -50,7 +50,7 @@ def test_text_is_exactly_the_decoded_continuation(cli, tiny_lm):
     import torch
 
     ids = tiny_lm.tokenizer.encode("Hi")
-    out = tiny_lm.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12, pad_token_id=256)
+    out = tiny_lm.hf_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12, pad_token_id=256)
     gen = [t for t in out[0, len(ids) :].tolist() if t != 256]
     assert rec["text"] == tiny_lm.tokenizer.decode(gen, clean_up_tokenization_spaces=False)
 

@@ -20,7 +20,7 @@ def _ids(lm, text):
 
 def _hf_generate(lm, prompt_ids, **kwargs):
     x = torch.tensor([prompt_ids])
-    out = lm.model.generate(
+    out = lm.hf_model.generate(
         input_ids=x, attention_mask=torch.ones_like(x), pad_token_id=lm.tokenizer.eos_token_id, **kwargs
     )
     return [t for t in out[0, len(prompt_ids) :].tolist()]
@@ -59,7 +59,7 @@ def test_beam_equals_transformers(tiny_lm, prompt, extra):
     settings = S(decoding=Decoding.beam, num_beams=4, num_sequences=3, max_new_tokens=16, **extra).resolved()
     ours = [r.token_ids for r in generate_beam(tiny_lm, ids, settings)]
     x = torch.tensor([ids])
-    out = tiny_lm.model.generate(
+    out = tiny_lm.hf_model.generate(
         input_ids=x,
         attention_mask=torch.ones_like(x),
         do_sample=False,
@@ -88,13 +88,13 @@ def _naive_contrastive(lm, ids, k, alpha, steps):
     seq = list(ids)
     with torch.no_grad():
         for _ in range(steps):
-            out = lm.model(torch.tensor([seq]), output_hidden_states=True)
+            out = lm.hf_model(torch.tensor([seq]), output_hidden_states=True)
             context = out.hidden_states[-1][0]
             probs = torch.softmax(out.logits[0, -1].float(), -1)
             top_p, top_ids = probs.topk(k)
             best, best_score = None, -float("inf")
             for p, v in zip(top_p.tolist(), top_ids.tolist()):
-                h = lm.model(torch.tensor([seq + [v]]), output_hidden_states=True).hidden_states[-1][0, -1]
+                h = lm.hf_model(torch.tensor([seq + [v]]), output_hidden_states=True).hidden_states[-1][0, -1]
                 penalty = torch.nn.functional.cosine_similarity(context, h[None, :], dim=-1).max().item()
                 score = (1 - alpha) * p - alpha * penalty
                 if score > best_score:
@@ -187,3 +187,23 @@ def test_ban_holds_on_every_output(tiny_lm, decoding):
     outs = _engine_texts(tiny_lm, prompt, n, decoding=Decoding(decoding), ban=tuple(banned))
     for c in outs:
         assert not (_words(c.text) & set(banned)), (c.text, banned)
+
+
+def test_native_forward_equals_transformers(tiny_lm, tiny_dir):
+    """aigc's own GPT-2 forward pass (used for decoding and scoring) against transformers' on the same weights."""
+    from aigc_cli.gpt2 import load_gpt2
+
+    assert tiny_lm.native
+    ids = torch.tensor([_ids(tiny_lm, "Hello, how are you? The night is dark and full of stars")])
+    with torch.no_grad():
+        ref = tiny_lm.hf_model(ids).logits
+        loaded = load_gpt2(tiny_dir)
+        assert loaded is not None
+        for model in (tiny_lm.model, loaded):
+            assert torch.allclose(model(ids).logits, ref, atol=1e-5)
+        cache = tiny_lm.model.new_cache(1, 64)  # step by step through the KV cache
+        mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1])[None]
+        steps = [tiny_lm.model.logits(tiny_lm.model.forward(ids[:, :4], pos[:, :4], mask, cache))]
+        for t in range(4, ids.shape[1]):
+            steps.append(tiny_lm.model.logits(tiny_lm.model.forward(ids[:, t : t + 1], pos[:, t : t + 1], mask, cache)))
+        assert torch.allclose(torch.cat(steps, 1), ref, atol=1e-5)

@@ -73,7 +73,7 @@ def test_default_stride_matches_the_hugging_face_guide_loop(tiny_lm):
         labels = window.clone()
         labels[:, :-trg_len] = -100
         with torch.no_grad():
-            loss = tiny_lm.model(window, labels=labels).loss
+            loss = tiny_lm.hf_model(window, labels=labels).loss
         n_valid = int((labels[:, 1:] != -100).sum())
         total += loss.item() * n_valid
         count += n_valid

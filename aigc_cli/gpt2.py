@@ -1,0 +1,176 @@
+"""A lean GPT-2 forward pass in plain PyTorch with a preallocated KV cache.
+
+It reads Hugging Face GPT-2 checkpoints (config.json + safetensors) directly, without importing
+transformers' modeling code, and computes what `GPT2LMHeadModel` computes with the same weights:
+same matmuls (addmm over Conv1D-layout weights), LayerNorm, tanh-GELU and scaled-dot-product
+attention. Decoding steps read the cache in place instead of concatenating tensors each step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Config:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_positions: int
+    vocab_size: int
+    eps: float
+    tied: bool
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> Config | None:
+        """None when the config uses something this implementation does not (then transformers runs it)."""
+        if d.get("model_type") != "gpt2":
+            return None
+        if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn") or d.get("add_cross_attention"):
+            return None
+        if d.get("activation_function", "gelu_new") != "gelu_new" or d.get("scale_attn_weights", True) is False:
+            return None
+        return cls(
+            n_layer=d.get("n_layer", 12),
+            n_head=d.get("n_head", 12),
+            n_embd=d.get("n_embd", 768),
+            n_positions=d.get("n_positions", 1024),
+            vocab_size=d.get("vocab_size", 50257),
+            eps=d.get("layer_norm_epsilon", 1e-5),
+            tied=d.get("tie_word_embeddings", True),
+        )
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `capacity` positions."""
+
+    def __init__(self, cfg: Config, batch: int, capacity: int, dtype: torch.dtype, device: str) -> None:
+        head_dim = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch, cfg.n_head, capacity, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep these rows (finished rows leave the batch; contrastive search keeps its choices)."""
+        self.k = self.k[:, index]
+        self.v = self.v[:, index]
+
+    def repeat_interleave(self, times: int) -> None:
+        self.k = self.k.repeat_interleave(times, dim=1)
+        self.v = self.v.repeat_interleave(times, dim=1)
+
+
+class GPT2:
+    """GPT-2 weights and forward pass; inference only."""
+
+    def __init__(self, cfg: Config, tensors: dict[str, torch.Tensor]) -> None:
+        self.cfg = cfg
+        t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+        self.wte, self.wpe = t["wte.weight"], t["wpe.weight"]
+        self.head = self.wte if cfg.tied or "lm_head.weight" not in t else t["lm_head.weight"]
+        self.layers = []
+        for i in range(cfg.n_layer):
+            p = f"h.{i}."
+            self.layers.append(
+                [t[p + name] for name in (
+                    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                    "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                    "mlp.c_proj.weight", "mlp.c_proj.bias",
+                )]
+            )
+        self.ln_f = (t["ln_f.weight"], t["ln_f.bias"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.device
+
+    def to(self, device: str | None = None, dtype: torch.dtype | None = None) -> GPT2:
+        def move(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=device, dtype=dtype)
+
+        self.wte, self.wpe, self.head = move(self.wte), move(self.wpe), move(self.head)
+        self.layers = [[move(x) for x in layer] for layer in self.layers]
+        self.ln_f = (move(self.ln_f[0]), move(self.ln_f[1]))
+        return self
+
+    def eval(self) -> GPT2:
+        return self
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(self.cfg, batch, min(capacity, self.cfg.n_positions), self.dtype, str(self.device))
+
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Hidden states after ln_f for `ids` (B, T); `key_mask` (B, S) marks real tokens among all S
+        positions so far (cache + these). Padding positions attend to themselves only, so they stay finite."""
+        cfg = self.cfg
+        bsz, steps = ids.shape
+        start = cache.length if cache is not None else 0
+        total = start + steps
+        heads, head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
+        keys = torch.arange(total, device=ids.device)
+        queries = torch.arange(start, total, device=ids.device)
+        mask = (keys[None, :] <= queries[:, None])[None, None] & key_mask[:, None, None, :total].bool()
+        mask = mask | (keys[None, :] == queries[:, None])[None, None]
+        for i, (w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo) in enumerate(self.layers):
+            h = F.layer_norm(x, (cfg.n_embd,), w1, b1, cfg.eps)
+            qkv = torch.addmm(ba, h.view(-1, cfg.n_embd), wa).view(bsz, steps, 3, heads, head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+            if cache is not None:
+                cache.k[i, :, :, start:total] = k
+                cache.v[i, :, :, start:total] = v
+                k, v = cache.k[i, :, :, :total], cache.v[i, :, :, :total]
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            a = a.transpose(1, 2).reshape(bsz * steps, cfg.n_embd)
+            x = x + torch.addmm(bp, a, wp).view(bsz, steps, cfg.n_embd)
+            h = F.layer_norm(x, (cfg.n_embd,), w2, b2, cfg.eps)
+            h = F.gelu(torch.addmm(bf, h.view(-1, cfg.n_embd), wf), approximate="tanh")
+            x = x + torch.addmm(bo, h, wo).view(bsz, steps, cfg.n_embd)
+        if cache is not None:
+            cache.length = total
+        return F.layer_norm(x, (cfg.n_embd,), self.ln_f[0], self.ln_f[1], cfg.eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.head)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
+        """transformers-style call for whole sequences (scoring): `.logits` for every position."""
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return SimpleNamespace(logits=self.logits(self.forward(input_ids, positions, mask)))
+
+
+def load_gpt2(path: Path) -> GPT2 | None:
+    """The native model for a GPT-2 directory with safetensors weights; None when it is not one."""
+    try:
+        cfg = Config.from_hf(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError):
+        return None
+    weights = path / "model.safetensors"
+    if cfg is None or not weights.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return GPT2(cfg, load_file(str(weights)))
+
+
+def from_hf_model(model: Any) -> GPT2 | None:
+    """The native model sharing the weights of a transformers GPT2LMHeadModel (tiny built-in models)."""
+    cfg = Config.from_hf(model.config.to_dict())
+    if cfg is None:
+        return None
+    return GPT2(cfg, {k: v.detach() for k, v in model.state_dict().items()})
