@@ -18,14 +18,9 @@ from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria
 from transformers.generation.logits_process import (
     LogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
-    MinPLogitsWarper,
     NoBadWordsLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-    TypicalLogitsWarper,
 )
 
 from aigc_cli.settings import Decoding, GenerationSettings
@@ -136,21 +131,6 @@ class _Decoder:
         seqs = {tuple(self.tok.encode(v, add_special_tokens=False)) for v in self.ban.variants()}
         return [list(s) for s in seqs if s]
 
-    def warpers(self) -> LogitsProcessorList:
-        s = self.s
-        procs: list[LogitsProcessor] = []
-        if s.temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(s.temperature))
-        if s.top_k:
-            procs.append(TopKLogitsWarper(top_k=s.top_k))
-        if s.top_p < 1.0:
-            procs.append(TopPLogitsWarper(top_p=s.top_p))
-        if s.min_p:
-            procs.append(MinPLogitsWarper(min_p=s.min_p))
-        if s.typical_p < 1.0:
-            procs.append(TypicalLogitsWarper(mass=s.typical_p))
-        return LogitsProcessorList(procs)
-
     def position_ids(self, mask: torch.Tensor) -> torch.Tensor:
         return (mask.cumsum(-1) - 1).clamp(min=0)
 
@@ -226,10 +206,71 @@ def generate_rows(
     return dec.results()
 
 
+_SHORTLIST = 1024  # top-p/typical/min-p without top-k look at the best 1024 tokens when they hold the nucleus
+
+
+class _Sampler:
+    """Draws one token per row, with the warpers of transformers in their order (temperature, top-k,
+    top-p, min-p, typical) applied to a sorted shortlist instead of the whole vocabulary, and one
+    uniform number per row from that row's own generator (inverse-CDF sampling)."""
+
+    def __init__(self, s: GenerationSettings) -> None:
+        self.s = s
+
+    def __call__(self, scores: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+        s = self.s
+        if s.temperature != 1.0:
+            scores = scores / s.temperature
+        vocab = scores.shape[-1]
+        filtered = s.top_p < 1.0 or s.typical_p < 1.0 or bool(s.min_p)
+        width = s.top_k if s.top_k and s.top_k < vocab else (min(_SHORTLIST, vocab) if filtered else vocab)
+        if width < vocab:
+            vals, idx = scores.topk(width, dim=-1)
+            if not s.top_k and not self._holds_nucleus(vals, scores):
+                vals, idx = scores.sort(dim=-1, descending=True)
+        else:
+            vals, idx = scores, None
+        keep = torch.isfinite(vals)
+        if s.top_p < 1.0:
+            probs = torch.softmax(vals, dim=-1)
+            before = probs.cumsum(-1) - probs  # mass of the better tokens
+            keep &= before < s.top_p
+        if s.min_p:
+            probs = torch.softmax(vals.masked_fill(~keep, -float("inf")), dim=-1)
+            keep &= probs >= s.min_p * probs[:, :1]
+        if s.typical_p < 1.0:
+            keep &= self._typical(vals.masked_fill(~keep, -float("inf")))
+        keep[:, 0] |= ~keep.any(-1)  # never an empty row
+        probs = torch.softmax(vals.masked_fill(~keep, -float("inf")), dim=-1)
+        u = torch.stack([torch.rand((), generator=g, device=scores.device) for g in gens])
+        cdf = probs.cumsum(-1)
+        j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)
+        j = torch.where(keep.gather(1, j), j, probs.argmax(-1, keepdim=True))  # float edge at the top of the CDF
+        return (idx.gather(1, j) if idx is not None else j).squeeze(1)
+
+    def _holds_nucleus(self, vals: torch.Tensor, scores: torch.Tensor) -> bool:
+        """Does the shortlist hold the top-p nucleus (and, for typical/min-p, all the mass that matters)?"""
+        if self.s.typical_p < 1.0:
+            return False  # typical sampling may keep tokens far down the list
+        mass = torch.softmax(scores, dim=-1).topk(vals.shape[-1], dim=-1).values.sum(-1)
+        return bool((mass >= self.s.top_p).all()) if self.s.top_p < 1.0 else True
+
+    def _typical(self, vals: torch.Tensor) -> torch.Tensor:
+        """transformers' TypicalLogitsWarper on sorted values: keep the tokens closest to the entropy."""
+        logp = torch.log_softmax(vals, dim=-1)
+        entropy = -(logp.exp() * logp).nansum(-1, keepdim=True)
+        shifted = (-logp - entropy).abs()
+        order = shifted.argsort(dim=-1)
+        cum = logp.gather(-1, order).exp().cumsum(-1)
+        last = (cum < self.s.typical_p).sum(-1, keepdim=True).clamp(max=vals.shape[-1] - 1)
+        threshold = shifted.gather(-1, order).gather(-1, last)
+        return shifted <= threshold
+
+
 def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
-    """Greedy or multinomial sampling; finished rows are dropped from the batch."""
+    """Greedy or sampling, the whole batch at once; finished rows are dropped from the batch."""
     sampling = dec.s.decoding is Decoding.sample
-    warpers = dec.warpers() if sampling else LogitsProcessorList()
+    sampler = _Sampler(dec.s)
     gens = []
     if sampling:
         for seed in seeds:
@@ -241,24 +282,13 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
     run = _Runner(dec.model, len(dec.rows), dec.prompt_width + dec.s.max_new_tokens)
     logits, _ = run(ids, mask, dec.position_ids(mask))
     for step in range(dec.s.max_new_tokens):
-        scores = dec.processors(ids, logits.float())
-        if sampling:
-            scores = warpers(ids, scores)
-        tokens = []
+        scores = dec.processors(ids, logits)
+        picked = sampler(scores, [gens[r] for r in active]) if sampling else scores.argmax(-1)
+        tokens = picked.tolist()
         for b, r in enumerate(active):
-            row_scores = scores[b]
-            token = _pick(row_scores, gens[r] if sampling else None)
-            tries = 0
-            while dec.violates_ban(dec.rows[r], token):
-                tries += 1
-                row_scores = row_scores.clone()
-                row_scores[token] = -float("inf")
-                if tries > _BAN_RETRIES or torch.isinf(row_scores).all():
-                    token = dec.eos  # every remaining candidate would write a banned word
-                    break
-                token = _pick(row_scores, gens[r] if sampling else None)
-            tokens.append(token)
-            dec.accept(r, token, step)
+            if dec.ban:
+                tokens[b] = _unbanned(dec, r, scores[b], tokens[b], sampler if sampling else None, gens[r] if sampling else None)
+            dec.accept(r, tokens[b], step)
         token_t = torch.tensor(tokens, dtype=torch.long, device=dec.device)[:, None]
         ids = torch.cat([ids, token_t], dim=-1)
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
@@ -273,11 +303,19 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
         logits, _ = run(token_t, mask, dec.position_ids(mask)[:, -1:])
 
 
-def _pick(scores: torch.Tensor, generator: torch.Generator | None) -> int:
-    if generator is None:
-        return int(scores.argmax())
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def _unbanned(
+    dec: _Decoder, r: int, row_scores: torch.Tensor, token: int, sampler: _Sampler | None, gen: torch.Generator | None
+) -> int:
+    """Re-pick a row's token while it would write a banned word (EOS when nothing else is left)."""
+    tries = 0
+    while dec.violates_ban(dec.rows[r], token):
+        tries += 1
+        row_scores = row_scores.clone()
+        row_scores[token] = -float("inf")
+        if tries > _BAN_RETRIES or torch.isinf(row_scores).all():
+            return dec.eos
+        token = int(sampler(row_scores[None], [gen])[0]) if sampler is not None else int(row_scores.argmax())
+    return token
 
 
 def _contrastive_loop(dec: _Decoder) -> None:

@@ -68,6 +68,47 @@ class KVCache:
         self.v = self.v.repeat_interleave(times, dim=1)
 
 
+class _Linear:
+    """y = x @ W + b for a Conv1D-layout weight W (in, out).
+
+    On CPU in float32 the weight is prepacked for oneDNN once: MKL's sgemm, which torch uses
+    otherwise, runs at about half the memory bandwidth for one row and is slower still for a few
+    rows on the AMD EPYC machines we measured (bench/RESULTS.md). AIGC_ONEDNN=0 turns it off.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias, self.packed = weight, bias, None
+
+    def to(self, device: str | None, dtype: torch.dtype | None) -> _Linear:
+        weight = self.weight.to(device=device, dtype=dtype)
+        bias = self.bias.to(device=device, dtype=dtype) if self.bias is not None else None
+        out = _Linear(weight, bias)
+        if _use_onednn(weight):
+            out.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), 32)
+            out.zero_bias = bias if bias is not None else torch.zeros(weight.shape[1], dtype=weight.dtype)
+            out.weight = None  # the packed copy replaces it
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.zero_bias, "none", [], "")
+        if self.bias is None:
+            return x @ self.weight
+        return torch.addmm(self.bias, x, self.weight)
+
+
+def _use_onednn(weight: torch.Tensor) -> bool:
+    import os
+
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and os.environ.get("AIGC_ONEDNN", "1") != "0"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
 class GPT2:
     """GPT-2 weights and forward pass; inference only."""
 
@@ -75,16 +116,22 @@ class GPT2:
         self.cfg = cfg
         t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
         self.wte, self.wpe = t["wte.weight"], t["wpe.weight"]
-        self.head = self.wte if cfg.tied or "lm_head.weight" not in t else t["lm_head.weight"]
+        head = self.wte if cfg.tied or "lm_head.weight" not in t else t["lm_head.weight"]
+        self.head = _Linear(head.t(), None)
         self.layers = []
         for i in range(cfg.n_layer):
             p = f"h.{i}."
             self.layers.append(
-                [t[p + name] for name in (
-                    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-                    "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-                    "mlp.c_proj.weight", "mlp.c_proj.bias",
-                )]
+                [
+                    t[p + "ln_1.weight"],
+                    t[p + "ln_1.bias"],
+                    _Linear(t[p + "attn.c_attn.weight"], t[p + "attn.c_attn.bias"]),
+                    _Linear(t[p + "attn.c_proj.weight"], t[p + "attn.c_proj.bias"]),
+                    t[p + "ln_2.weight"],
+                    t[p + "ln_2.bias"],
+                    _Linear(t[p + "mlp.c_fc.weight"], t[p + "mlp.c_fc.bias"]),
+                    _Linear(t[p + "mlp.c_proj.weight"], t[p + "mlp.c_proj.bias"]),
+                ]
             )
         self.ln_f = (t["ln_f.weight"], t["ln_f.bias"])
 
@@ -97,7 +144,7 @@ class GPT2:
         return self.wte.device
 
     def to(self, device: str | None = None, dtype: torch.dtype | None = None) -> GPT2:
-        def move(x: torch.Tensor) -> torch.Tensor:
+        def move(x: Any) -> Any:
             return x.to(device=device, dtype=dtype)
 
         self.wte, self.wpe, self.head = move(self.wte), move(self.wpe), move(self.head)
@@ -126,9 +173,9 @@ class GPT2:
         queries = torch.arange(start, total, device=ids.device)
         mask = (keys[None, :] <= queries[:, None])[None, None] & key_mask[:, None, None, :total].bool()
         mask = mask | (keys[None, :] == queries[:, None])[None, None]
-        for i, (w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo) in enumerate(self.layers):
+        for i, (w1, b1, attn, proj, w2, b2, fc, fc_out) in enumerate(self.layers):
             h = F.layer_norm(x, (cfg.n_embd,), w1, b1, cfg.eps)
-            qkv = torch.addmm(ba, h.view(-1, cfg.n_embd), wa).view(bsz, steps, 3, heads, head_dim)
+            qkv = attn(h.view(-1, cfg.n_embd)).view(bsz, steps, 3, heads, head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
             if cache is not None:
                 cache.k[i, :, :, start:total] = k
@@ -136,16 +183,16 @@ class GPT2:
                 k, v = cache.k[i, :, :, :total], cache.v[i, :, :, :total]
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             a = a.transpose(1, 2).reshape(bsz * steps, cfg.n_embd)
-            x = x + torch.addmm(bp, a, wp).view(bsz, steps, cfg.n_embd)
+            x = x + proj(a).view(bsz, steps, cfg.n_embd)
             h = F.layer_norm(x, (cfg.n_embd,), w2, b2, cfg.eps)
-            h = F.gelu(torch.addmm(bf, h.view(-1, cfg.n_embd), wf), approximate="tanh")
-            x = x + torch.addmm(bo, h, wo).view(bsz, steps, cfg.n_embd)
+            h = F.gelu(fc(h.view(-1, cfg.n_embd)), approximate="tanh")
+            x = x + fc_out(h).view(bsz, steps, cfg.n_embd)
         if cache is not None:
             cache.length = total
         return F.layer_norm(x, (cfg.n_embd,), self.ln_f[0], self.ln_f[1], cfg.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.head)
+        return self.head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
         """transformers-style call for whole sequences (scoring): `.logits` for every position."""
