@@ -14,14 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria
-from transformers.generation.logits_process import (
-    LogitsProcessor,
-    MinNewTokensLengthLogitsProcessor,
-    NoBadWordsLogitsProcessor,
-    NoRepeatNGramLogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
-)
+
+from aigc_cli.processors import MinNewTokens, NoBadWords, NoRepeatNGram, ProcessorList, RepetitionPenalty
 
 from aigc_cli.settings import Decoding, GenerationSettings
 from aigc_cli.textrules import BanRule, find_stop
@@ -112,19 +106,20 @@ class _Decoder:
         self.extra = extra(width) if extra is not None else []
         self.processors.extend(self.extra)  # after the penalties, so a form can guard rows they emptied
 
-    def _processors(self) -> LogitsProcessorList:
+    def _processors(self) -> ProcessorList:
+        """transformers' order: repetition penalty, no-repeat-ngram, bad words, min new tokens."""
         s = self.s
-        procs: list[LogitsProcessor] = []
+        procs = ProcessorList()
         if s.repetition_penalty != 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(penalty=s.repetition_penalty))
+            procs.append(RepetitionPenalty(s.repetition_penalty))
         if s.no_repeat_ngram_size > 0:
-            procs.append(NoRepeatNGramLogitsProcessor(s.no_repeat_ngram_size))
+            procs.append(NoRepeatNGram(s.no_repeat_ngram_size))
         bad = self.ban_token_sequences()
         if bad:
-            procs.append(NoBadWordsLogitsProcessor(bad, eos_token_id=self.eos))
+            procs.append(NoBadWords(bad))
         if s.min_new_tokens > 0:
-            procs.append(MinNewTokensLengthLogitsProcessor(self.prompt_width, s.min_new_tokens, self.eos))
-        return LogitsProcessorList(procs)
+            procs.append(MinNewTokens(self.prompt_width, s.min_new_tokens, self.eos))
+        return procs
 
     def ban_token_sequences(self) -> list[list[int]]:
         """The usual tokenizations of banned words, masked up front; the text check catches the rest."""
@@ -159,7 +154,12 @@ class _Runner:
 
         self.model = model
         self.native = isinstance(model, GPT2)
-        self.cache = model.new_cache(batch, capacity) if self.native else DynamicCache()
+        if self.native:
+            self.cache = model.new_cache(batch, capacity)
+        else:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache()
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, hidden: bool = False
@@ -223,13 +223,16 @@ class _Sampler:
             scores = scores / s.temperature
         vocab = scores.shape[-1]
         filtered = s.top_p < 1.0 or s.typical_p < 1.0 or bool(s.min_p)
-        width = s.top_k if s.top_k and s.top_k < vocab else (min(_SHORTLIST, vocab) if filtered else vocab)
-        if width < vocab:
-            vals, idx = scores.topk(width, dim=-1)
-            if not s.top_k and not self._holds_nucleus(vals, scores):
+        if s.top_k and s.top_k < vocab:
+            vals, idx = scores.topk(s.top_k, dim=-1)
+        elif filtered and vocab > _SHORTLIST:
+            vals, idx = scores.topk(_SHORTLIST, dim=-1)
+            if not self._holds_nucleus(vals, scores):
                 vals, idx = scores.sort(dim=-1, descending=True)
+        elif filtered:
+            vals, idx = scores.sort(dim=-1, descending=True)
         else:
-            vals, idx = scores, None
+            vals, idx = scores, None  # plain sampling from the whole distribution
         keep = torch.isfinite(vals)
         if s.top_p < 1.0:
             probs = torch.softmax(vals, dim=-1)
@@ -380,7 +383,7 @@ def _mask_banned_top(dec: _Decoder, row: _Row, scores: torch.Tensor, width: int)
         scores[bad] = -float("inf")
 
 
-class _StopOnText(StoppingCriteria):
+class _StopOnText:
     """Beam search: a beam is done once its text holds a stop string."""
 
     def __init__(self, tokenizer: Any, prompt_width: int, stops: Sequence[str]) -> None:
@@ -392,7 +395,7 @@ class _StopOnText(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class _BanLogits(LogitsProcessor):
+class _BanLogits:
     """Beam search: banned words leave each beam's best 2*beams candidates before beams are ranked."""
 
     def __init__(self, dec: _Decoder, width: int) -> None:
@@ -413,6 +416,8 @@ def generate_beam(
     lm: Any, prompt: list[int], settings: GenerationSettings, extra_processors: ExtraProcessors | None = None
 ) -> list[RowResult]:
     """Beam search for one prompt with transformers' generate; returns the best -n beams."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
     s = settings
     dec = _Decoder(lm, [prompt], s, None, extra_processors)
     extra = LogitsProcessorList(dec.extra)  # transformers runs these after its own penalties
@@ -432,7 +437,7 @@ def generate_beam(
         no_repeat_ngram_size=s.no_repeat_ngram_size or None,
         bad_words_ids=dec.ban_token_sequences() or None,
         logits_processor=extra,
-        stopping_criteria=[_StopOnText(lm.tokenizer, dec.prompt_width, s.stop)] if s.stop else None,
+        stopping_criteria=StoppingCriteriaList([_StopOnText(lm.tokenizer, dec.prompt_width, s.stop)]) if s.stop else None,
         pad_token_id=dec.pad,
         eos_token_id=dec.eos,
     )

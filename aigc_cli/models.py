@@ -227,11 +227,12 @@ def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     res = resolve(name)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    _quiet_transformers()
     from aigc_cli.gpt2 import from_hf_model, load_gpt2
+    from aigc_cli.tokenizer import load_fast
 
     hf = native = None
     if res.kind == "builtin":
+        _quiet_transformers()
         from aigc_cli.tiny import build
 
         hf, tokenizer = build(name)
@@ -239,8 +240,9 @@ def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     else:
         if res.kind == "hub":  # download once into the cache, then load like a local directory
             res = Resolution(res.name, "hub-cache", _download(res.name))
-        tokenizer = _load_tokenizer(res)
         native = load_gpt2(Path(res.path or "."))
+        # A plain GPT-2 needs nothing from transformers: its own forward pass, the tokenizers library.
+        tokenizer = (load_fast(Path(res.path or ".")) if native is not None else None) or _load_tokenizer(res)
         if native is None:
             hf, _ = _load_pretrained(res, torch_dtype, tokenizer=False)
     if tokenizer.pad_token_id is None:
@@ -286,6 +288,7 @@ def _download(repo_id: str) -> str:
 
 
 def _load_tokenizer(res: Resolution) -> Any:
+    _quiet_transformers()
     from transformers import AutoTokenizer
 
     try:
@@ -296,6 +299,7 @@ def _load_tokenizer(res: Resolution) -> Any:
 
 def _load_pretrained(res: Resolution, torch_dtype: Any, tokenizer: bool = True) -> tuple[Any, Any]:
     """transformers' model (and tokenizer): safetensors by default, never remote code."""
+    _quiet_transformers()
     from transformers import AutoModelForCausalLM
 
     source = res.path if res.kind in ("local", "hub-cache") else res.name

@@ -19,7 +19,6 @@ from string import Template
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor
 
 from aigc_cli.errors import UsageError
 from aigc_cli.poetics import (
@@ -149,7 +148,7 @@ def _english_state(text: str) -> _Line:
     return _Line(len(lines) - 1, count, [w.lower() for w in words], current.rstrip()[-1:] in LINE_END_PUNCT and bool(current.strip()), finals)
 
 
-class FormConstraint(LogitsProcessor):
+class FormConstraint:
     """Masks every token that would break `form`; see the module docstring."""
 
     def __init__(self, tok: Any, form: Form, prompt_width: int, acrostic: str | None = None) -> None:

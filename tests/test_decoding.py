@@ -207,3 +207,79 @@ def test_native_forward_equals_transformers(tiny_lm, tiny_dir):
         for t in range(4, ids.shape[1]):
             steps.append(tiny_lm.model.logits(tiny_lm.model.forward(ids[:, t : t + 1], pos[:, t : t + 1], mask, cache)))
         assert torch.allclose(torch.cat(steps, 1), ref, atol=1e-5)
+
+
+def test_processors_equal_transformers():
+    from transformers.generation.logits_process import (
+        MinNewTokensLengthLogitsProcessor,
+        NoBadWordsLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    from aigc_cli.processors import MinNewTokens, NoBadWords, NoRepeatNGram, RepetitionPenalty
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 12, (4, 9), generator=gen)
+    ids[1, -3:] = torch.tensor([3, 4, 5])
+    scores = torch.randn(4, 12, generator=gen)
+    bad = [[7], [4, 5, 6], [9, 2]]
+    pairs = [
+        (RepetitionPenalty(1.7), RepetitionPenaltyLogitsProcessor(penalty=1.7)),
+        (NoRepeatNGram(2), NoRepeatNGramLogitsProcessor(2)),
+        (NoRepeatNGram(3), NoRepeatNGramLogitsProcessor(3)),
+        (NoRepeatNGram(1), NoRepeatNGramLogitsProcessor(1)),
+        (NoBadWords(bad), NoBadWordsLogitsProcessor(bad, eos_token_id=11)),
+        (MinNewTokens(5, 6, 11), MinNewTokensLengthLogitsProcessor(5, 6, 11)),
+        (MinNewTokens(5, 3, 11), MinNewTokensLengthLogitsProcessor(5, 3, 11)),
+    ]
+    for ours, theirs in pairs:
+        assert torch.equal(ours(ids, scores.clone()), theirs(ids, scores.clone())), type(ours).__name__
+
+
+def test_sampler_filters_equal_transformers_warpers():
+    """The shortlist sampler keeps exactly the tokens transformers' warpers keep."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+        TypicalLogitsWarper,
+    )
+
+    from aigc_cli.decoding import _Sampler
+
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(6, 300, generator=gen) * 3
+    cases = [
+        dict(top_k=50, top_p=0.8),
+        dict(top_k=0, top_p=0.5, temperature=0.7),
+        dict(top_k=20, min_p=0.1),
+        dict(top_k=40, typical_p=0.6),
+        dict(top_k=30, top_p=0.9, min_p=0.05, typical_p=0.8, temperature=1.3),
+    ]
+    for kw in cases:
+        s = S(**kw).resolved()
+        warpers = [TemperatureLogitsWarper(s.temperature)]
+        if s.top_k:
+            warpers.append(TopKLogitsWarper(s.top_k))
+        if s.top_p < 1:
+            warpers.append(TopPLogitsWarper(s.top_p))
+        if s.min_p:
+            warpers.append(MinPLogitsWarper(s.min_p))
+        if s.typical_p < 1:
+            warpers.append(TypicalLogitsWarper(s.typical_p))
+        ref = scores.clone()
+        for w in warpers:
+            ref = w(None, ref)
+        expected = [set(torch.isfinite(row).nonzero().flatten().tolist()) for row in ref]
+        drawn = [set() for _ in range(6)]
+        sampler = _Sampler(s)
+        gens = [torch.Generator().manual_seed(i) for i in range(6)]
+        for _ in range(400):
+            for row, token in enumerate(sampler(scores.clone(), gens).tolist()):
+                drawn[row].add(token)
+        for row in range(6):
+            assert drawn[row] <= expected[row], kw  # never outside the filtered set
+            if len(expected[row]) <= 5:
+                assert drawn[row] == expected[row], kw  # and small sets are covered

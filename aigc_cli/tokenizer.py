@@ -1,0 +1,82 @@
+"""A model directory's tokenizer.json through the `tokenizers` library directly: the small part of the
+transformers tokenizer API that aigc uses, without importing transformers at start-up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class FastTokenizer:
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        config: dict[str, Any] = {}
+        if (path / "tokenizer_config.json").is_file():
+            config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        special = {k: _content(config.get(k)) for k in ("eos_token", "bos_token", "pad_token", "sep_token", "unk_token")}
+        self.eos_token = special["eos_token"]
+        self.bos_token = special["bos_token"]
+        self.pad_token = special["pad_token"]
+        self.sep_token = special["sep_token"]
+        self.unk_token = special["unk_token"]
+
+    def _id(self, token: str | None) -> int | None:
+        return self._tok.token_to_id(token) if token is not None else None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._id(self.eos_token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._id(self.bos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._id(self.pad_token)
+
+    @property
+    def sep_token_id(self) -> int | None:
+        return self._id(self.sep_token)
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Any, clean_up_tokenization_spaces: bool = False, skip_special_tokens: bool = False) -> str:
+        if isinstance(ids, int):
+            ids = [ids]
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, rows: Any, clean_up_tokenization_spaces: bool = False, skip_special_tokens: bool = False) -> list[str]:
+        return self._tok.decode_batch([list(r) for r in rows], skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: Any) -> Any:
+        if isinstance(ids, int):
+            return self._tok.id_to_token(ids)
+        return [self._tok.id_to_token(i) for i in ids]
+
+
+def _content(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def load_fast(path: Path) -> FastTokenizer | None:
+    """The fast tokenizer for a GPT-2-style directory (byte-level BPE in tokenizer.json), else None."""
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return None
+    try:
+        model = json.loads(file.read_text(encoding="utf-8")).get("model", {})
+    except ValueError:
+        return None
+    if model.get("type") != "BPE":
+        return None
+    return FastTokenizer(path)
