@@ -272,6 +272,7 @@ class BatchJob:
     engine: Any
     settings: GenerationSettings  # resolved, with the run's base seed
     emit: Callable[[Any], None]  # gets a Completion (with extra fields) or an error record dict
+    provenance: bool = True  # settings and fingerprint on every completion (JSONL output)
     batch_size: int | None = None
     strict: bool = False
     shard: tuple[int, int] | None = None
@@ -315,7 +316,8 @@ class BatchJob:
             else:
                 for _ in request.wanted():
                     completion = next(completions)
-                    completion.extra = request_extra(self.engine, request)
+                    if self.provenance:
+                        completion.extra = request_extra(self.engine, request)
                     self.summary.sequences += 1
                     self.summary.tokens += completion.completion_tokens
                     self.emit(completion)

@@ -229,12 +229,13 @@ def generate(
     sink = open_output(output, resume) if output is not None else streams.stdout
     out_streams = Streams(stdout=sink, stderr=streams.stderr)
     renderer = SequenceRenderer(
-        out_streams, fmt, provenance={"model": engine.name, "revision": engine.lm.revision}, multi_prompt=source.many
+        out_streams, fmt, provenance=lambda: {"model": engine.name, "revision": engine.lm.revision}, multi_prompt=source.many
     )
     lone = source.kind == "args" and len(source.prompts) * settings.num_sequences == 1
     job = BatchJob(
         engine=engine,
         settings=settings,
+        provenance=renderer.fmt is OutputFormat.jsonl,
         emit=lambda item: renderer.error_record(item, messages) if isinstance(item, dict) else renderer.completion(item),
         batch_size=batch,
         strict=strict or source.kind == "args",
@@ -646,4 +647,16 @@ def info(
 
 
 def main() -> None:
-    app(prog_name="aigc")
+    """The console script: run the app, then leave without the interpreter's teardown of torch
+    (about half a second), once everything is flushed."""
+    try:
+        app(prog_name="aigc")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            _silence_broken_pipe()
+    os._exit(code)

@@ -112,28 +112,42 @@ def _use_onednn(weight: torch.Tensor) -> bool:
 class GPT2:
     """GPT-2 weights and forward pass; inference only."""
 
-    def __init__(self, cfg: Config, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, cfg: Config, tensors: Any, device: str = "cpu", dtype: torch.dtype | None = None
+    ) -> None:
+        """`tensors` maps checkpoint names (with or without "transformer.") to tensors; it may read
+        them lazily, so that each weight is moved (and packed) as it is read and peak memory stays
+        near one copy of the model."""
         self.cfg = cfg
-        t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-        self.wte, self.wpe = t["wte.weight"], t["wpe.weight"]
-        head = self.wte if cfg.tied or "lm_head.weight" not in t else t["lm_head.weight"]
-        self.head = _Linear(head.t(), None)
+        names = {k.removeprefix("transformer."): k for k in tensors.keys()}
+
+        def get(name: str) -> torch.Tensor:
+            return tensors[names[name]].to(device=device, dtype=dtype)
+
+        def linear(name: str, bias: bool = True) -> _Linear:
+            return _Linear(tensors[names[name + ".weight"]], tensors[names[name + ".bias"]] if bias else None).to(device, dtype)
+
+        self.wte, self.wpe = get("wte.weight"), get("wpe.weight")
+        if cfg.tied or "lm_head.weight" not in names:
+            self.head = _Linear(self.wte.t(), None).to(device, dtype)
+        else:
+            self.head = _Linear(get("lm_head.weight").t(), None).to(device, dtype)
         self.layers = []
         for i in range(cfg.n_layer):
             p = f"h.{i}."
             self.layers.append(
                 [
-                    t[p + "ln_1.weight"],
-                    t[p + "ln_1.bias"],
-                    _Linear(t[p + "attn.c_attn.weight"], t[p + "attn.c_attn.bias"]),
-                    _Linear(t[p + "attn.c_proj.weight"], t[p + "attn.c_proj.bias"]),
-                    t[p + "ln_2.weight"],
-                    t[p + "ln_2.bias"],
-                    _Linear(t[p + "mlp.c_fc.weight"], t[p + "mlp.c_fc.bias"]),
-                    _Linear(t[p + "mlp.c_proj.weight"], t[p + "mlp.c_proj.bias"]),
+                    get(p + "ln_1.weight"),
+                    get(p + "ln_1.bias"),
+                    linear(p + "attn.c_attn"),
+                    linear(p + "attn.c_proj"),
+                    get(p + "ln_2.weight"),
+                    get(p + "ln_2.bias"),
+                    linear(p + "mlp.c_fc"),
+                    linear(p + "mlp.c_proj"),
                 ]
             )
-        self.ln_f = (t["ln_f.weight"], t["ln_f.bias"])
+        self.ln_f = (get("ln_f.weight"), get("ln_f.bias"))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -143,17 +157,6 @@ class GPT2:
     def device(self) -> torch.device:
         return self.wte.device
 
-    def to(self, device: str | None = None, dtype: torch.dtype | None = None) -> GPT2:
-        def move(x: Any) -> Any:
-            return x.to(device=device, dtype=dtype)
-
-        self.wte, self.wpe, self.head = move(self.wte), move(self.wpe), move(self.head)
-        self.layers = [[move(x) for x in layer] for layer in self.layers]
-        self.ln_f = (move(self.ln_f[0]), move(self.ln_f[1]))
-        return self
-
-    def eval(self) -> GPT2:
-        return self
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self.cfg, batch, min(capacity, self.cfg.n_positions), self.dtype, str(self.device))
@@ -201,7 +204,35 @@ class GPT2:
         return SimpleNamespace(logits=self.logits(self.forward(input_ids, positions, mask)))
 
 
-def load_gpt2(path: Path) -> GPT2 | None:
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class _SafetensorsReader:
+    """Tensors of a safetensors file, each read with plain file reads when asked for: unlike a
+    memory map, the file's pages then never count towards the process's memory."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            self._header = json.loads(fh.read(size))
+        self._header.pop("__metadata__", None)
+        self._base = 8 + size
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        info = self._header[name]
+        start, end = info["data_offsets"]
+        buf = bytearray(end - start)
+        with self._path.open("rb") as fh:
+            fh.seek(self._base + start)
+            fh.readinto(buf)
+        return torch.frombuffer(buf, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def load_gpt2(path: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> GPT2 | None:
     """The native model for a GPT-2 directory with safetensors weights; None when it is not one."""
     try:
         cfg = Config.from_hf(json.loads((path / "config.json").read_text()))
@@ -210,14 +241,12 @@ def load_gpt2(path: Path) -> GPT2 | None:
     weights = path / "model.safetensors"
     if cfg is None or not weights.is_file():
         return None
-    from safetensors.torch import load_file
-
-    return GPT2(cfg, load_file(str(weights)))
+    return GPT2(cfg, _SafetensorsReader(weights), device, dtype)
 
 
-def from_hf_model(model: Any) -> GPT2 | None:
-    """The native model sharing the weights of a transformers GPT2LMHeadModel (tiny built-in models)."""
+def from_hf_model(model: Any, device: str = "cpu", dtype: torch.dtype | None = None) -> GPT2 | None:
+    """The native model with the weights of a transformers GPT2LMHeadModel (tiny built-in models)."""
     cfg = Config.from_hf(model.config.to_dict())
     if cfg is None:
         return None
-    return GPT2(cfg, {k: v.detach() for k, v in model.state_dict().items()})
+    return GPT2(cfg, {k: v.detach() for k, v in model.state_dict().items()}, device, dtype)

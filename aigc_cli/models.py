@@ -70,13 +70,29 @@ class LoadedModel:
 
 
 def weights_sha256(path: Path) -> str:
-    """sha256 over a model directory's weight files (computed once, only when provenance is written)."""
+    """sha256 over a model directory's weight files, computed only when provenance is written and
+    remembered in ~/.cache/aigc by (path, size, mtime) so that later runs do not read 500 MB again."""
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    key = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aigc" / "weights-sha256.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
     digest = hashlib.sha256()
-    for f in sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin")):
+    for f in files:
         with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(chunk)
-    return "sha256:" + digest.hexdigest()[:16]
+    value = "sha256:" + digest.hexdigest()[:16]
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({**known, key: value}))
+    except OSError:
+        pass  # a read-only home only costs the hash again next time
+    return value
 
 
 def resolve(name: str) -> Resolution:
@@ -236,11 +252,11 @@ def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
         from aigc_cli.tiny import build
 
         hf, tokenizer = build(name)
-        native = from_hf_model(hf)
+        native = from_hf_model(hf, dev, torch_dtype)
     else:
         if res.kind == "hub":  # download once into the cache, then load like a local directory
             res = Resolution(res.name, "hub-cache", _download(res.name))
-        native = load_gpt2(Path(res.path or "."))
+        native = load_gpt2(Path(res.path or "."), dev, torch_dtype)
         # A plain GPT-2 needs nothing from transformers: its own forward pass, the tokenizers library.
         tokenizer = (load_fast(Path(res.path or ".")) if native is not None else None) or _load_tokenizer(res)
         if native is None:
@@ -249,7 +265,7 @@ def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
         tokenizer.pad_token = tokenizer.eos_token
     if hf is not None:
         hf = _finish_hf(hf, tokenizer, dev, torch_dtype)
-    model = native.to(device=dev, dtype=torch_dtype) if native is not None else hf
+    model = native if native is not None else hf
     context = native.cfg.n_positions if native is not None else _context_of(hf.config)
     return LoadedModel(
         model=model,

@@ -132,10 +132,13 @@ class Messages:
 class SequenceRenderer:
     """Writes completions to stdout in the chosen format, streaming a lone sequence when asked."""
 
-    def __init__(self, streams: Streams, fmt: OutputFormat, provenance: dict[str, Any], multi_prompt: bool) -> None:
+    def __init__(
+        self, streams: Streams, fmt: OutputFormat, provenance: Callable[[], dict[str, Any]], multi_prompt: bool
+    ) -> None:
         self.streams = streams
         self.fmt = streams.resolve(fmt)
-        self.provenance = provenance
+        self._provenance = provenance  # called once, and only for JSONL (a weights hash can take a second)
+        self._provenance_fields: dict[str, Any] | None = None
         self.multi_prompt = multi_prompt
         self.console = streams.out_console() if self.fmt is OutputFormat.rich else None
         self._shown = 0
@@ -174,6 +177,12 @@ class SequenceRenderer:
         if safe > self._shown:
             self._write(text[self._shown : safe], "bold cyan")
             self._shown = safe
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        if self._provenance_fields is None:
+            self._provenance_fields = self._provenance()
+        return self._provenance_fields
 
     def error_record(self, record: dict[str, Any], messages: Messages) -> None:
         """A record that could not be processed: a JSONL record, or a warning for people."""

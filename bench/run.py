@@ -128,7 +128,11 @@ def main() -> None:
 
     # 2. in-process throughput on the same weights
     engine = Engine.load(path)
-    model, tok = engine.lm.model, engine.tokenizer
+    from transformers import AutoTokenizer
+
+    model = engine.lm.hf_model  # transformers' model with the same weights: the reference
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.pad_token = tok.eos_token
     torch.manual_seed(0)
 
     def ours_run(prompts: list[str], settings: S) -> list:
@@ -164,7 +168,7 @@ def main() -> None:
         "tok/s",
         64,
     )
-    prompts32 = [CASE_PROMPTS[i % 4] + " " * 0 for i in range(32)]
+    prompts32 = [CASE_PROMPTS[i % 4] for i in range(32)]
     sample = S(max_new_tokens=64, min_new_tokens=64, top_p=0.9).resolved()
     report(
         "32 prompts x 64 new, sampling top-p 0.9",

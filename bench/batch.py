@@ -1,0 +1,112 @@
+"""Batch benchmark: a 1,000-prompt file through one `aigc generate -f` process, versus (a) one
+`aigc generate` process per prompt and (b) a plain transformers loop calling `generate` per prompt
+on the same model and settings; writes bench/RESULTS-batch.md.
+
+    .venv/bin/python bench/batch.py                     # 1,000 prompts
+    .venv/bin/python bench/batch.py --prompts 200       # quicker
+
+Every case samples (top-k 50) exactly --new-tokens tokens per prompt. (a) and (b) are rates, so
+they are measured on the first --per-process and --reference prompts and reported as tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+WORDS = (
+    "the of and to in is was he for it with as his on be at by had are but from or have an they which one you were "
+    "her all she there would their we him been has when who will more no if out so said what up its about into than "
+    "them can only other new some could time these two may then do first any my now such like our over man me even "
+    "most made after also did many before must through back years where much your way well down should because each"
+).split()
+
+
+def make_prompts(n: int) -> list[str]:
+    """Deterministic prompts of 3 to 40 words."""
+    return [" ".join(WORDS[(i * 13 + j * 7) % len(WORDS)] for j in range(3 + (i * 17) % 38)).capitalize() for i in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=1000)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--per-process", type=int, default=8, help="prompts timed for (a)")
+    parser.add_argument("--reference", type=int, default=64, help="prompts timed for (b)")
+    parser.add_argument("--batch-size", default="auto")
+    parser.add_argument("--out", default=str(HERE / "RESULTS-batch.md"))
+    args = parser.parse_args()
+
+    from make_model import build
+
+    from run import _cpu
+
+    path = str(build())
+    exe = str(Path(sys.executable).with_name("aigc"))
+    prompts = make_prompts(args.prompts)
+    n_new = args.new_tokens
+    common = ["--model", path, "--max-new-tokens", str(n_new), "--min-new-tokens", str(n_new), "--seed", "1"]
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "prompts.txt"
+        file.write_text("\n".join(prompts) + "\n")
+        out = Path(tmp) / "out.jsonl"
+        started = time.perf_counter()
+        subprocess.run([exe, "generate", "-f", str(file), "-o", str(out), "--batch-size", args.batch_size, *common], check=True)
+        batch_s = time.perf_counter() - started
+        assert sum(1 for _ in out.open()) == len(prompts)
+    batch_rate = len(prompts) * n_new / batch_s
+    print(f"aigc -f, {len(prompts)} prompts: {batch_s:.1f} s, {batch_rate:.1f} tok/s", flush=True)
+
+    started = time.perf_counter()
+    for p in prompts[: args.per_process]:
+        subprocess.run([exe, "generate", p, "--format", "jsonl", *common], check=True, capture_output=True)
+    per_process_s = (time.perf_counter() - started) / args.per_process
+    per_process_rate = n_new / per_process_s
+    print(f"(a) one aigc process per prompt: {per_process_s:.2f} s per prompt, {per_process_rate:.1f} tok/s", flush=True)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for p in prompts[: args.reference]:
+            ids = tok(p, return_tensors="pt")
+            model.generate(**ids, do_sample=True, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=tok.eos_token_id)
+    ref_s = (time.perf_counter() - started) / args.reference
+    ref_rate = n_new / ref_s
+    print(f"(b) transformers generate per prompt (model loaded once): {ref_s:.2f} s per prompt, {ref_rate:.1f} tok/s")
+
+    machine = f"{_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    lines = [
+        "# Batch benchmark",
+        "",
+        f"Run on {datetime.date.today().isoformat()}: {machine}. GPT-2-small shape, random weights, real tokenizer.",
+        f"{len(prompts)} prompts of 3-40 words, sampling (top-k 50), exactly {n_new} new tokens each.",
+        "",
+        "| how | time | tokens/s | aigc -f is faster by |",
+        "|---|---|---|---|",
+        f"| `aigc generate -f prompts.txt -o out.jsonl` (batch size {args.batch_size}) | {batch_s:.1f} s for {len(prompts)} prompts | {batch_rate:.1f} | - |",
+        f"| (a) one `aigc generate` process per prompt (first {args.per_process}) | {per_process_s:.2f} s per prompt | {per_process_rate:.1f} | {batch_rate / per_process_rate:.1f}x |",
+        f"| (b) transformers `generate` per prompt, model loaded once (first {args.reference}) | {ref_s:.2f} s per prompt | {ref_rate:.1f} | {batch_rate / ref_rate:.1f}x |",
+        "",
+        "Rerun: `.venv/bin/python bench/batch.py`.",
+        "",
+    ]
+    Path(args.out).write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
