@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
@@ -115,10 +116,19 @@ def _silence_broken_pipe() -> None:
         pass
 
 
-def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
-    if value not in allowed:
-        raise UsageError(f"{flag}: must be one of {', '.join(allowed)} (got {value!r})")
-    return value
+def _check_device(device: str, dtype: str) -> None:
+    """Validate --device and --dtype up front, before anything slow happens."""
+    for value, allowed, flag in ((device, _DEVICES, "--device"), (dtype, _DTYPES, "--dtype")):
+        if value not in allowed:
+            raise UsageError(f"{flag}: must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _load_engine(model: str, device: str, dtype: str, messages: Messages) -> Any:
+    """The one model load of the process, with a spinner on a terminal."""
+    from aigc_cli.engine import Engine
+
+    with messages.status(f"Loading {model}..."):
+        return Engine.load(model, device=device, dtype=dtype)
 
 
 @app.callback()
@@ -206,8 +216,7 @@ def generate(
         ban=tuple(ban or ()),
         seed=seed,
     ).resolved()
-    _choice(device, _DEVICES, "--device")
-    _choice(dtype, _DTYPES, "--dtype")
+    _check_device(device, dtype)
     source = _prompt_source(prompts, file, streams)
     if template is not None and source.kind == "args":
         raise UsageError("--template: renders records of -f FILE or stdin, not prompt arguments")
@@ -218,10 +227,7 @@ def generate(
     tmpl = load_template(template) if template is not None else None
     fmt = OutputFormat.jsonl if output is not None or (source.kind != "args" and output_format is OutputFormat.auto) else output_format
 
-    from aigc_cli.engine import Engine
-
-    with messages.status(f"Loading {model}..."):
-        engine = Engine.load(model, device=device, dtype=dtype)
+    engine = _load_engine(model, device, dtype, messages)
     state = open_for_resume(output) if resume and output is not None else None
     if settings.seed is None:
         known = state.seed if state is not None else None
@@ -371,19 +377,16 @@ def score(
     Every token is scored, the first one conditioned on the model's BOS token (<|endoftext|> for
     GPT-2); texts longer than the context use a sliding window.
     """
-    _choice(device, _DEVICES, "--device")
-    _choice(dtype, _DTYPES, "--dtype")
+    _check_device(device, dtype)
     if stride is not None and stride < 1:
         raise UsageError(f"--stride: must be at least 1 (got {stride})")
     if batch_size < 1:
         raise UsageError(f"--batch-size: must be at least 1 (got {batch_size})")
     text = _read_text(path)
     streams = Streams()
-    from aigc_cli.engine import Engine
     from aigc_cli.scoring import perplexity
 
-    with Messages(streams).status(f"Loading {model}..."):
-        engine = Engine.load(model, device=device, dtype=dtype)
+    engine = _load_engine(model, device, dtype, Messages(streams))
     if stride is not None and stride > engine.context_length:
         raise UsageError(f"--stride: must not exceed the model's context of {engine.context_length} (got {stride})")
     tok = engine.tokenizer
@@ -403,7 +406,7 @@ def score(
 
 def _read_text(path: str) -> str:
     try:
-        data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
         raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
     try:
@@ -454,8 +457,7 @@ def recommend(
     """Rank a catalog for a user's interests with the language model (zero-shot), or suggest ideas."""
     from aigc_cli import recommend as rec
 
-    _choice(device, _DEVICES, "--device")
-    _choice(dtype, _DTYPES, "--dtype")
+    _check_device(device, dtype)
     if k < 1:
         raise UsageError(f"-k: must be at least 1 (got {k})")
     if per_interest < 1:
@@ -472,10 +474,7 @@ def recommend(
     if users is None and not user.interests and not (items and user.liked):
         raise UsageError("no user: give interests as arguments, or --profile FILE with interests or liked items")
     streams = Streams()
-    from aigc_cli.engine import Engine
-
-    with Messages(streams).status(f"Loading {model}..."):
-        engine = Engine.load(model, device=device, dtype=dtype)
+    engine = _load_engine(model, device, dtype, Messages(streams))
     if users is not None and items is not None:
         ours, baseline = rec.evaluate(engine, items, users, prompts, k, score_kind, aggregate, batch_size)
         rows = [{"ranking": f"aigc ({score_kind.value})", **ours}, {"ranking": "random", **baseline}]
@@ -592,16 +591,13 @@ def poem(
         no_repeat_ngram_size=no_repeat_ngram_size,
         seed=seed if seed is not None else secrets.randbelow(2**31),
     ).resolved()
-    _choice(device, _DEVICES, "--device")
-    _choice(dtype, _DTYPES, "--dtype")
+    _check_device(device, dtype)
     from aigc_cli.prompts import load_prompt
 
     prompt_template = load_prompt(template or f"poem-{form.language}.txt", "--template")
-    from aigc_cli.engine import Engine
     from aigc_cli.poem import write_poems
 
-    with Messages(streams).status(f"Loading {model}..."):
-        engine = Engine.load(model, device=device, dtype=dtype)
+    engine = _load_engine(model, device, dtype, Messages(streams))
     poems = write_poems(engine, topic, form, settings, candidates, prompt_template, acrostic)
     render_poems(
         streams, output_format, poems, f"{form.name} on {topic}", annotate, {"model": engine.name, "form": form.name, "topic": topic}

@@ -291,14 +291,15 @@ def _finish_hf(model: Any, tokenizer: Any, device: str, dtype: Any) -> Any:
 
 
 def _download(repo_id: str) -> str:
-    """Fetch config, tokenizer and safetensors weights once into the Hugging Face cache."""
-    from huggingface_hub import snapshot_download
+    """Fetch config, tokenizer and weights once into the Hugging Face cache: safetensors when the
+    repository has them (never both formats), else its PyTorch .bin weights."""
+    from huggingface_hub import HfApi, snapshot_download
 
+    patterns = ["*.json", "*.txt", "*.model", "tokenizer*"]
     try:
-        return snapshot_download(
-            repo_id,
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"],
-        )
+        files = HfApi().list_repo_files(repo_id)
+        patterns.append("*.safetensors" if any(f.endswith(".safetensors") for f in files) else "pytorch_model*.bin")
+        return snapshot_download(repo_id, allow_patterns=patterns)
     except Exception as exc:
         raise ModelUnavailableError(f"--model {repo_id}: cannot download ({_first_line(exc)})", hint=OFFLINE_HINT) from exc
 

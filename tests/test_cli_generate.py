@@ -263,3 +263,26 @@ def test_installed_entry_point(command):
     assert len(done.stdout.splitlines()) == 2 and done.stderr == ""
     bad = subprocess.run([*command, "generate", "hi", "--top-p", "2"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "--top-p" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("files, wanted, unwanted", [
+    (["config.json", "model.safetensors", "pytorch_model.bin"], "*.safetensors", "pytorch_model*.bin"),
+    (["config.json", "pytorch_model.bin", "vocab.txt"], "pytorch_model*.bin", "*.safetensors"),
+])
+def test_hub_download_flow_with_a_fake_hub(cli, tiny_dir, monkeypatch, files, wanted, unwanted):
+    """No machine here reaches the Hub: a fake client checks what is fetched and that it loads."""
+    import huggingface_hub
+
+    asked = {}
+
+    def fake_snapshot(repo_id, allow_patterns):
+        asked["repo"], asked["patterns"] = repo_id, allow_patterns
+        return str(tiny_dir)
+
+    monkeypatch.setattr("aigc_cli.models._hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id: files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    r = cli("generate", "hi", "--model", "some-org/some-gpt2", "--decoding", "greedy", "--max-new-tokens", "3")
+    assert r.exit_code == 0, r.stderr
+    assert asked["repo"] == "some-org/some-gpt2"
+    assert wanted in asked["patterns"] and unwanted not in asked["patterns"]
