@@ -415,14 +415,123 @@ class _BanLogits:
 def generate_beam(
     lm: Any, prompt: list[int], settings: GenerationSettings, extra_processors: ExtraProcessors | None = None
 ) -> list[RowResult]:
-    """Beam search for one prompt with transformers' generate; returns the best -n beams."""
-    from transformers import LogitsProcessorList, StoppingCriteriaList
+    """Beam search for one prompt; returns the best -n beams, best first.
 
+    On aigc's native GPT-2 this runs `_beam_loop`, a port of transformers' vectorised beam search
+    (same scores, length penalty, early-stop heuristic and finished-beam bookkeeping), so the beams
+    are token for token those of transformers' `generate` (tested); other models use `generate`.
+    """
     s = settings
     dec = _Decoder(lm, [prompt], s, None, extra_processors)
-    extra = LogitsProcessorList(dec.extra)  # transformers runs these after its own penalties
     if dec.ban:
-        extra.append(_BanLogits(dec, 2 * s.num_beams))
+        dec.processors.append(_BanLogits(dec, 2 * s.num_beams))
+    if _is_native(lm.model):
+        sequences = _beam_loop(dec, lm.model)
+    else:
+        sequences = _beam_transformers(lm, dec)
+    results = []
+    for seq in sequences:
+        row = _Row(lm.tokenizer, "")
+        for step, token in enumerate(seq):
+            if row.finish_reason is not None:
+                break
+            row.push(token, step, dec.eos, s)
+        results.append(RowResult(row.generated, row.text, row.finish_reason or "length"))
+    return results
+
+
+def _is_native(model: Any) -> bool:
+    from aigc_cli.gpt2 import GPT2
+
+    return isinstance(model, GPT2)
+
+
+def _beam_loop(dec: _Decoder, model: Any) -> list[list[int]]:
+    """transformers' `_beam_search` for one prompt (batch size 1), on the native runner."""
+    s, nb, eos = dec.s, dec.s.num_beams, dec.eos
+    length_penalty, early_stopping = s.length_penalty, s.early_stopping
+    prompt = dec.ids  # (1, P): one prompt, no padding
+    width = prompt.shape[1]
+    max_len = width + s.max_new_tokens
+    keep = 2 * nb  # candidates per step: enough for nb beams to survive one EOS each
+    top_mask = torch.arange(keep) < nb
+    fill = dec.pad if dec.pad is not None else (eos if eos is not None else 0)  # as transformers pads
+    running = torch.full((1, nb, max_len), fill, dtype=torch.long)
+    running[:, :, :width] = prompt
+    sequences = running.clone()
+    running_scores = torch.zeros((1, nb))
+    running_scores[:, 1:] = -1e9
+    beam_scores = torch.full((1, nb), -1e9)
+    finished = torch.zeros((1, nb), dtype=torch.bool)
+    unsatisfied = torch.ones((1, 1), dtype=torch.bool)
+    running_idx = torch.full((1, nb, max_len - width), -1, dtype=torch.long)
+    beam_idx = running_idx.clone()
+    run = _Runner(model, nb, max_len)
+    ids = prompt.expand(nb, width).to(dec.device)
+    mask = torch.ones_like(ids)
+    logits, _ = run(ids, mask, dec.position_ids(mask))
+    cur = width
+    while True:
+        log_probs = torch.log_softmax(logits, dim=-1)
+        log_probs = dec.processors(running[0, :, :cur].to(dec.device), log_probs).cpu()
+        vocab = log_probs.shape[-1]
+        acc = (log_probs.view(1, nb, vocab) + running_scores[:, :, None]).view(1, -1)
+        top_lp, top_i = acc.topk(keep)
+        src = top_i // vocab
+        top_seqs = torch.take_along_dim(running, src[:, :, None], dim=1)
+        top_seqs[:, :, cur] = top_i % vocab
+        top_ridx = torch.take_along_dim(running_idx, src[:, :, None], dim=1)
+        top_ridx[:, :, cur - width] = src
+        hits = _beam_hits(dec, top_seqs[0, :, : cur + 1], width, cur + 1 >= max_len)[None]
+        # the best unfinished candidates run on
+        run_lp = top_lp + hits.float() * -1e9
+        order = run_lp.topk(nb)[1]
+        running = torch.take_along_dim(top_seqs, order[:, :, None], dim=1)
+        running_scores = torch.take_along_dim(run_lp, order, dim=1)
+        running_idx = torch.take_along_dim(top_ridx, order[:, :, None], dim=1)
+        # finished candidates among the top nb join the finished beams if they score better
+        just = hits & top_mask[None]
+        lp = top_lp / ((cur + 1 - width) ** length_penalty)
+        lp = lp + (finished.all(-1, keepdim=True) & (early_stopping is True)).float() * -1e9
+        lp = lp + (~unsatisfied).float() * -1e9
+        lp = lp + (~just).float() * -1e9
+        merged = torch.cat((beam_scores, lp), dim=1).topk(nb)[1]
+        sequences = torch.take_along_dim(torch.cat((sequences, top_seqs), 1), merged[:, :, None], dim=1)
+        beam_idx = torch.take_along_dim(torch.cat((beam_idx, top_ridx), 1), merged[:, :, None], dim=1)
+        finished = torch.take_along_dim(torch.cat((finished, just), 1), merged, dim=1)
+        beam_scores = torch.take_along_dim(torch.cat((beam_scores, lp), 1), merged, dim=1)
+        run.select(running_idx[0, :, cur - width].to(dec.device))
+        cur += 1
+        best_possible = running_scores[:, :1] / ((cur - width) ** length_penalty)
+        worst_finished = torch.where(finished, beam_scores.min(dim=1, keepdim=True)[0], -1.0e9)
+        unsatisfied = unsatisfied & (best_possible > worst_finished).any(-1, keepdim=True)
+        if not (bool(unsatisfied.any()) and not (bool(finished.all()) and early_stopping is True) and not bool(hits.all())):
+            break
+        tokens = running[0, :, cur - 1 : cur].to(dec.device)
+        mask = torch.ones((nb, cur), dtype=torch.long, device=dec.device)
+        logits, _ = run(tokens, mask, torch.full((nb, 1), cur - 1, device=dec.device))
+    top = sequences[0, : s.num_sequences]
+    generated = int((beam_idx[0, : s.num_sequences] + 1).bool().sum(-1).max())
+    return top[:, width : width + generated].tolist()
+
+
+def _beam_hits(dec: _Decoder, seqs: torch.Tensor, width: int, at_max: bool) -> torch.Tensor:
+    """Which candidate sequences end here: max length, EOS, or a stop string in their text."""
+    if at_max:
+        return torch.ones(seqs.shape[0], dtype=torch.bool)
+    hits = seqs[:, -1] == dec.eos if dec.eos is not None else torch.zeros(seqs.shape[0], dtype=torch.bool)
+    if dec.s.stop:
+        texts = dec.tok.batch_decode(seqs[:, width:].tolist(), clean_up_tokenization_spaces=False)
+        hits |= torch.tensor([find_stop(t, dec.s.stop) is not None for t in texts])
+    return hits
+
+
+def _beam_transformers(lm: Any, dec: _Decoder) -> list[list[int]]:
+    """Beam search by transformers' `generate` (models without the native forward pass)."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    s = dec.s
+    extra = LogitsProcessorList([p for p in dec.processors if p in dec.extra or isinstance(p, _BanLogits)])
     out = lm.hf_model.generate(
         input_ids=dec.ids,
         attention_mask=dec.mask,
@@ -441,12 +550,4 @@ def generate_beam(
         pad_token_id=dec.pad,
         eos_token_id=dec.eos,
     )
-    results = []
-    for seq in out[:, dec.prompt_width :].tolist():
-        row = _Row(lm.tokenizer, "")
-        for step, token in enumerate(seq):
-            if row.finish_reason is not None:
-                break
-            row.push(token, step, dec.eos, s)
-        results.append(RowResult(row.generated, row.text, row.finish_reason or "length"))
-    return results
+    return out[:, dec.prompt_width :].tolist()

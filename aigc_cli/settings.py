@@ -72,7 +72,10 @@ class GenerationSettings:
         if s.seed is not None:
             _check(0 <= s.seed < 2**63, "--seed", f"must be in [0, 2^63) (got {s.seed})")
 
-        decoding = s.decoding
+        try:
+            decoding = Decoding(s.decoding)  # library callers may pass "beam" as a string
+        except ValueError:
+            raise UsageError(f"--decoding: must be one of {', '.join(d.value for d in Decoding)} (got {s.decoding!r})") from None
         if decoding is Decoding.sample and s.temperature == 0:
             _check(
                 s.num_sequences == 1,

@@ -283,3 +283,27 @@ def test_sampler_filters_equal_transformers_warpers():
             assert drawn[row] <= expected[row], kw  # never outside the filtered set
             if len(expected[row]) <= 5:
                 assert drawn[row] == expected[row], kw  # and small sets are covered
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"early_stopping": True},
+        {"length_penalty": 2.0, "min_new_tokens": 6},
+        {"length_penalty": -0.5, "repetition_penalty": 1.4},
+        {"stop": ("e", "o")},
+        {"no_repeat_ngram_size": 1, "num_sequences": 4},
+    ],
+    ids=["early", "lp2-min", "lpneg-rep", "stop", "ngram1"],
+)
+def test_native_beam_search_equals_transformers_beam_search(tiny_lm, extra):
+    from aigc_cli.decoding import _beam_loop, _beam_transformers, _Decoder
+
+    kw = {"num_sequences": 3, **extra}
+    for prompt in PROMPTS[:3]:
+        settings = S(decoding=Decoding.beam, num_beams=4, max_new_tokens=14, **kw).resolved()
+        ids = _ids(tiny_lm, prompt)
+        ours = _beam_loop(_Decoder(tiny_lm, [ids], settings, None), tiny_lm.model)
+        theirs = _beam_transformers(tiny_lm, _Decoder(tiny_lm, [ids], settings, None))
+        eos = tiny_lm.tokenizer.eos_token_id
+        assert [_strip_eos(x, eos) for x in ours] == [_strip_eos(x, eos) for x in theirs], (prompt, extra)
