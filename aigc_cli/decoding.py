@@ -1,9 +1,10 @@
-"""Decoding loops over a loaded causal LM: greedy, sampling, contrastive search (ours) and beam search.
+"""Decoding loops over a loaded causal LM: greedy, sampling, contrastive search and beam search.
 
 Greedy, sampling and contrastive search run in one lean loop with a KV cache, so that each row
 has its own random generator (a prompt's output does not depend on its batch mates), rows that
-finish leave the batch, and stop strings / banned words are checked on the decoded text.
-Beam search is delegated to transformers' `generate`.
+finish leave the batch, and stop strings / banned words are checked on the decoded text. Beam
+search is a port of transformers' vectorised beam search onto the same cache; models without the
+native forward pass use transformers' `generate` for it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 import torch
 
 from aigc_cli.processors import MinNewTokens, NoBadWords, NoRepeatNGram, ProcessorList, RepetitionPenalty
-
 from aigc_cli.settings import Decoding, GenerationSettings
 from aigc_cli.textrules import BanRule, find_stop
 
@@ -150,10 +150,8 @@ class _Runner:
     cache, or a transformers model with its DynamicCache (other architectures)."""
 
     def __init__(self, model: Any, batch: int, capacity: int) -> None:
-        from aigc_cli.gpt2 import GPT2
-
         self.model = model
-        self.native = isinstance(model, GPT2)
+        self.native = _is_native(model)
         if self.native:
             self.cache = model.new_cache(batch, capacity)
         else:
