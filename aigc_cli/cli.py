@@ -9,7 +9,7 @@ import secrets
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -251,7 +251,9 @@ def generate(
         on_text=(lambda c, text: renderer.stream(c, text, settings.stop)) if lone and renderer.can_stream else None,
     )
     try:
-        with _terminate_as_interrupt(), messages.progress(source.total if source.kind != "args" else 0) as update:
+        # The bar is for file and stdin jobs; prompts given as arguments are shown (or streamed) directly.
+        bar = messages.progress(source.total) if source.kind != "args" else nullcontext(lambda done, tokens: None)
+        with _terminate_as_interrupt(), bar as update:
             job.on_progress = lambda summary: update(summary.records, summary.tokens)
             summary = job.run(source.records(tmpl, input_format))
     except KeyboardInterrupt:

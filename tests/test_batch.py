@@ -364,3 +364,35 @@ def test_prompt_arguments_never_wait_on_an_inherited_stdin():
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+def _stderr_on_a_terminal(args: list[str], tmp_path: Path) -> tuple[str, str]:
+    """Run aigc with stderr on a pseudo-terminal and stdout to a file; return (stdout, stderr)."""
+    import pty
+
+    master, slave = pty.openpty()
+    out = tmp_path / "stdout.txt"
+    with out.open("w") as fh:
+        proc = subprocess.Popen(_aigc(*args), stdout=fh, stderr=slave, stdin=subprocess.DEVNULL, env=_env())
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        proc.wait(timeout=120)
+    os.close(master)
+    return out.read_text(), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_for_files_only(tmp_path):
+    f = _write(tmp_path / "p.txt", _prompts(3))
+    stdout, stderr = _stderr_on_a_terminal(["generate", "-f", str(f), "--max-new-tokens", "3", *TINY], tmp_path)
+    assert "prompts" in stderr and "3/3" in stderr
+    assert len(_records(stdout)) == 3  # stdout holds the records only
+    stdout, stderr = _stderr_on_a_terminal(["generate", "hello", "--max-new-tokens", "3", *TINY], tmp_path)
+    assert "prompts" not in stderr and "Sequence 1" in stdout
