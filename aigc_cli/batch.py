@@ -261,7 +261,6 @@ class Summary:
     records: int = 0
     sequences: int = 0
     errors: int = 0
-    skipped: int = 0
     tokens: int = 0
 
 
@@ -321,7 +320,6 @@ class BatchJob:
                     self.summary.sequences += 1
                     self.summary.tokens += completion.completion_tokens
                     self.emit(completion)
-                self.summary.skipped += request.settings.num_sequences - len(request.wanted())
         if self.on_progress is not None:
             self.on_progress(self.summary)
         if failed is not None:

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import socket
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,6 @@ class LoadedModel:
     device: str
     dtype: str
     context_length: int
-    load_seconds: float
     _hf: Any = None  # transformers' model, loaded only when needed (beam search, other architectures)
 
     @property
@@ -239,7 +237,6 @@ def pick_dtype(requested: str, device: str) -> Any:
 
 def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Resolve and load model + tokenizer once; the only place that touches transformers' loaders."""
-    started = time.perf_counter()
     res = resolve(name)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
@@ -275,7 +272,6 @@ def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
         device=dev,
         dtype=str(torch_dtype).removeprefix("torch."),
         context_length=int(context),
-        load_seconds=time.perf_counter() - started,
         _hf=hf if native is None else (hf if res.kind == "builtin" else None),
     )
 

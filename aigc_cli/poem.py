@@ -67,8 +67,8 @@ class EnglishVocab:
     syl: torch.Tensor  # syllables of the word, 0 for non-words
     key: torch.Tensor  # rhyme key index, -1 for none
     word: torch.Tensor  # lowercase word index, -1 for non-words
-    keys: list[str] = field(default_factory=list)
-    words: list[str] = field(default_factory=list)
+    keys: dict[str, int] = field(default_factory=dict)  # rhyme key -> index used in `key`
+    words: dict[str, int] = field(default_factory=dict)  # lowercase word -> index used in `word`
 
     @classmethod
     def build(cls, tok: Any) -> EnglishVocab:
@@ -106,7 +106,7 @@ class EnglishVocab:
         eos = tok.eos_token_id
         if eos is None:
             raise UsageError("--model: the tokenizer has no end-of-text token, needed to end a poem")
-        return cls(size, space_word, start_word, newline, punct, eos, syl, key, word_index, list(keys), list(words))
+        return cls(size, space_word, start_word, newline, punct, eos, syl, key, word_index, keys, words)
 
     @functools.lru_cache(maxsize=64)
     def final_ok_new(self, more: int, max_syl: int) -> torch.Tensor:
@@ -184,9 +184,8 @@ class FormConstraint:
             if not later:
                 return v.space_word | v.start_word
             return v.final_ok_new(len(later), min(form.lengths[j][1] for j in later))
-        k = rhyme_key(earlier[0])
-        key_index = v.keys.index(k) if k in v.keys else -2
-        used = torch.tensor([v.words.index(w) for w in earlier if w in v.words] or [-2])
+        key_index = v.keys.get(rhyme_key(earlier[0]) or "", -2)
+        used = torch.tensor([v.words[w] for w in earlier if w in v.words] or [-2])
         return (v.key == key_index) & ~torch.isin(v.word, used)
 
     def _allowed_en(self, row: list[int]) -> torch.Tensor:
@@ -222,7 +221,7 @@ class FormConstraint:
 
     @functools.lru_cache(maxsize=4096)
     def _word_token(self, word: str) -> int:
-        ids = (self.en.word == self.en.words.index(word)).nonzero() if word in self.en.words else None
+        ids = (self.en.word == self.en.words[word]).nonzero() if word in self.en.words else None
         return int(ids[0]) if ids is not None and len(ids) else self.en.eos
 
     # Chinese
@@ -333,7 +332,6 @@ class Poem:
     rhymes: list[str | None]
     score: float  # mean log-probability per token under the unconstrained model
     seed: int
-    candidate: int
 
 
 def check_language(engine: Any, topic: str, form: Form) -> None:
@@ -400,8 +398,8 @@ def write_poems(
     ).resolved()
     prompt = render_prompt(template, topic, form)
     seed = settings.seed
-    request = Request(id=0, prompt=prompt, settings=run, seed=seed)
     prompt_ids = engine.encode(prompt, run)
+    request = Request(id=0, prompt=prompt, settings=run, seed=seed, prompt_ids=tuple(prompt_ids))
     completions = list(
         engine.generate([request], processors=lambda width: [FormConstraint(tok, form, width, acrostic)])
     )
@@ -426,7 +424,6 @@ def write_poems(
                 rhymes=[line.rhyme for line in report.lines],
                 score=sum(row) / max(len(row), 1),
                 seed=seed,
-                candidate=c.index,
             )
         )
     poems.sort(key=lambda p: -p.score)
