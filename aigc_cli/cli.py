@@ -63,6 +63,14 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, 
 DtypeOpt = Annotated[
     str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, float16 or bfloat16.")
 ]
+QuantizeOpt = Annotated[
+    str,
+    typer.Option(
+        "--quantize",
+        help="Fast mode on CPU for GPT-2 checkpoints: int8 (int8 weights, activations quantized on "
+        "the fly) or fp16 (float16 weight storage). Slightly different outputs; none (default) is exact.",
+    ),
+]
 FormatOpt = Annotated[
     OutputFormat,
     typer.Option("--format", help="auto (rich on a terminal, plain otherwise), rich, plain or jsonl."),
@@ -71,6 +79,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", envvar="AIGC_DEBUG", help="Sh
 
 _DEVICES = ("auto", "cpu", "cuda", "mps")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+_QUANTIZE = ("none", "int8", "fp16")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -116,19 +125,19 @@ def _silence_broken_pipe() -> None:
         pass
 
 
-def _check_device(device: str, dtype: str) -> None:
-    """Validate --device and --dtype up front, before anything slow happens."""
-    for value, allowed, flag in ((device, _DEVICES, "--device"), (dtype, _DTYPES, "--dtype")):
+def _check_device(device: str, dtype: str, quantize: str = "none") -> None:
+    """Validate --device, --dtype and --quantize up front, before anything slow happens."""
+    for value, allowed, flag in ((device, _DEVICES, "--device"), (dtype, _DTYPES, "--dtype"), (quantize, _QUANTIZE, "--quantize")):
         if value not in allowed:
             raise UsageError(f"{flag}: must be one of {', '.join(allowed)} (got {value!r})")
 
 
-def _load_engine(model: str, device: str, dtype: str, messages: Messages) -> Any:
+def _load_engine(model: str, device: str, dtype: str, quantize: str, messages: Messages) -> Any:
     """The one model load of the process, with a spinner on a terminal."""
     from aigc_cli.engine import Engine
 
     with messages.status(f"Loading {model}..."):
-        return Engine.load(model, device=device, dtype=dtype)
+        return Engine.load(model, device=device, dtype=dtype, quantize=quantize)
 
 
 @app.callback()
@@ -190,6 +199,7 @@ def generate(
     model: ModelOpt = "gpt2",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     output_format: FormatOpt = OutputFormat.auto,
     debug: DebugOpt = False,
 ) -> None:
@@ -216,7 +226,7 @@ def generate(
         ban=tuple(ban or ()),
         seed=seed,
     ).resolved()
-    _check_device(device, dtype)
+    _check_device(device, dtype, quantize)
     source = _prompt_source(prompts, file, streams)
     if template is not None and source.kind == "args":
         raise UsageError("--template: renders records of -f FILE or stdin, not prompt arguments")
@@ -227,7 +237,7 @@ def generate(
     tmpl = load_template(template) if template is not None else None
     fmt = OutputFormat.jsonl if output is not None or (source.kind != "args" and output_format is OutputFormat.auto) else output_format
 
-    engine = _load_engine(model, device, dtype, messages)
+    engine = _load_engine(model, device, dtype, quantize, messages)
     state = open_for_resume(output) if resume and output is not None else None
     if settings.seed is None:
         known = state.seed if state is not None else None
@@ -371,6 +381,7 @@ def score(
     model: ModelOpt = "gpt2",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     output_format: FormatOpt = OutputFormat.auto,
     debug: DebugOpt = False,
 ) -> None:
@@ -379,7 +390,7 @@ def score(
     Every token is scored, the first one conditioned on the model's BOS token (<|endoftext|> for
     GPT-2); texts longer than the context use a sliding window.
     """
-    _check_device(device, dtype)
+    _check_device(device, dtype, quantize)
     if stride is not None and stride < 1:
         raise UsageError(f"--stride: must be at least 1 (got {stride})")
     if batch_size < 1:
@@ -388,7 +399,7 @@ def score(
     streams = Streams()
     from aigc_cli.scoring import perplexity
 
-    engine = _load_engine(model, device, dtype, Messages(streams))
+    engine = _load_engine(model, device, dtype, quantize, Messages(streams))
     if stride is not None and stride > engine.context_length:
         raise UsageError(f"--stride: must not exceed the model's context of {engine.context_length} (got {stride})")
     tok = engine.tokenizer
@@ -453,13 +464,14 @@ def recommend(
     model: ModelOpt = "gpt2",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     output_format: FormatOpt = OutputFormat.auto,
     debug: DebugOpt = False,
 ) -> None:
     """Rank a catalog for a user's interests with the language model (zero-shot), or suggest ideas."""
     from aigc_cli import recommend as rec
 
-    _check_device(device, dtype)
+    _check_device(device, dtype, quantize)
     if k < 1:
         raise UsageError(f"-k: must be at least 1 (got {k})")
     if per_interest < 1:
@@ -476,7 +488,7 @@ def recommend(
     if users is None and not user.interests and not (items and user.liked):
         raise UsageError("no user: give interests as arguments, or --profile FILE with interests or liked items")
     streams = Streams()
-    engine = _load_engine(model, device, dtype, Messages(streams))
+    engine = _load_engine(model, device, dtype, quantize, Messages(streams))
     if users is not None and items is not None:
         ours, baseline = rec.evaluate(engine, items, users, prompts, k, score_kind, aggregate, batch_size)
         rows = [{"ranking": f"aigc ({score_kind.value})", **ours}, {"ranking": "random", **baseline}]
@@ -556,6 +568,7 @@ def poem(
     model: ModelOpt = "gpt2",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     output_format: FormatOpt = OutputFormat.auto,
     debug: DebugOpt = False,
 ) -> None:
@@ -593,13 +606,13 @@ def poem(
         no_repeat_ngram_size=no_repeat_ngram_size,
         seed=seed if seed is not None else secrets.randbelow(2**31),
     ).resolved()
-    _check_device(device, dtype)
+    _check_device(device, dtype, quantize)
     from aigc_cli.prompts import load_prompt
 
     prompt_template = load_prompt(template or f"poem-{form.language}.txt", "--template")
     from aigc_cli.poem import write_poems
 
-    engine = _load_engine(model, device, dtype, Messages(streams))
+    engine = _load_engine(model, device, dtype, quantize, Messages(streams))
     poems = write_poems(engine, topic, form, settings, candidates, prompt_template, acrostic)
     render_poems(
         streams, output_format, poems, f"{form.name} on {topic}", annotate, {"model": engine.name, "form": form.name, "topic": topic}

@@ -63,10 +63,10 @@ class Engine:
         self.context_length: int = lm.context_length
 
     @classmethod
-    def load(cls, model: str, device: str = "auto", dtype: str = "auto") -> Engine:
+    def load(cls, model: str, device: str = "auto", dtype: str = "auto", quantize: str = "none") -> Engine:
         from aigc_cli.models import load
 
-        return cls(load(model, device=device, dtype=dtype))
+        return cls(load(model, device=device, dtype=dtype, quantize=quantize))
 
     @property
     def tokenizer(self) -> Any:

@@ -8,6 +8,7 @@ attention. Decoding steps read the cache in place instead of concatenating tenso
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,66 @@ class _Linear:
         return torch.addmm(self.bias, x, self.weight)
 
 
+class _Int8Linear:
+    """Fast mode `--quantize int8`: int8 weights (symmetric, one scale per output channel) in fbgemm's
+    packed layout; fbgemm quantizes the activations on the fly (one scale per call, 7-bit range as
+    fbgemm needs on AVX2) and accumulates in int32. Measured here: 3 ms for the LM head at batch 1
+    (fp32: 9 ms), 14-19 ms at batch 32 (fp32: 31 ms)."""
+
+    def __init__(self, rows: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> None:
+        """`rows`: the (out, in) weight as `_int8_rows` gives it."""
+        self.packed = torch.ops.quantized.linear_prepack(_per_channel(*rows), _fp32(bias))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+
+
+class _Fp16Linear:
+    """Fast mode `--quantize fp16`: weights stored as float16 in fbgemm's packed layout, converted
+    to float32 inside the kernel (weight-only: activations and accumulation stay float32)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.t().float().contiguous(), _fp32(bias))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float().contiguous()
+
+
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (q, scale) with weight ~= q * scale[:, None]."""
+    scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The per-channel qint8 tensor that fbgemm's prepack takes."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch marks quantized tensors deprecated; fbgemm's linear still takes them
+        warnings.simplefilter("ignore")
+        return torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+
+
+class _Embedding:
+    """Token embeddings for the fast modes: int8 rows with their scales (shared with the LM head's
+    quantization) or float16 rows, widened to float32 for the rows looked up."""
+
+    def __init__(self, table: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        self.table, self.scale = table, scale
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table[ids].float()
+        return rows if self.scale is None else rows * self.scale[ids].unsqueeze(-1)
+
+
+QUANTIZE_MODES = ("none", "int8", "fp16")
+
+
 def _use_onednn(weight: torch.Tensor) -> bool:
     import os
 
@@ -113,25 +174,35 @@ class GPT2:
     """GPT-2 weights and forward pass; inference only."""
 
     def __init__(
-        self, cfg: Config, tensors: Any, device: str = "cpu", dtype: torch.dtype | None = None
+        self,
+        cfg: Config,
+        tensors: Any,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        quantize: str = "none",
     ) -> None:
         """`tensors` maps checkpoint names (with or without "transformer.") to tensors; it may read
         them lazily, so that each weight is moved (and packed) as it is read and peak memory stays
-        near one copy of the model."""
-        self.cfg = cfg
+        near one copy of the model. `quantize` "int8" or "fp16" (CPU only) stores the matmul weights
+        and token embeddings in reduced precision (fast mode); activations stay float32."""
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize: {quantize!r}")
+        self.cfg, self.quantize = cfg, quantize
+        if quantize != "none":
+            device, dtype = "cpu", torch.float32
         names = {k.removeprefix("transformer."): k for k in tensors.keys()}
 
         def get(name: str) -> torch.Tensor:
             return tensors[names[name]].to(device=device, dtype=dtype)
 
-        def linear(name: str, bias: bool = True) -> _Linear:
-            return _Linear(tensors[names[name + ".weight"]], tensors[names[name + ".bias"]] if bias else None).to(device, dtype)
+        def linear(name: str, bias: bool = True) -> Any:
+            weight, b = tensors[names[name + ".weight"]], (tensors[names[name + ".bias"]] if bias else None)
+            if quantize == "int8":
+                return _Int8Linear(_int8_rows(weight.t().float()), b)
+            if quantize == "fp16":
+                return _Fp16Linear(weight, b)
+            return _Linear(weight, b).to(device, dtype)
 
-        self.wte, self.wpe = get("wte.weight"), get("wpe.weight")
-        if cfg.tied or "lm_head.weight" not in names:
-            self.head = _Linear(self.wte.t(), None).to(device, dtype)
-        else:
-            self.head = _Linear(get("lm_head.weight").t(), None).to(device, dtype)
         self.layers = []
         for i in range(cfg.n_layer):
             p = f"h.{i}."
@@ -148,15 +219,33 @@ class GPT2:
                 ]
             )
         self.ln_f = (get("ln_f.weight"), get("ln_f.bias"))
+        self.wpe = get("wpe.weight")
+        self._act = self.wpe  # dtype and device of activations and of the KV cache
+        tied = cfg.tied or "lm_head.weight" not in names
+        wte = tensors[names["wte.weight"]]
+        if quantize == "int8":  # one int8 copy of the table serves the embedding and (packed) the tied head
+            rows = _int8_rows(wte.float())
+            self.embed = _Embedding(*rows)
+            head = rows if tied else _int8_rows(tensors[names["lm_head.weight"]].float())
+            self.head = _Int8Linear(head, None)
+        elif quantize == "fp16":
+            self.embed = _Embedding(wte.to(torch.float16))
+            head_weight = wte if tied else tensors[names["lm_head.weight"]]
+            self.head = _Fp16Linear(head_weight.t(), None)
+        else:
+            self.wte = wte.to(device=device, dtype=dtype)
+            self.embed = functools.partial(F.embedding, weight=self.wte)
+            head_weight = self.wte if tied else get("lm_head.weight")
+            self.head = _Linear(head_weight.t(), None).to(device, dtype)
+        del wte
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.wte.dtype
+        return self._act.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.wte.device
-
+        return self._act.device
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self.cfg, batch, min(capacity, self.cfg.n_positions), self.dtype, str(self.device))
@@ -171,11 +260,8 @@ class GPT2:
         start = cache.length if cache is not None else 0
         total = start + steps
         heads, head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
-        keys = torch.arange(total, device=ids.device)
-        queries = torch.arange(start, total, device=ids.device)
-        mask = (keys[None, :] <= queries[:, None])[None, None] & key_mask[:, None, None, :total].bool()
-        mask = mask | (keys[None, :] == queries[:, None])[None, None]
+        x = self.embed(ids) + F.embedding(positions, self.wpe)
+        mask = _attention_bias(key_mask[:, :total], start, steps, x.dtype)
         for i, (w1, b1, attn, proj, w2, b2, fc, fc_out) in enumerate(self.layers):
             h = F.layer_norm(x, (cfg.n_embd,), w1, b1, cfg.eps)
             qkv = attn(h.view(-1, cfg.n_embd)).view(bsz, steps, 3, heads, head_dim)
@@ -202,6 +288,20 @@ class GPT2:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return SimpleNamespace(logits=self.logits(self.forward(input_ids, positions, mask)))
+
+
+def _attention_bias(key_mask: torch.Tensor, start: int, steps: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive attention mask (B, 1, T, S), built once per forward rather than once per layer: causal,
+    padding keys hidden, and padding positions attend to themselves only, so they stay finite. None
+    for a CPU decoding step over unpadded rows (everything visible), the common case at batch 1."""
+    total = key_mask.shape[1]
+    if steps == 1 and key_mask.device.type == "cpu" and bool(key_mask.all()):
+        return None
+    keys = torch.arange(total, device=key_mask.device)
+    queries = torch.arange(start, total, device=key_mask.device)
+    allowed = (keys[None, :] <= queries[:, None])[None, None] & key_mask[:, None, None, :].bool()
+    allowed = allowed | (keys[None, :] == queries[:, None])[None, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill_(~allowed, float("-inf"))
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -232,7 +332,7 @@ class _SafetensorsReader:
         return torch.frombuffer(buf, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def load_gpt2(path: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> GPT2 | None:
+def load_gpt2(path: Path, device: str = "cpu", dtype: torch.dtype | None = None, quantize: str = "none") -> GPT2 | None:
     """The native model for a GPT-2 directory with safetensors weights; None when it is not one."""
     try:
         cfg = Config.from_hf(json.loads((path / "config.json").read_text()))
@@ -241,12 +341,14 @@ def load_gpt2(path: Path, device: str = "cpu", dtype: torch.dtype | None = None)
     weights = path / "model.safetensors"
     if cfg is None or not weights.is_file():
         return None
-    return GPT2(cfg, _SafetensorsReader(weights), device, dtype)
+    return GPT2(cfg, _SafetensorsReader(weights), device, dtype, quantize)
 
 
-def from_hf_model(model: Any, device: str = "cpu", dtype: torch.dtype | None = None) -> GPT2 | None:
+def from_hf_model(
+    model: Any, device: str = "cpu", dtype: torch.dtype | None = None, quantize: str = "none"
+) -> GPT2 | None:
     """The native model with the weights of a transformers GPT2LMHeadModel (tiny built-in models)."""
     cfg = Config.from_hf(model.config.to_dict())
     if cfg is None:
         return None
-    return GPT2(cfg, {k: v.detach() for k, v in model.state_dict().items()}, device, dtype)
+    return GPT2(cfg, {k: v.detach() for k, v in model.state_dict().items()}, device, dtype, quantize)

@@ -40,6 +40,7 @@ class LoadedModel:
     device: str
     dtype: str
     context_length: int
+    quantize: str = "none"
     _hf: Any = None  # transformers' model, loaded only when needed (beam search, other architectures)
 
     @property
@@ -58,13 +59,18 @@ class LoadedModel:
 
     @functools.cached_property
     def revision(self) -> str:
-        """Provenance: the Hub commit, a hash of a local directory's weights, or "builtin"."""
+        """Provenance: the Hub commit, a hash of a local directory's weights, or "builtin"; with
+        "+int8", "+bfloat16"... when the weights run in another precision than float32 (other outputs)."""
         if self.source.kind == "builtin":
-            return "builtin"
-        if self.source.kind == "local":
-            return weights_sha256(Path(self.source.path or "."))
-        commit = getattr(self.model.config, "_commit_hash", None)
-        return commit or (Path(self.source.path).name if self.source.path else "unknown")
+            base = "builtin"
+        elif self.source.kind == "local":
+            base = weights_sha256(Path(self.source.path or "."))
+        else:
+            base = getattr(getattr(self.model, "config", None), "_commit_hash", None) or (
+                Path(self.source.path).name if self.source.path else "unknown"
+            )
+        precision = self.quantize if self.quantize != "none" else self.dtype
+        return base if precision == "float32" else f"{base}+{precision}"
 
 
 def weights_sha256(path: Path) -> str:
@@ -235,11 +241,12 @@ def pick_dtype(requested: str, device: str) -> Any:
     return getattr(torch, requested)
 
 
-def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load(name: str, device: str = "auto", dtype: str = "auto", quantize: str = "none") -> LoadedModel:
     """Resolve and load model + tokenizer once; the only place that touches transformers' loaders."""
     res = resolve(name)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    _check_quantize(quantize, dev, torch_dtype)
     from aigc_cli.gpt2 import from_hf_model, load_gpt2
     from aigc_cli.tokenizer import load_fast
 
@@ -249,14 +256,19 @@ def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
         from aigc_cli.tiny import build
 
         hf, tokenizer = build(name)
-        native = from_hf_model(hf, dev, torch_dtype)
+        native = from_hf_model(hf, dev, torch_dtype, quantize)
     else:
         if res.kind == "hub":  # download once into the cache, then load like a local directory
             res = Resolution(res.name, "hub-cache", _download(res.name))
-        native = load_gpt2(Path(res.path or "."), dev, torch_dtype)
+        native = load_gpt2(Path(res.path or "."), dev, torch_dtype, quantize)
         # A plain GPT-2 needs nothing from transformers: its own forward pass, the tokenizers library.
         tokenizer = (load_fast(Path(res.path or ".")) if native is not None else None) or _load_tokenizer(res)
         if native is None:
+            if quantize != "none":
+                raise UsageError(
+                    f"--quantize {quantize}: only for GPT-2 checkpoints with safetensors weights; "
+                    f"{name} runs through transformers (drop --quantize)"
+                )
             hf, _ = _load_pretrained(res, torch_dtype, tokenizer=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -272,8 +284,20 @@ def load(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
         device=dev,
         dtype=str(torch_dtype).removeprefix("torch."),
         context_length=int(context),
+        quantize=quantize,
         _hf=hf if native is None else (hf if res.kind == "builtin" else None),
     )
+
+
+def _check_quantize(quantize: str, device: str, dtype: Any) -> None:
+    import torch
+
+    if quantize == "none":
+        return
+    if device != "cpu":
+        raise UsageError(f"--quantize {quantize}: a CPU mode (fbgemm kernels); on {device} use --dtype float16 or bfloat16")
+    if dtype != torch.float32:
+        raise UsageError(f"--quantize {quantize}: cannot be combined with --dtype {str(dtype).removeprefix('torch.')}")
 
 
 def _context_of(config: Any) -> int:

@@ -1,0 +1,134 @@
+"""Fast mode (--quantize int8|fp16): kernels against naive computations, the model against float32,
+every command and decoding mode working on it, provenance and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from aigc_cli.gpt2 import _Fp16Linear, _int8_rows, _Int8Linear, from_hf_model
+from aigc_cli.poetics import FORMS, check
+from aigc_cli.settings import Decoding, GenerationSettings as S
+
+
+def test_int8_linear_equals_a_naive_dequantized_computation():
+    """fbgemm's int8 kernel == per-row int8 weights and a per-call 7-bit affine activation
+    quantization, computed by hand in float32; and it is really quantized (differs from float32)."""
+    torch.manual_seed(0)
+    w, b, x = torch.randn(64, 96) * 0.05, torch.randn(96) * 0.1, torch.randn(5, 64)
+    q, scale = _int8_rows(w.t())
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    step = (hi - lo) / 127
+    zero = round(-lo / step)
+    xq = (torch.clamp(torch.round(x / step) + zero, 0, 127) - zero) * step
+    naive = xq @ (q.float() * scale[:, None]).t() + b
+    got = _Int8Linear((q, scale), b)(x)
+    assert torch.allclose(got, naive, atol=1e-5)
+    assert (got - (x @ w + b)).abs().max() > 1e-3
+
+
+def test_fp16_linear_is_float16_weights_in_float32_arithmetic():
+    torch.manual_seed(1)
+    w, b, x = torch.randn(64, 96) * 0.05, torch.randn(96) * 0.1, torch.randn(7, 64)
+    got = _Fp16Linear(w, b)(x)
+    assert torch.allclose(got, x @ w.half().float() + b, atol=1e-5)
+    assert (got - (x @ w + b)).abs().max() > 1e-6
+
+
+@pytest.fixture(scope="module")
+def models(tiny_lm):
+    hf = tiny_lm.hf_model
+    return {mode: from_hf_model(hf, quantize=mode) for mode in ("none", "int8", "fp16")}
+
+
+def test_quantized_logits_stay_close_to_float32(tiny_lm, models):
+    ids = torch.tensor([tiny_lm.tokenizer.encode("Hello, how are you? The night is dark and full of stars")])
+    with torch.no_grad():
+        ref = models["none"](ids).logits
+        err = {m: (models[m](ids).logits - ref).abs().max().item() / ref.std().item() for m in ("int8", "fp16")}
+    assert 0 < err["fp16"] < 0.01
+    assert err["fp16"] < err["int8"] < 0.15
+
+
+def test_quantized_models_keep_no_float32_token_table(models):
+    assert models["none"].wte.dtype == torch.float32
+    for mode in ("int8", "fp16"):
+        assert not hasattr(models[mode], "wte")
+        assert models[mode].embed.table.dtype == {"int8": torch.int8, "fp16": torch.float16}[mode]
+    emb = models["int8"].embed(torch.arange(10))
+    assert torch.allclose(emb, models["none"].wte[:10], atol=models["int8"].embed.scale[:10].max().item())
+
+
+@pytest.fixture(scope="module")
+def int8_engine():
+    from aigc_cli.engine import Engine
+
+    return Engine.load("tiny-random", quantize="int8")
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "sample", "beam", "contrastive"])
+def test_every_decoding_mode_runs_quantized(int8_engine, decoding):
+    from aigc_cli.engine import Request
+
+    n = 1 if decoding in ("greedy", "contrastive") else 2
+    beams = {"num_beams": 3} if decoding == "beam" else {}
+    settings = S(decoding=Decoding(decoding), num_sequences=n, max_new_tokens=12, min_new_tokens=12, **beams).resolved()
+    reqs = [Request(i, p, settings, 7) for i, p in enumerate(["Hello, how are you?", "The"])]
+    outs = list(int8_engine.generate(reqs, batch_size=4))
+    assert len(outs) == 2 * n and all(len(c.token_ids) == 12 for c in outs)
+
+
+def test_greedy_agreement_and_perplexity_against_float32(cli, tiny_dir):
+    """The two measures of the quality cost: greedy tokens shared with float32, perplexity change."""
+    text = "Once upon a time, in a land far away, there lived a king who loved the sea and the stars."
+    greedy = {}
+    for mode in ("none", "int8", "fp16"):
+        rec = cli.jsonl("generate", text, "-m", str(tiny_dir), "--quantize", mode, "--decoding", "greedy", "--max-new-tokens", "40")
+        greedy[mode] = rec[0]["text"]
+    assert greedy["fp16"] == greedy["none"]
+    ppl = {}
+    for mode in ("none", "int8", "fp16"):
+        result = cli("score", "-", "-m", str(tiny_dir), "--quantize", mode, "--format", "jsonl", input=text)
+        assert result.exit_code == 0, result.stderr
+        ppl[mode] = json.loads(result.stdout)["perplexity"]
+    assert abs(math.log(ppl["int8"] / ppl["none"])) < 0.05
+    assert abs(math.log(ppl["fp16"] / ppl["none"])) < 0.001
+
+
+@pytest.mark.parametrize("model, form", [("tiny-random", "limerick"), ("tiny-random-zh", "wujue")])
+def test_poem_form_holds_quantized(model, form):
+    from aigc_cli.engine import Engine
+    from aigc_cli.poem import write_poems
+    from aigc_cli.prompts import load_prompt
+
+    engine = Engine.load(model, quantize="int8")
+    settings = S(num_sequences=2, seed=5).resolved()
+    template = load_prompt(f"poem-{FORMS[form].language}.txt", "-")
+    for poem in write_poems(engine, "the sea", FORMS[form], settings, 3, template, None):
+        assert check(poem.text, FORMS[form]).ok, poem.text
+
+
+def test_revision_names_the_precision_and_resume_refuses_to_mix(cli, tmp_path):
+    out = tmp_path / "out.jsonl"
+    recs = cli.jsonl("generate", "Hi", "-m", "tiny-random", "--quantize", "fp16", "--max-new-tokens", "4")
+    assert recs[0]["revision"] == "builtin+fp16"
+    assert cli("generate", "Hi", "-m", "tiny-random", "--max-new-tokens", "4", "-o", str(out)).exit_code == 0
+    again = cli("generate", "Hi", "-m", "tiny-random", "--quantize", "int8", "--max-new-tokens", "4", "-o", str(out), "--resume")
+    assert again.exit_code == 2 and "--resume" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--quantize", "int4"], "--quantize"),
+        (["--quantize", "int8", "--dtype", "bfloat16"], "--quantize int8"),
+    ],
+)
+def test_bad_quantize_flags(cli, args, words):
+    result = cli("generate", "Hi", "-m", "tiny-random", *args)
+    assert result.exit_code == 2
+    assert words in result.stderr and "Traceback" not in result.stderr
