@@ -8,8 +8,13 @@ attention. Decoding steps read the cache in place instead of concatenating tenso
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import json
+import math
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -104,9 +109,9 @@ class _Int8Linear:
     fbgemm needs on AVX2) and accumulates in int32. Measured here: 3 ms for the LM head at batch 1
     (fp32: 9 ms), 14-19 ms at batch 32 (fp32: 31 ms)."""
 
-    def __init__(self, rows: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> None:
-        """`rows`: the (out, in) weight as `_int8_rows` gives it."""
-        self.packed = torch.ops.quantized.linear_prepack(_per_channel(*rows), _fp32(bias))
+    def __init__(self, qweight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """`qweight`: the (out, in) weight as a per-channel qint8 tensor (`_per_channel`)."""
+        self.packed = torch.ops.quantized.linear_prepack(qweight, _fp32(bias))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x, self.packed, True)
@@ -129,18 +134,77 @@ def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: (q, scale) with weight ~= q * scale[:, None]."""
-    scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    scale = _int8_scales(weight)
     q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
+def _int8_scales(weight: torch.Tensor) -> torch.Tensor:
+    return (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+
+
 def _per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The per-channel qint8 tensor that fbgemm's prepack takes."""
+    """`_int8_rows`' result as the per-channel qint8 tensor fbgemm's prepack takes."""
+    with _quantized_tensors():
+        return torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+
+
+@contextlib.contextmanager
+def _quantized_tensors() -> Iterator[None]:
+    """torch marks quantized tensors deprecated (a warning per call); fbgemm's linear still takes them."""
     import warnings
 
-    with warnings.catch_warnings():  # torch marks quantized tensors deprecated; fbgemm's linear still takes them
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+        yield
+
+
+_CHUNK_ROWS = 4096
+
+
+def _int8_table(tensors: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_int8_rows` of a (vocab, dim) table read a block of rows at a time, so that the float32
+    table (154 MB for GPT-2) is never whole in memory."""
+    n, dim = tensors.shape(name)
+    q, scale = torch.empty((n, dim), dtype=torch.int8), torch.empty(n)
+    for start in range(0, n, _CHUNK_ROWS):
+        stop = min(n, start + _CHUNK_ROWS)
+        q[start:stop], scale[start:stop] = _int8_rows(tensors.rows(name, start, stop).float())
+    return q, scale
+
+
+def _table_in(tensors: Any, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A (vocab, dim) table converted to `dtype` a block of rows at a time."""
+    n, dim = tensors.shape(name)
+    out = torch.empty((n, dim), dtype=dtype)
+    for start in range(0, n, _CHUNK_ROWS):
+        stop = min(n, start + _CHUNK_ROWS)
+        out[start:stop] = tensors.rows(name, start, stop)
+    return out
+
+
+@contextlib.contextmanager
+def _loading_memory() -> Iterator[None]:
+    """While weights load, every buffer of 1 MiB or more gets its own mapping, returned to the system
+    when freed: otherwise glibc raises its mmap threshold after the first big free and serves the
+    rest from a heap that only grows (measured: +150 MiB of peak for the int8 model). Afterwards the
+    threshold is set to glibc's own upper bound and the freed heap pages are given back."""
+    libc = None
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        except (OSError, AttributeError):
+            libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            libc.malloc_trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 class _Embedding:
@@ -198,7 +262,7 @@ class GPT2:
         def linear(name: str, bias: bool = True) -> Any:
             weight, b = tensors[names[name + ".weight"]], (tensors[names[name + ".bias"]] if bias else None)
             if quantize == "int8":
-                return _Int8Linear(_int8_rows(weight.t().float()), b)
+                return _Int8Linear(_per_channel(*_int8_rows(weight.t().float().contiguous())), b)
             if quantize == "fp16":
                 return _Fp16Linear(weight, b)
             return _Linear(weight, b).to(device, dtype)
@@ -222,22 +286,20 @@ class GPT2:
         self.wpe = get("wpe.weight")
         self._act = self.wpe  # dtype and device of activations and of the KV cache
         tied = cfg.tied or "lm_head.weight" not in names
-        wte = tensors[names["wte.weight"]]
+        table, head_name = names["wte.weight"], names["wte.weight" if tied else "lm_head.weight"]
         if quantize == "int8":  # one int8 copy of the table serves the embedding and (packed) the tied head
-            rows = _int8_rows(wte.float())
+            rows = _int8_table(tensors, table)
             self.embed = _Embedding(*rows)
-            head = rows if tied else _int8_rows(tensors[names["lm_head.weight"]].float())
-            self.head = _Int8Linear(head, None)
+            self.head = _Int8Linear(_per_channel(*(rows if tied else _int8_table(tensors, head_name))), None)
         elif quantize == "fp16":
-            self.embed = _Embedding(wte.to(torch.float16))
-            head_weight = wte if tied else tensors[names["lm_head.weight"]]
-            self.head = _Fp16Linear(head_weight.t(), None)
+            half = _table_in(tensors, table, torch.float16)
+            self.embed = _Embedding(half)
+            self.head = _Fp16Linear((half if tied else tensors[head_name]).t(), None)
         else:
-            self.wte = wte.to(device=device, dtype=dtype)
-            self.embed = functools.partial(F.embedding, weight=self.wte)
+            self.wte = tensors[table].to(device=device, dtype=dtype)
             head_weight = self.wte if tied else get("lm_head.weight")
+            self.embed = functools.partial(F.embedding, weight=self.wte)
             self.head = _Linear(head_weight.t(), None).to(device, dtype)
-        del wte
 
     @property
     def dtype(self) -> torch.dtype:
@@ -322,14 +384,34 @@ class _SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self._header)
 
+    def shape(self, name: str) -> list[int]:
+        return list(self._header[name]["shape"])
+
     def __getitem__(self, name: str) -> torch.Tensor:
+        return self.rows(name, 0, self.shape(name)[0])
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of a tensor (along its first dimension), read from the file."""
         info = self._header[name]
-        start, end = info["data_offsets"]
-        buf = bytearray(end - start)
+        dtype, shape = _DTYPES[info["dtype"]], info["shape"]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        buf = bytearray((stop - start) * row_bytes)
         with self._path.open("rb") as fh:
-            fh.seek(self._base + start)
+            fh.seek(self._base + info["data_offsets"][0] + start * row_bytes)
             fh.readinto(buf)
-        return torch.frombuffer(buf, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+        if not buf:
+            return torch.empty([0, *shape[1:]], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape([stop - start, *shape[1:]])
+
+
+class _InMemory(dict):
+    """Tensors already in memory, with the reader's interface."""
+
+    def shape(self, name: str) -> list[int]:
+        return list(self[name].shape)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self[name][start:stop]
 
 
 def load_gpt2(path: Path, device: str = "cpu", dtype: torch.dtype | None = None, quantize: str = "none") -> GPT2 | None:
@@ -341,7 +423,8 @@ def load_gpt2(path: Path, device: str = "cpu", dtype: torch.dtype | None = None,
     weights = path / "model.safetensors"
     if cfg is None or not weights.is_file():
         return None
-    return GPT2(cfg, _SafetensorsReader(weights), device, dtype, quantize)
+    with _loading_memory():
+        return GPT2(cfg, _SafetensorsReader(weights), device, dtype, quantize)
 
 
 def from_hf_model(
@@ -351,4 +434,5 @@ def from_hf_model(
     cfg = Config.from_hf(model.config.to_dict())
     if cfg is None:
         return None
-    return GPT2(cfg, {k: v.detach() for k, v in model.state_dict().items()}, device, dtype, quantize)
+    with _loading_memory():
+        return GPT2(cfg, _InMemory({k: v.detach() for k, v in model.state_dict().items()}), device, dtype, quantize)

@@ -260,9 +260,11 @@ def load(name: str, device: str = "auto", dtype: str = "auto", quantize: str = "
     else:
         if res.kind == "hub":  # download once into the cache, then load like a local directory
             res = Resolution(res.name, "hub-cache", _download(res.name))
-        native = load_gpt2(Path(res.path or "."), dev, torch_dtype, quantize)
         # A plain GPT-2 needs nothing from transformers: its own forward pass, the tokenizers library.
-        tokenizer = (load_fast(Path(res.path or ".")) if native is not None else None) or _load_tokenizer(res)
+        # (Tokenizer first: the model load ends by handing the heap pages both freed back.)
+        fast = load_fast(Path(res.path or "."))
+        native = load_gpt2(Path(res.path or "."), dev, torch_dtype, quantize)
+        tokenizer = (fast if native is not None else None) or _load_tokenizer(res)
         if native is None:
             if quantize != "none":
                 raise UsageError(

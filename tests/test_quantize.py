@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from aigc_cli.gpt2 import _Fp16Linear, _int8_rows, _Int8Linear, from_hf_model
+from aigc_cli.gpt2 import _Fp16Linear, _int8_rows, _Int8Linear, _per_channel, from_hf_model
 from aigc_cli.poetics import FORMS, check
 from aigc_cli.settings import Decoding, GenerationSettings as S
 
@@ -26,7 +26,7 @@ def test_int8_linear_equals_a_naive_dequantized_computation():
     zero = round(-lo / step)
     xq = (torch.clamp(torch.round(x / step) + zero, 0, 127) - zero) * step
     naive = xq @ (q.float() * scale[:, None]).t() + b
-    got = _Int8Linear((q, scale), b)(x)
+    got = _Int8Linear(_per_channel(q, scale), b)(x)
     assert torch.allclose(got, naive, atol=1e-5)
     assert (got - (x @ w + b)).abs().max() > 1e-3
 
