@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 PROMPT = "Hello, how are you?"
+FAST_MODES = ("int8", "fp16")
 CASE_PROMPTS = [
     "The history of the city begins",
     "In a quiet village by the sea, an old fisherman",
@@ -96,9 +97,9 @@ def main() -> None:
     from aigc_cli.settings import Decoding, GenerationSettings as S
 
     exe = str(Path(sys.executable).with_name("aigc"))
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, str, str, str, str]] = []
 
-    def report(case: str, ours: list[float], ref: list[float] | None, unit: str, work: float = 1.0) -> None:
+    def report(case: str, ours: list[float], ref: list[float] | None, unit: str, work: float = 1.0, target: str = "") -> None:
         if unit == "tok/s":
             o, r = work / statistics.median(ours), (work / statistics.median(ref) if ref else None)
             o_best = work / min(ours)
@@ -110,21 +111,27 @@ def main() -> None:
             text_o = f"{o:.2f} s (min {min(ours):.2f})"
             text_r = f"{r:.2f} s" if r else "-"
             ratio = f"{r / o:.2f}x faster" if r else "-"
-        rows.append((case, text_o, text_r, ratio))
+        rows.append((case, text_o, text_r, ratio, target))
         print(f"{case:55s} aigc {text_o:22s} transformers {text_r:10s} {ratio}", flush=True)
 
     # 1. aigc --help and whole processes
     help_times, _ = _process([exe, "--help"], args.repeat)
-    report("aigc --help (whole process)", help_times, None, "s")
+    report("aigc --help (whole process)", help_times, None, "s", target="< 0.3 s")
     cli = [exe, "generate", PROMPT, "--model", path, "--seed", "1", "--format", "jsonl"]
     ours, peak_ours = _process([*cli, "--decoding", "greedy", "--max-new-tokens", "44", "--min-new-tokens", "44"], args.repeat)
     ref, peak_ref = _process([sys.executable, "-c", REFERENCE_SCRIPT, path, "1", "44", "0"], args.repeat)
     report("whole process: 1 prompt, 44 greedy tokens, exit", ours, ref, "s")
-    ours, _ = _process([*cli, "-n", "5", "--max-new-tokens", "44", "--min-new-tokens", "44"], args.repeat)
+    readme = [*cli, "-n", "5", "--max-new-tokens", "44", "--min-new-tokens", "44"]
+    ours, _ = _process(readme, args.repeat)
     ref, _ = _process([sys.executable, "-c", REFERENCE_SCRIPT, path, "5", "44", "1"], args.repeat)
-    report("whole process: n=5 x 44 sampling (the README example)", ours, ref, "s")
-    rows.append(("peak memory, one prompt (whole process)", f"{peak_ours / 1024:.0f} MiB", f"{peak_ref / 1024:.0f} MiB", "-"))
+    report("whole process: n=5 x 44 sampling (the README example)", ours, ref, "s", target="2.0 s")
+    rows.append(("peak memory, one prompt (whole process)", f"{peak_ours / 1024:.0f} MiB", f"{peak_ref / 1024:.0f} MiB", "-", ""))
     print(f"peak memory: aigc {peak_ours / 1024:.0f} MiB, transformers {peak_ref / 1024:.0f} MiB")
+    for mode in FAST_MODES:
+        ours, peak_fast = _process([*readme, "--quantize", mode], args.repeat)
+        report(f"whole process: README example, --quantize {mode}", ours, ref, "s", target="2.0 s")
+        rows.append((f"peak memory, one prompt, --quantize {mode}", f"{peak_fast / 1024:.0f} MiB", f"{peak_ref / 1024:.0f} MiB", "-", "300 MiB"))
+        print(f"peak memory --quantize {mode}: {peak_fast / 1024:.0f} MiB")
 
     # 2. in-process throughput on the same weights
     engine = Engine.load(path)
@@ -150,13 +157,8 @@ def main() -> None:
     ref_out = ref_run([PROMPT], do_sample=False, max_new_tokens=128, min_new_tokens=128)
     n_prompt = len(tok.encode(PROMPT))
     assert ours_out[0].token_ids == ref_out[0, n_prompt:].tolist(), "greedy output differs from transformers"
-    report(
-        "batch-1 greedy, 128 new tokens",
-        _timed(lambda: ours_run([PROMPT], greedy), args.repeat),
-        _timed(lambda: ref_run([PROMPT], do_sample=False, max_new_tokens=128, min_new_tokens=128), args.repeat),
-        "tok/s",
-        128,
-    )
+    ref_greedy = _timed(lambda: ref_run([PROMPT], do_sample=False, max_new_tokens=128, min_new_tokens=128), args.repeat)
+    report("batch-1 greedy, 128 new tokens", _timed(lambda: ours_run([PROMPT], greedy), args.repeat), ref_greedy, "tok/s", 128, ">= 40")
     beam = S(decoding=Decoding.beam, num_beams=5, max_new_tokens=64, min_new_tokens=64).resolved()
     ours_out = ours_run([PROMPT], beam)
     ref_out = ref_run([PROMPT], do_sample=False, num_beams=5, max_new_tokens=64, min_new_tokens=64)
@@ -167,16 +169,19 @@ def main() -> None:
         _timed(lambda: ref_run([PROMPT], do_sample=False, num_beams=5, max_new_tokens=64, min_new_tokens=64), args.repeat),
         "tok/s",
         64,
+        ">= 20",
     )
     prompts32 = [CASE_PROMPTS[i % 4] for i in range(32)]
     sample = S(max_new_tokens=64, min_new_tokens=64, top_p=0.9).resolved()
-    report(
-        "32 prompts x 64 new, sampling top-p 0.9",
-        _timed(lambda: ours_run(prompts32, sample), args.repeat),
-        _timed(lambda: ref_run(prompts32, do_sample=True, top_p=0.9, max_new_tokens=64, min_new_tokens=64), args.repeat),
-        "tok/s",
-        32 * 64,
-    )
+    ref_batch = _timed(lambda: ref_run(prompts32, do_sample=True, top_p=0.9, max_new_tokens=64, min_new_tokens=64), args.repeat)
+    report("32 prompts x 64 new, sampling top-p 0.9", _timed(lambda: ours_run(prompts32, sample), args.repeat), ref_batch, "tok/s", 32 * 64, ">= 250")
+
+    # 3. fast modes, against the same float32 reference
+    for mode in FAST_MODES:
+        engine = Engine.load(path, quantize=mode)
+        ours_run(prompts32[:2], sample)  # warm-up
+        report(f"batch-1 greedy, 128 new, --quantize {mode}", _timed(lambda: ours_run([PROMPT], greedy), args.repeat), ref_greedy, "tok/s", 128, ">= 100")
+        report(f"32 prompts x 64 new, top-p 0.9, --quantize {mode}", _timed(lambda: ours_run(prompts32, sample), args.repeat), ref_batch, "tok/s", 32 * 64, ">= 450")
 
     machine = f"{_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
     lines = [
@@ -188,9 +193,12 @@ def main() -> None:
         "Reference: transformers `generate` on the same weights and settings, in the same run.",
         "Greedy and beam outputs were asserted token-identical to the reference.",
         "",
-        "| case | aigc | transformers | aigc vs transformers |",
-        "|---|---|---|---|",
-        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        "Fast modes (`--quantize`) are compared with the same float32 transformers reference; their quality",
+        "cost is measured by bench/quality.py (bench/RESULTS-quality.md). Targets are issue 6's.",
+        "",
+        "| case | aigc | transformers | aigc vs transformers | target |",
+        "|---|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows],
         "",
         "Rerun: `.venv/bin/python bench/run.py` (add `--repeat 1` for a quick look).",
         "",
