@@ -8,13 +8,8 @@ attention. Decoding steps read the cache in place instead of concatenating tenso
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import json
-import math
-import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from aigc_cli import quantize as q8
+from aigc_cli.weights import InMemory, SafetensorsReader, loading_memory
 
 
 @dataclass(frozen=True)
@@ -105,125 +103,6 @@ class _Linear:
         return torch.addmm(self.bias, x, self.weight)
 
 
-class _Int8Linear:
-    """Fast mode `--quantize int8`: int8 weights (symmetric, one scale per output channel) in fbgemm's
-    packed layout; fbgemm quantizes the activations on the fly (one scale per call, 7-bit range as
-    fbgemm needs on AVX2) and accumulates in int32. Measured here: 3 ms for the LM head at batch 1
-    (fp32: 9 ms), 14-19 ms at batch 32 (fp32: 31 ms)."""
-
-    def __init__(self, qweight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """`qweight`: the (out, in) weight as a per-channel qint8 tensor (`_per_channel`)."""
-        self.packed = torch.ops.quantized.linear_prepack(qweight, _fp32(bias))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
-
-
-class _Fp16Linear:
-    """Fast mode `--quantize fp16`: weights stored as float16 in fbgemm's packed layout, converted
-    to float32 inside the kernel (weight-only: activations and accumulation stay float32)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.t().float().contiguous(), _fp32(bias))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
-
-
-def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.float().contiguous()
-
-
-def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: (q, scale) with weight ~= q * scale[:, None]."""
-    scale = _int8_scales(weight)
-    q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def _int8_scales(weight: torch.Tensor) -> torch.Tensor:
-    return (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-
-
-def _per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """`_int8_rows`' result as the per-channel qint8 tensor fbgemm's prepack takes."""
-    with _quantized_tensors():
-        return torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
-
-
-@contextlib.contextmanager
-def _quantized_tensors() -> Iterator[None]:
-    """torch marks quantized tensors deprecated (a warning per call); fbgemm's linear still takes them."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-_CHUNK_ROWS = 4096
-
-
-def _int8_table(tensors: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_int8_rows` of a (vocab, dim) table read a block of rows at a time, so that the float32
-    table (154 MB for GPT-2) is never whole in memory."""
-    n, dim = tensors.shape(name)
-    q, scale = torch.empty((n, dim), dtype=torch.int8), torch.empty(n)
-    for start in range(0, n, _CHUNK_ROWS):
-        stop = min(n, start + _CHUNK_ROWS)
-        q[start:stop], scale[start:stop] = _int8_rows(tensors.rows(name, start, stop).float())
-    return q, scale
-
-
-def _table_in(tensors: Any, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """A (vocab, dim) table converted to `dtype` a block of rows at a time."""
-    n, dim = tensors.shape(name)
-    out = torch.empty((n, dim), dtype=dtype)
-    for start in range(0, n, _CHUNK_ROWS):
-        stop = min(n, start + _CHUNK_ROWS)
-        out[start:stop] = tensors.rows(name, start, stop)
-    return out
-
-
-@contextlib.contextmanager
-def _loading_memory() -> Iterator[None]:
-    """While weights load, every buffer of 1 MiB or more gets its own mapping, returned to the system
-    when freed: otherwise glibc raises its mmap threshold after the first big free and serves the
-    rest from a heap that only grows (measured: +150 MiB of peak for the int8 model). Afterwards the
-    threshold is set to glibc's own upper bound and the freed heap pages are given back."""
-    libc = None
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-        except (OSError, AttributeError):
-            libc = None
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-            libc.malloc_trim(0)
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-class _Embedding:
-    """Token embeddings for the fast modes: int8 rows with their scales (shared with the LM head's
-    quantization) or float16 rows, widened to float32 for the rows looked up."""
-
-    def __init__(self, table: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-        self.table, self.scale = table, scale
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.table[ids].float()
-        return rows if self.scale is None else rows * self.scale[ids].unsqueeze(-1)
-
-
-QUANTIZE_MODES = ("none", "int8", "fp16")
-
-
 def _use_onednn(weight: torch.Tensor) -> bool:
     import os
 
@@ -246,14 +125,17 @@ class GPT2:
         device: str = "cpu",
         dtype: torch.dtype | None = None,
         quantize: str = "none",
+        int8_cache: q8.Int8Cache | None = None,
     ) -> None:
         """`tensors` maps checkpoint names (with or without "transformer.") to tensors; it may read
         them lazily, so that each weight is moved (and packed) as it is read and peak memory stays
         near one copy of the model. `quantize` "int8" or "fp16" (CPU only) stores the matmul weights
-        and token embeddings in reduced precision (fast mode); activations stay float32."""
-        if quantize not in QUANTIZE_MODES:
+        and token embeddings in reduced precision (fast mode); activations stay float32. `int8_cache`
+        holds int8 weights of an earlier run (and keeps this run's for the next)."""
+        if quantize not in q8.QUANTIZE_MODES:
             raise ValueError(f"quantize: {quantize!r}")
         self.cfg, self.quantize = cfg, quantize
+        cache = int8_cache or q8.Int8Cache(None)
         if quantize != "none":
             device, dtype = "cpu", torch.float32
         names = {k.removeprefix("transformer."): k for k in tensors.keys()}
@@ -261,13 +143,13 @@ class GPT2:
         def get(name: str) -> torch.Tensor:
             return tensors[names[name]].to(device=device, dtype=dtype)
 
-        def linear(name: str, bias: bool = True) -> Any:
-            weight, b = tensors[names[name + ".weight"]], (tensors[names[name + ".bias"]] if bias else None)
+        def linear(name: str) -> Any:
+            weight, bias = names[name + ".weight"], names[name + ".bias"]
             if quantize == "int8":
-                return _Int8Linear(_per_channel(*_int8_rows(weight.t().float().contiguous())), b)
+                return q8.int8_linear(tensors, weight, bias, cache)
             if quantize == "fp16":
-                return _Fp16Linear(weight, b)
-            return _Linear(weight, b).to(device, dtype)
+                return q8.Fp16Linear(tensors[weight], tensors[bias])
+            return _Linear(tensors[weight], tensors[bias]).to(device, dtype)
 
         # Two loader threads: reading, quantizing and packing each weight are single-threaded
         # torch calls that release the GIL (measured, GPT-2 small: float32 1.1 -> 0.9 s, int8 2.7 -> 2.0 s,
@@ -275,7 +157,7 @@ class GPT2:
         matmuls = [f"h.{i}.{m}" for i in range(cfg.n_layer) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
         tied = cfg.tied or "lm_head.weight" not in names
         with ThreadPoolExecutor(max_workers=2) as pool:
-            table_and_head = pool.submit(self._table_and_head, tensors, names, tied, quantize, get)
+            table_and_head = pool.submit(self._table_and_head, tensors, names, tied, quantize, get, cache)
             packed = iter(list(pool.map(linear, matmuls)))
             self.embed, self.head, wte = table_and_head.result()
         if wte is not None:
@@ -292,16 +174,15 @@ class GPT2:
         self._act = self.wpe  # dtype and device of activations and of the KV cache
 
     @staticmethod
-    def _table_and_head(tensors: Any, names: dict[str, str], tied: bool, quantize: str, get: Any) -> tuple[Any, Any, Any]:
+    def _table_and_head(
+        tensors: Any, names: dict[str, str], tied: bool, quantize: str, get: Any, cache: q8.Int8Cache
+    ) -> tuple[Any, Any, Any]:
         """(token embedding, LM head, float token table or None) in the precision of `quantize`."""
         table, head_name = names["wte.weight"], names["wte.weight" if tied else "lm_head.weight"]
-        if quantize == "int8":  # one int8 copy of the table serves the embedding and (packed) the tied head
-            rows = _int8_table(tensors, table)
-            head = rows if tied else _int8_table(tensors, head_name)
-            return _Embedding(*rows), _Int8Linear(_per_channel(*head), None), None
+        if quantize == "int8":
+            return (*q8.int8_embedding_and_head(tensors, table, head_name, tied, cache), None)
         if quantize == "fp16":
-            half = _table_in(tensors, table, torch.float16)
-            return _Embedding(half), _Fp16Linear((half if tied else tensors[head_name]).t(), None), None
+            return (*q8.fp16_embedding_and_head(tensors, table, head_name, tied), None)
         wte = get("wte.weight")
         head_weight = wte if tied else get("lm_head.weight")
         return functools.partial(F.embedding, weight=wte), _Linear(head_weight.t(), None).to(wte.device, wte.dtype), wte
@@ -371,54 +252,6 @@ def _attention_bias(key_mask: torch.Tensor, start: int, steps: int, dtype: torch
     return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill_(~allowed, float("-inf"))
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-class _SafetensorsReader:
-    """Tensors of a safetensors file, each read with plain file reads when asked for: unlike a
-    memory map, the file's pages then never count towards the process's memory."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        with path.open("rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            self._header = json.loads(fh.read(size))
-        self._header.pop("__metadata__", None)
-        self._base = 8 + size
-
-    def keys(self) -> list[str]:
-        return list(self._header)
-
-    def shape(self, name: str) -> list[int]:
-        return list(self._header[name]["shape"])
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.rows(name, 0, self.shape(name)[0])
-
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of a tensor (along its first dimension), read from the file."""
-        info = self._header[name]
-        dtype, shape = _DTYPES[info["dtype"]], info["shape"]
-        row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        buf = bytearray((stop - start) * row_bytes)
-        with self._path.open("rb") as fh:
-            fh.seek(self._base + info["data_offsets"][0] + start * row_bytes)
-            fh.readinto(buf)
-        if not buf:
-            return torch.empty([0, *shape[1:]], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape([stop - start, *shape[1:]])
-
-
-class _InMemory(dict):
-    """Tensors already in memory, with the reader's interface."""
-
-    def shape(self, name: str) -> list[int]:
-        return list(self[name].shape)
-
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self[name][start:stop]
-
-
 def load_gpt2(path: Path, device: str = "cpu", dtype: torch.dtype | None = None, quantize: str = "none") -> GPT2 | None:
     """The native model for a GPT-2 directory with safetensors weights; None when it is not one."""
     try:
@@ -428,8 +261,12 @@ def load_gpt2(path: Path, device: str = "cpu", dtype: torch.dtype | None = None,
     weights = path / "model.safetensors"
     if cfg is None or not weights.is_file():
         return None
-    with _loading_memory():
-        return GPT2(cfg, _SafetensorsReader(weights), device, dtype, quantize)
+    cache = q8.Int8Cache(weights) if quantize == "int8" else None
+    with loading_memory():
+        model = GPT2(cfg, SafetensorsReader(weights), device, dtype, quantize, cache)
+    if cache is not None:
+        cache.save()
+    return model
 
 
 def from_hf_model(
@@ -439,5 +276,5 @@ def from_hf_model(
     cfg = Config.from_hf(model.config.to_dict())
     if cfg is None:
         return None
-    with _loading_memory():
-        return GPT2(cfg, _InMemory({k: v.detach() for k, v in model.state_dict().items()}), device, dtype, quantize)
+    with loading_memory():
+        return GPT2(cfg, InMemory({k: v.detach() for k, v in model.state_dict().items()}), device, dtype, quantize)

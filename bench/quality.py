@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import sys
 from pathlib import Path
 
@@ -56,7 +55,8 @@ def main() -> None:
 
     from aigc_cli.engine import Engine, Request
     from aigc_cli.scoring import perplexity
-    from aigc_cli.settings import Decoding, GenerationSettings as S
+    from aigc_cli.settings import Decoding
+    from aigc_cli.settings import GenerationSettings as S
 
     if args.model is None:
         from make_model import build
@@ -99,8 +99,10 @@ def main() -> None:
         "",
         f"Run on {datetime.date.today().isoformat()} with torch {torch.__version__}; model: `{args.model}`"
         + (" (GPT-2-small shape, random weights)" if "gpt2-small-random" in args.model else "") + ".",
-        f"Fixed text: the Gettysburg Address ({len(tok.encode(TEXT))} tokens). Greedy agreement: {len(PROMPTS)} prompts x "
-        f"{args.tokens} tokens of float32 greedy decoding, each mode reading the same tokens.",
+        (
+            f"Fixed text: the Gettysburg Address ({len(tok.encode(TEXT))} tokens). Greedy agreement: {len(PROMPTS)} prompts x "
+            f"{args.tokens} tokens of float32 greedy decoding, each mode reading the same tokens."
+        ),
         "",
         "| mode | perplexity | change | greedy agreement (teacher-forced) | free-running greedy identical | median first divergence (token) |",
         "|---|---|---|---|---|---|",

@@ -9,9 +9,11 @@ import math
 import pytest
 import torch
 
-from aigc_cli.gpt2 import _Fp16Linear, _int8_rows, _Int8Linear, _per_channel, from_hf_model
+from aigc_cli.gpt2 import from_hf_model
 from aigc_cli.poetics import FORMS, check
-from aigc_cli.settings import Decoding, GenerationSettings as S
+from aigc_cli.quantize import Fp16Linear, Int8Linear, int8_rows
+from aigc_cli.settings import Decoding
+from aigc_cli.settings import GenerationSettings as S
 
 
 def test_int8_linear_equals_a_naive_dequantized_computation():
@@ -19,14 +21,14 @@ def test_int8_linear_equals_a_naive_dequantized_computation():
     quantization, computed by hand in float32; and it is really quantized (differs from float32)."""
     torch.manual_seed(0)
     w, b, x = torch.randn(64, 96) * 0.05, torch.randn(96) * 0.1, torch.randn(5, 64)
-    q, scale = _int8_rows(w.t())
+    q, scale = int8_rows(w.t().contiguous())
     assert q.dtype == torch.int8 and q.abs().max() == 127
     lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
     step = (hi - lo) / 127
     zero = round(-lo / step)
     xq = (torch.clamp(torch.round(x / step) + zero, 0, 127) - zero) * step
     naive = xq @ (q.float() * scale[:, None]).t() + b
-    got = _Int8Linear(_per_channel(q, scale), b)(x)
+    got = Int8Linear(q, scale, b)(x)
     assert torch.allclose(got, naive, atol=1e-5)
     assert (got - (x @ w + b)).abs().max() > 1e-3
 
@@ -34,7 +36,7 @@ def test_int8_linear_equals_a_naive_dequantized_computation():
 def test_fp16_linear_is_float16_weights_in_float32_arithmetic():
     torch.manual_seed(1)
     w, b, x = torch.randn(64, 96) * 0.05, torch.randn(96) * 0.1, torch.randn(7, 64)
-    got = _Fp16Linear(w, b)(x)
+    got = Fp16Linear(w, b)(x)
     assert torch.allclose(got, x @ w.half().float() + b, atol=1e-5)
     assert (got - (x @ w + b)).abs().max() > 1e-6
 
@@ -132,3 +134,32 @@ def test_bad_quantize_flags(cli, args, words):
     result = cli("generate", "Hi", "-m", "tiny-random", *args)
     assert result.exit_code == 2
     assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_int8_weights_are_cached_for_the_next_run(tiny_dir, monkeypatch, tmp_path):
+    """The first int8 load stores its int8 weights; the next one reads them and quantizes nothing."""
+    import os
+
+    from aigc_cli import quantize as q8
+    from aigc_cli.gpt2 import load_gpt2
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    first = load_gpt2(tiny_dir, quantize="int8")
+    stored = list((tmp_path / "aigc" / "int8").glob("*.safetensors"))
+    assert len(stored) == 1
+
+    def refuse(*_):
+        raise AssertionError("quantized again although the cache holds the weights")
+
+    monkeypatch.setattr(q8, "int8_rows", refuse)
+    monkeypatch.setattr(q8, "int8_table", refuse)
+    second = load_gpt2(tiny_dir, quantize="int8")
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits)
+    weights = tiny_dir / "model.safetensors"  # a changed checkpoint is another cache entry
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="quantized again"):
+        load_gpt2(tiny_dir, quantize="int8")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
