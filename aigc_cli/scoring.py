@@ -37,18 +37,33 @@ def continuation_logprobs(
         for b, r in enumerate(rows):
             ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[b, : len(r)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
+        spans = []  # (row, first predicting position, continuation length) per pair of the chunk
         for b, i in enumerate(chunk):
             ctx, cont = len(pairs[i][0]), len(pairs[i][1])
-            if cont == 0:
-                continue
-            if ctx == 0:
+            if cont and ctx == 0:
                 raise ValueError("a continuation needs at least one context token (e.g. BOS)")
-            positions = torch.arange(ctx - 1, ctx - 1 + cont, device=logp.device)
-            targets = ids[b, ctx : ctx + cont].to(logp.device)
-            out[i] = logp[b, positions, targets].tolist()
+            spans.append((b, ctx - 1, cont))
+        for (b, first, cont), logp in zip(spans, _span_logprobs(model, ids.to(device), mask.to(device), spans)):
+            if cont:
+                targets = ids[b, first + 1 : first + 1 + cont].to(logp.device)
+                out[chunk[b]] = logp.gather(-1, targets[:, None])[:, 0].tolist()
     return out
+
+
+def _span_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """Log-softmax rows at the positions that predict each continuation. aigc's native GPT-2 runs
+    its LM head (50,257 x 768) on those positions only, not on every context and padding position
+    as a whole-sequence call does: for a poem's rerank that is half the head's work, for recommend's
+    long prompts and short items far more."""
+    from aigc_cli.gpt2 import GPT2
+
+    if isinstance(model, GPT2):
+        hidden = model.forward(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
+        picked = torch.cat([hidden[b, first : first + cont] for b, first, cont in spans])
+        flat = torch.log_softmax(model.logits(picked).float(), dim=-1)
+        return list(flat.split([cont for _, _, cont in spans]))
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    return [logp[b, first : first + cont] for b, first, cont in spans]
 
 
 @dataclass
