@@ -33,6 +33,7 @@ class RowResult:
     token_ids: list[int]
     text: str
     finish_reason: str  # "length" | "stop" | "eos"
+    logprobs: list[float] | None = None  # log P(token) under the model before any processor, when asked for
 
 
 def row_seed(base_seed: int, record_id: Any, index: int) -> int:
@@ -50,16 +51,19 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
 
     def text_with(self, token: int) -> str:
         return self.tokenizer.decode(self.generated + [token], clean_up_tokenization_spaces=False)
 
-    def push(self, token: int, step: int, eos: int, s: GenerationSettings) -> bool:
+    def push(self, token: int, step: int, eos: int, s: GenerationSettings, logprob: float | None = None) -> bool:
         """Append one token (step counts from 0); returns whether the text grew."""
         if token == eos:
             self.finish_reason = "eos"
             return False
         self.generated.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         text = self.tokenizer.decode(self.generated, clean_up_tokenization_spaces=False)
         cut = find_stop(text, s.stop) if s.stop else None
         if cut is not None:
@@ -81,8 +85,10 @@ class _Decoder:
         settings: GenerationSettings,
         on_text: OnText | None,
         extra: ExtraProcessors | None = None,
+        logprobs: bool = False,
     ):
         self.model = lm.model
+        self.logprobs = logprobs
         self.tok = lm.tokenizer
         self.device = lm.device
         self.s = settings
@@ -134,14 +140,14 @@ class _Decoder:
             return False
         return self.ban.violated(row.prompt_tail + row.text, row.prompt_tail + row.text_with(token))
 
-    def accept(self, row_index: int, token: int, step: int) -> None:
+    def accept(self, row_index: int, token: int, step: int, logprob: float | None = None) -> None:
         """Append `token` to a row, decide whether the row is finished, and report its text."""
         row = self.rows[row_index]
-        if row.push(token, step, self.eos, self.s) and self.on_text is not None:
+        if row.push(token, step, self.eos, self.s, logprob) and self.on_text is not None:
             self.on_text(row_index, row.text)
 
     def results(self) -> list[RowResult]:
-        return [RowResult(r.generated, r.text, r.finish_reason or "length") for r in self.rows]
+        return [RowResult(r.generated, r.text, r.finish_reason or "length", r.logprobs if self.logprobs else None) for r in self.rows]
 
 
 
@@ -192,11 +198,14 @@ def generate_rows(
     seeds: Sequence[int],
     on_text: OnText | None = None,
     extra: ExtraProcessors | None = None,
+    logprobs: bool = False,
 ) -> list[RowResult]:
-    """Generate one sequence per prompt row (rows may repeat a prompt); `settings` must be resolved."""
+    """Generate one sequence per prompt row (rows may repeat a prompt); `settings` must be resolved.
+    `logprobs`: record each generated token's log-probability under the unprocessed model
+    (greedy and sampling; contrastive search leaves them None)."""
     if settings.decoding is Decoding.beam:
         raise ValueError("beam search generates several rows per prompt: use generate_beam")
-    dec = _Decoder(lm, prompts, settings, on_text, extra)
+    dec = _Decoder(lm, prompts, settings, on_text, extra, logprobs and settings.decoding is not Decoding.contrastive)
     if settings.decoding is Decoding.contrastive:
         _contrastive_loop(dec)
     else:
@@ -283,13 +292,14 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
     run = _Runner(dec.model, len(dec.rows), dec.prompt_width + dec.s.max_new_tokens)
     logits, _ = run(ids, mask, dec.position_ids(mask))
     for step in range(dec.s.max_new_tokens):
+        raw = torch.log_softmax(logits, dim=-1) if dec.logprobs else None  # processors may write in place
         scores = dec.processors(ids, logits)
         picked = sampler(scores, [gens[r] for r in active]) if sampling else scores.argmax(-1)
         tokens = picked.tolist()
         for b, r in enumerate(active):
             if dec.ban:
                 tokens[b] = _unbanned(dec, r, scores[b], tokens[b], sampler if sampling else None, gens[r] if sampling else None)
-            dec.accept(r, tokens[b], step)
+            dec.accept(r, tokens[b], step, float(raw[b, tokens[b]]) if raw is not None else None)
         token_t = torch.tensor(tokens, dtype=torch.long, device=dec.device)[:, None]
         ids = torch.cat([ids, token_t], dim=-1)
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)

@@ -45,6 +45,7 @@ class Completion:
     seed: int
     extra: dict[str, Any] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list, repr=False)  # generated ids, EOS excluded
+    logprobs: list[float] | None = field(default=None, repr=False)  # per token, when asked for
 
 
 @dataclass
@@ -94,12 +95,14 @@ class Engine:
         batch_size: int | None = None,
         on_text: Callable[[Completion, str], None] | None = None,
         processors: Callable[[int], list[Any]] | None = None,
+        logprobs: bool = False,
     ) -> Iterator[Completion]:
         """Generate every wanted sequence; yields completions in request order, index order.
 
         Rows of requests that share settings run together, sorted by prompt length so that
         similar lengths share a batch. `on_text(partial, text_so_far)` streams a lone row;
-        `processors(prompt_width)` adds logits processors (poem forms) to every batch.
+        `processors(prompt_width)` adds logits processors (poem forms) to every batch; `logprobs`
+        records each token's log-probability under the unprocessed model (greedy and sampling).
         """
         from aigc_cli.decoding import generate_beam, generate_rows, row_seed
 
@@ -110,10 +113,10 @@ class Engine:
         }
         done: dict[tuple[int, int], Completion] = {}
 
-        def finish(row: _Row, text: str, reason: str, tokens: list[int]) -> Completion:
+        def finish(row: _Row, text: str, reason: str, tokens: list[int], logp: list[float] | None = None) -> Completion:
             req = row.request
             return Completion(
-                req.id, row.index, req.prompt, text, reason, len(row.prompt_ids), len(tokens), req.seed, token_ids=tokens
+                req.id, row.index, req.prompt, text, reason, len(row.prompt_ids), len(tokens), req.seed, token_ids=tokens, logprobs=logp
             )
 
         groups: dict[GenerationSettings, list[_Row]] = {}
@@ -137,9 +140,9 @@ class Engine:
                     partial = finish(lone, "", "", [])
                     stream = lambda _i, text, p=partial: on_text(p, text)  # noqa: E731
                 seeds = [row_seed(r.request.seed, r.request.id, r.index) for r in chunk]
-                results = generate_rows(self.lm, [r.prompt_ids for r in chunk], settings, seeds, stream, processors)
+                results = generate_rows(self.lm, [r.prompt_ids for r in chunk], settings, seeds, stream, processors, logprobs)
                 for r, res in zip(chunk, results):
-                    done[(id(r.request), r.index)] = finish(r, res.text, res.finish_reason, res.token_ids)
+                    done[(id(r.request), r.index)] = finish(r, res.text, res.finish_reason, res.token_ids, res.logprobs)
         for req in requests:
             for index in req.wanted():
                 yield done[(id(req), index)]

@@ -401,14 +401,19 @@ def write_poems(
     prompt_ids = engine.encode(prompt, run)
     request = Request(id=0, prompt=prompt, settings=run, seed=seed, prompt_ids=tuple(prompt_ids))
     completions = list(
-        engine.generate([request], processors=lambda width: [FormConstraint(tok, form, width, acrostic)])
+        engine.generate(
+            [request], processors=lambda width: [FormConstraint(tok, form, width, acrostic)], logprobs=True
+        )
     )
-    scores = continuation_logprobs(
-        engine.lm.model,
-        [(prompt_ids, c.token_ids) for c in completions],
-        pad_id=tok.pad_token_id or 0,
-        device=engine.lm.device,
-    )
+    if all(c.logprobs is not None for c in completions):  # recorded while sampling: no second forward pass
+        scores = [c.logprobs for c in completions]
+    else:  # beam search records none: score the finished poems
+        scores = continuation_logprobs(
+            engine.lm.model,
+            [(prompt_ids, c.token_ids) for c in completions],
+            pad_id=tok.pad_token_id or 0,
+            device=engine.lm.device,
+        )
     poems = []
     for c, row in zip(completions, scores):
         text = poem_text(tok, form, c.token_ids)

@@ -307,3 +307,21 @@ def test_native_beam_search_equals_transformers_beam_search(tiny_lm, extra):
         theirs = _beam_transformers(tiny_lm, _Decoder(tiny_lm, [ids], settings, None))
         eos = tiny_lm.tokenizer.eos_token_id
         assert [_strip_eos(x, eos) for x in ours] == [_strip_eos(x, eos) for x in theirs], (prompt, extra)
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "sample"])
+def test_recorded_logprobs_equal_scoring_the_finished_text(tiny_lm, decoding):
+    """Log-probabilities recorded while decoding (poem reranking uses them) are the unprocessed
+    model's: equal to scoring the generated tokens afterwards, even under a repetition penalty."""
+    from aigc_cli.scoring import continuation_logprobs
+
+    n = 3 if decoding == "sample" else 1
+    settings = S(decoding=Decoding(decoding), num_sequences=n, max_new_tokens=16, repetition_penalty=1.5, seed=2).resolved()
+    engine = Engine(tiny_lm)
+    outs = list(engine.generate([Request(0, p, settings, 2) for p in PROMPTS[:2]], logprobs=True))
+    assert all(c.logprobs is not None and len(c.logprobs) == len(c.token_ids) for c in outs)
+    pairs = [(_ids(tiny_lm, c.prompt), c.token_ids) for c in outs]
+    for c, ref in zip(outs, continuation_logprobs(tiny_lm.model, pairs)):
+        assert c.logprobs == pytest.approx(ref, abs=1e-4)
+    plain = list(engine.generate([Request(0, PROMPTS[0], settings, 2)]))
+    assert plain[0].logprobs is None
