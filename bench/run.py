@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -78,6 +79,18 @@ ids = tok("Hello, how are you?", return_tensors="pt")
 torch.manual_seed(0)
 out = model.generate(**ids, do_sample=sample, num_return_sequences=n, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=tok.eos_token_id)
 for seq in out:
+    print(tok.decode(seq))
+"""
+
+
+CT2_SCRIPT = """
+import sys, ctranslate2, tokenizers
+model, hf_dir, compute = sys.argv[1], sys.argv[2], sys.argv[3]
+tok = tokenizers.Tokenizer.from_file(hf_dir + "/tokenizer.json")
+gen = ctranslate2.Generator(model, device="cpu", compute_type=compute, intra_threads=2)
+tokens = tok.encode("Hello, how are you?").tokens
+out = gen.generate_batch([tokens], num_hypotheses=5, sampling_topk=50, max_length=44, min_length=44, include_prompt_in_result=False)
+for seq in out[0].sequences_ids:
     print(tok.decode(seq))
 """
 
@@ -169,14 +182,8 @@ def main() -> None:
     ours_out = ours_run([PROMPT], beam)
     ref_out = ref_run([PROMPT], do_sample=False, num_beams=5, max_new_tokens=64, min_new_tokens=64)
     assert ours_out[0].token_ids == ref_out[0, n_prompt:].tolist(), "beam output differs from transformers"
-    report(
-        "beam search, 5 beams, 64 new tokens",
-        _timed(lambda: ours_run([PROMPT], beam), args.repeat),
-        _timed(lambda: ref_run([PROMPT], do_sample=False, num_beams=5, max_new_tokens=64, min_new_tokens=64), args.repeat),
-        "tok/s",
-        64,
-        ">= 20",
-    )
+    ref_beam = _timed(lambda: ref_run([PROMPT], do_sample=False, num_beams=5, max_new_tokens=64, min_new_tokens=64), args.repeat)
+    report("beam search, 5 beams, 64 new tokens", _timed(lambda: ours_run([PROMPT], beam), args.repeat), ref_beam, "tok/s", 64, ">= 20")
     prompts32 = [CASE_PROMPTS[i % 4] for i in range(32)]
     sample = S(max_new_tokens=64, min_new_tokens=64, top_p=0.9).resolved()
     ref_batch = _timed(lambda: ref_run(prompts32, do_sample=True, top_p=0.9, max_new_tokens=64, min_new_tokens=64), args.repeat)
@@ -189,6 +196,41 @@ def main() -> None:
         report(f"batch-1 greedy, 128 new, --quantize {mode}", _timed(lambda: ours_run([PROMPT], greedy), args.repeat), ref_greedy, "tok/s", 128, ">= 100")
         report(f"32 prompts x 64 new, top-p 0.9, --quantize {mode}", _timed(lambda: ours_run(prompts32, sample), args.repeat), ref_batch, "tok/s", 32 * 64, ">= 450")
 
+    # 4. CTranslate2, when it is installed (pip install ctranslate2): the same cases, same weights
+    ct2_note = "CTranslate2: not installed, not measured."
+    try:
+        import ctranslate2
+    except ImportError:
+        ctranslate2 = None
+    if ctranslate2 is not None:
+        ct2_dir = HERE / "_model" / "ct2-float32"
+        if not (ct2_dir / "model.bin").exists():
+            from ctranslate2.converters import TransformersConverter
+
+            TransformersConverter(path).convert(str(ct2_dir), force=True)
+        ct2_note = f"CTranslate2 {ctranslate2.__version__}: the same weights converted with its TransformersConverter, intra_threads=2."
+        for compute in ("float32", "int8"):
+            ct2_times, _ = _process([sys.executable, "-c", CT2_SCRIPT, str(ct2_dir), path, compute], args.repeat)
+            report(f"CTranslate2 {compute}: whole process, README example", ct2_times, ref, "s")
+            gen = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=compute, intra_threads=2)
+
+            def ct2_run(prompts: list[str], n: int, gen: Any = gen, **kw: Any) -> list:
+                batch = [[tok.convert_ids_to_tokens(i) for i in tok.encode(p_)] for p_ in prompts]
+                out = gen.generate_batch(batch, max_length=n, min_length=n, include_prompt_in_result=False, **kw)
+                assert all(len(seq) == n for r in out for seq in r.sequences_ids)
+                return out
+
+            ct2_run([PROMPT], 128, sampling_topk=1)  # warm-up
+            report(f"CTranslate2 {compute}: batch-1 greedy, 128 new", _timed(lambda: ct2_run([PROMPT], 128, sampling_topk=1), args.repeat), ref_greedy, "tok/s", 128)
+            report(f"CTranslate2 {compute}: beam search, 5 beams, 64 new", _timed(lambda: ct2_run([PROMPT], 64, beam_size=5), args.repeat), ref_beam, "tok/s", 64)
+            report(
+                f"CTranslate2 {compute}: 32 prompts x 64 new, top-p 0.9",
+                _timed(lambda: ct2_run(prompts32, 64, sampling_topk=50, sampling_topp=0.9), args.repeat),
+                ref_batch,
+                "tok/s",
+                32 * 64,
+            )
+
     machine = f"{_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
     lines = [
         "# Benchmark results",
@@ -199,6 +241,7 @@ def main() -> None:
         "Reference: transformers `generate` on the same weights and settings, in the same run.",
         "Greedy and beam outputs were asserted token-identical to the reference.",
         "",
+        ct2_note,
         "Fast modes (`--quantize`) are compared with the same float32 transformers reference; their quality",
         "cost is measured by bench/quality.py (bench/RESULTS-quality.md). Targets are issue 6's.",
         "",
