@@ -194,6 +194,7 @@ def main() -> None:
         engine = Engine.load(path, quantize=mode)
         ours_run(prompts32[:2], sample)  # warm-up
         report(f"batch-1 greedy, 128 new, --quantize {mode}", _timed(lambda: ours_run([PROMPT], greedy), args.repeat), ref_greedy, "tok/s", 128, ">= 100")
+        report(f"beam search, 5 beams, 64 new, --quantize {mode}", _timed(lambda: ours_run([PROMPT], beam), args.repeat), ref_beam, "tok/s", 64)
         report(f"32 prompts x 64 new, top-p 0.9, --quantize {mode}", _timed(lambda: ours_run(prompts32, sample), args.repeat), ref_batch, "tok/s", 32 * 64, ">= 450")
 
     # 4. CTranslate2, when it is installed (pip install ctranslate2): the same cases, same weights
