@@ -286,3 +286,6 @@ def test_hub_download_flow_with_a_fake_hub(cli, tiny_dir, monkeypatch, files, wa
     assert r.exit_code == 0, r.stderr
     assert asked["repo"] == "some-org/some-gpt2"
     assert wanted in asked["patterns"] and unwanted not in asked["patterns"]
+    # provenance of a Hub model is its snapshot (the commit, in a real cache)
+    rec = cli.jsonl("generate", "hi", "--model", "some-org/some-gpt2", "--decoding", "greedy", "--max-new-tokens", "3")
+    assert rec[0]["revision"] == tiny_dir.name
