@@ -157,7 +157,7 @@ class _Runner:
 
     def __init__(self, model: Any, batch: int, capacity: int) -> None:
         self.model = model
-        self.native = _is_native(model)
+        self.native = is_native(model)
         if self.native:
             self.cache = model.new_cache(batch, capacity)
         else:
@@ -433,7 +433,7 @@ def generate_beam(
     dec = _Decoder(lm, [prompt], s, None, extra_processors)
     if dec.ban:
         dec.processors.append(_BanLogits(dec, 2 * s.num_beams))
-    if _is_native(lm.model):
+    if is_native(lm.model):
         sequences = _beam_loop(dec, lm.model)
     else:
         sequences = _beam_transformers(lm, dec)
@@ -448,7 +448,7 @@ def generate_beam(
     return results
 
 
-def _is_native(model: Any) -> bool:
+def is_native(model: Any) -> bool:
     from aigc_cli.gpt2 import GPT2
 
     return isinstance(model, GPT2)

@@ -73,12 +73,23 @@ class LoadedModel:
         return base if precision == "float32" else f"{base}+{precision}"
 
 
+def cache_dir() -> Path:
+    """aigc's own cache: $XDG_CACHE_HOME/aigc, else ~/.cache/aigc."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aigc"
+
+
+def file_identity(path: Path) -> list[Any]:
+    """What cache entries derived from a file are keyed by: its real path, size and mtime."""
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
 def weights_sha256(path: Path) -> str:
     """sha256 over a model directory's weight files, computed only when provenance is written and
     remembered in ~/.cache/aigc by (path, size, mtime) so that later runs do not read 500 MB again."""
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-    key = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aigc" / "weights-sha256.json"
+    key = json.dumps([file_identity(f) for f in files])
+    cache = cache_dir() / "weights-sha256.json"
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from aigc_cli.models import cache_dir, file_identity
 from aigc_cli.weights import SafetensorsReader
 
 QUANTIZE_MODES = ("none", "int8", "fp16")
@@ -99,6 +100,10 @@ def table_in(tensors: Any, name: str, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def int8_cache_dir() -> Path:
+    return cache_dir() / "int8"
+
+
 class Int8Cache:
     """The int8 weights of one checkpoint file, stored under ~/.cache/aigc/int8/ (keyed by the file's
     path, size and mtime) so that later runs read 124 MB of int8 instead of reading 500 MB and
@@ -111,16 +116,14 @@ class Int8Cache:
         self._lock = threading.Lock()
         if weights is None:
             return
-        st = weights.stat()
-        key = json.dumps([str(weights.resolve()), st.st_size, st.st_mtime_ns, _CACHE_FORMAT])
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aigc" / "int8"
-        self.path = root / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
+        key = json.dumps([*file_identity(weights), _CACHE_FORMAT])
+        self.path = int8_cache_dir() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
         with contextlib.suppress(OSError, ValueError):
             self._stored = SafetensorsReader(self.path) if self.path.is_file() else None
 
     def get(self, name: str, compute: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, scale) of weight `name`: from the cache, else `compute()`, remembered for `save`."""
-        if self._stored is not None and name + ".q" in self._stored.keys():
+        if self._stored is not None and name + ".q" in self._stored:
             with contextlib.suppress(OSError, KeyError):
                 return self._stored[name + ".q"], self._stored[name + ".scale"]
         q, scale = compute()

@@ -55,9 +55,9 @@ def _span_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, spans: lis
     its LM head (50,257 x 768) on those positions only, not on every context and padding position
     as a whole-sequence call does: for a poem's rerank that is half the head's work, for recommend's
     long prompts and short items far more."""
-    from aigc_cli.gpt2 import GPT2
+    from aigc_cli.decoding import is_native
 
-    if isinstance(model, GPT2):
+    if is_native(model):
         hidden = model.forward(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
         picked = torch.cat([hidden[b, first : first + cont] for b, first, cont in spans])
         flat = torch.log_softmax(model.logits(picked).float(), dim=-1)

@@ -31,6 +31,9 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self._header)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._header
+
     def shape(self, name: str) -> list[int]:
         return list(self._header[name]["shape"])
 

@@ -142,8 +142,9 @@ def main() -> None:
     report("whole process: n=5 x 44 sampling (the README example)", ours, ref, "s", target="2.0 s")
     rows.append(("peak memory, one prompt (whole process)", f"{peak_ours / 1024:.0f} MiB", f"{peak_ref / 1024:.0f} MiB", "-", ""))
     print(f"peak memory: aigc {peak_ours / 1024:.0f} MiB, transformers {peak_ref / 1024:.0f} MiB")
-    int8_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aigc" / "int8"
-    shutil.rmtree(int8_cache, ignore_errors=True)  # the first int8 run quantizes and fills the cache
+    from aigc_cli.quantize import int8_cache_dir
+
+    shutil.rmtree(int8_cache_dir(), ignore_errors=True)  # the first int8 run quantizes and fills the cache
     first, _ = _process([*readme, "--quantize", "int8"], 1)
     report("whole process: README example, --quantize int8, first run (quantizes, fills the cache)", first, ref, "s")
     for mode in FAST_MODES:
