@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import json
 import math
+import mmap
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,19 @@ class SafetensorsReader:
         if not buf:
             return torch.empty([0, *shape[1:]], dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape([stop - start, *shape[1:]])
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """A tensor backed by a private memory map of the file, for a table read a few rows at a
+        time (token embeddings): only the pages of rows looked up become part of the process's
+        memory, instead of the whole table. Read-only in practice: writes would stay private."""
+        info = self._header[name]
+        dtype, (begin, end) = _DTYPES[info["dtype"]], info["data_offsets"]
+        with self._path.open("rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        if len(mm) < self._base + end:
+            raise OSError(f"{self._path}: truncated ({name})")
+        count = (end - begin) // dtype.itemsize
+        return torch.frombuffer(mm, dtype=dtype, count=count, offset=self._base + begin).view(info["shape"])
 
 
 class InMemory(dict):

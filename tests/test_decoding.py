@@ -209,6 +209,34 @@ def test_native_forward_equals_transformers(tiny_lm, tiny_dir):
         assert torch.allclose(torch.cat(steps, 1), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_native_load_maps_the_token_table(tmp_path, tied):
+    """Loaded from safetensors, the float32 CPU model reads token embeddings from a map of the
+    weights file (the LM head has its own packed copy) and still computes transformers' logits."""
+    import sys
+    from pathlib import Path
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from aigc_cli.gpt2 import load_gpt2
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=tied)
+    ref_model = GPT2LMHeadModel(config).eval()
+    ref_model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 300, (2, 9))
+    model = load_gpt2(tmp_path)
+    assert model is not None
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref_model(ids).logits, atol=1e-5)
+    if not sys.platform.startswith("linux") or model.head.packed is None:
+        return  # the table is mapped only when the head is packed (oneDNN)
+    ptr = model.wte.data_ptr()
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    owners = [line.split()[-1] for line in maps if int(line.split("-")[0], 16) <= ptr < int(line.split()[0].split("-")[1], 16)]
+    assert owners == [str((tmp_path / "model.safetensors").resolve())]
+
+
 def test_processors_equal_transformers():
     from transformers.generation.logits_process import (
         MinNewTokensLengthLogitsProcessor,
