@@ -209,6 +209,28 @@ def test_native_forward_equals_transformers(tiny_lm, tiny_dir):
         assert torch.allclose(torch.cat(steps, 1), ref, atol=1e-5)
 
 
+def test_kv_cache_select_keeps_the_chosen_rows():
+    """Reordering, shrinking and branching the cache (beam, finished rows, contrastive search) through
+    its reused buffers keeps exactly the chosen rows' filled positions, as plain indexing would."""
+    from aigc_cli.gpt2 import Config, KVCache
+
+    cfg = Config(n_layer=2, n_head=2, n_embd=8, n_positions=16, vocab_size=10, eps=1e-5, tied=True)
+    cache = KVCache(cfg, 4, 16, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    ref_k, ref_v = torch.randn(2, 4, 2, 6, 4, generator=gen), torch.randn(2, 4, 2, 6, 4, generator=gen)
+    cache.k[:, :, :, :6], cache.v[:, :, :, :6], cache.length = ref_k, ref_v, 6
+    for index in ([3, 3, 0, 1], [1, 0, 2, 2], [2, 0], [1, 1, 0, 0, 1, 1], [0, 3, 5], [2, 1, 0]):
+        idx = torch.tensor(index)
+        cache.select(idx)
+        ref_k, ref_v = ref_k[:, idx], ref_v[:, idx]
+        n = cache.length
+        assert torch.equal(cache.k[:, :, :, :n], ref_k) and torch.equal(cache.v[:, :, :, :n], ref_v), index
+        # the next decoding step writes one more position
+        k, v = torch.randn(2, len(index), 2, 1, 4, generator=gen), torch.randn(2, len(index), 2, 1, 4, generator=gen)
+        cache.k[:, :, :, n : n + 1], cache.v[:, :, :, n : n + 1], cache.length = k, v, n + 1
+        ref_k, ref_v = torch.cat([ref_k, k], 3), torch.cat([ref_v, v], 3)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_native_load_maps_the_token_table(tmp_path, tied):
     """Loaded from safetensors, the float32 CPU model reads token embeddings from a map of the
