@@ -78,7 +78,7 @@ class EnglishVocab:
         start_word = torch.zeros(size, dtype=torch.bool)
         newline = torch.zeros(size, dtype=torch.bool)
         punct = torch.zeros(size, dtype=torch.bool)
-        syl = torch.zeros(size, dtype=torch.long)
+        syl = torch.zeros(size, dtype=torch.int8)  # small: the masks are computed every step
         key = torch.full((size,), -1, dtype=torch.long)
         word_index = torch.full((size,), -1, dtype=torch.long)
         keys: dict[str, int] = {}
@@ -112,7 +112,7 @@ class EnglishVocab:
     def final_ok_new(self, more: int, max_syl: int) -> torch.Tensor:
         """Words that may end the first line of a rhyme group which needs `more` later lines: their
         rhyme class must hold `more` other words of at most `max_syl` syllables."""
-        fits = self.space_word & (self.syl <= max_syl) & (self.key >= 0)
+        fits = self.space_word & (self.syl <= _int8(max_syl)) & (self.key >= 0)
         counts: dict[int, set[int]] = {}
         for k, w in zip(self.key[fits].tolist(), self.word[fits].tolist()):
             counts.setdefault(k, set()).add(w)
@@ -123,6 +123,11 @@ class EnglishVocab:
 
     def __hash__(self) -> int:
         return id(self)
+
+
+def _int8(n: int) -> int:
+    """n clamped to int8, for comparisons with `EnglishVocab.syl` (torch would wrap 200 to -56)."""
+    return max(-128, min(127, n))
 
 
 @dataclass
@@ -161,6 +166,8 @@ class FormConstraint:
         else:
             self.en = english_vocab(tok)
             self._allowed = self._allowed_en
+            self._requirements: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}
+            self._masks: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows = input_ids[:, self.width :].tolist()
@@ -172,13 +179,24 @@ class FormConstraint:
         return out
 
     # English
-    def _requirement(self, line: int, finals: list[str]) -> torch.Tensor:
-        """Which words may end line `line`, given the rhyme scheme and earlier lines' final words."""
+    def _requirement(self, line: int, finals: list[str]) -> tuple[tuple[str, ...], torch.Tensor, int]:
+        """Which words may end line `line`, given the rhyme scheme and earlier lines' final words:
+        (the earlier finals it depends on, the mask, the fewest syllables of a word in it after a
+        space). Computed once per distinct (line, earlier finals)."""
+        letter = self.form.letter(line)
+        earlier = tuple(finals[j] for j in range(line) if letter != "." and self.form.letter(j) == letter)
+        key = (line, earlier)
+        if key not in self._requirements:
+            final_ok = self._compute_requirement(line, letter, earlier)
+            space = self.en.space_word & final_ok
+            shortest = int(self.en.syl[space].min()) if space.any() else self.form.lengths[line][1] + 1
+            self._requirements[key] = (final_ok, shortest)
+        return (earlier, *self._requirements[key])
+
+    def _compute_requirement(self, line: int, letter: str, earlier: tuple[str, ...]) -> torch.Tensor:
         v, form = self.en, self.form
-        letter = form.letter(line)
         if letter == ".":
             return v.space_word | v.start_word
-        earlier = [finals[j] for j in range(line) if form.letter(j) == letter]
         if not earlier:
             later = [j for j in range(line + 1, form.lines) if form.letter(j) == letter]
             if not later:
@@ -189,10 +207,26 @@ class FormConstraint:
         return (v.key == key_index) & ~torch.isin(v.word, used)
 
     def _allowed_en(self, row: list[int]) -> torch.Tensor:
+        """The mask for a row, from its state (line, syllables so far, the rhyme requirement, whether
+        its last word may end the line): rows and steps in the same state share one computation
+        (measured, sonnet with 4 candidates: ~3 ms -> ~1 ms per step)."""
+        v, form = self.en, self.form
+        st = _english_state(self.tok.decode([t for t in row if t != v.eos], clean_up_tokenization_spaces=False))
+        if st.index >= form.lines or st.ended:
+            key: tuple[Any, ...] = (st.index, st.ended)
+            earlier, final_ok, shortest, may_end = (), None, 0, False
+        else:
+            lo, hi = form.lengths[st.index]
+            earlier, final_ok, shortest = self._requirement(st.index, st.finals)
+            may_end = bool(st.words) and lo <= st.syllables <= hi and bool(final_ok[self._word_token(st.words[-1])])
+            key = (st.index, st.ended, st.syllables, bool(st.words), earlier, may_end)
+        if key not in self._masks:
+            self._masks[key] = self._mask_en(st, final_ok, shortest, may_end)
+        return self._masks[key]
+
+    def _mask_en(self, st: _Line, final_ok: torch.Tensor | None, shortest: int, may_end: bool) -> torch.Tensor:
         v, form = self.en, self.form
         allowed = torch.zeros(v.size, dtype=torch.bool)
-        text = self.tok.decode([t for t in row if t != v.eos], clean_up_tokenization_spaces=False)
-        st = _english_state(text)
         last_line = st.index >= form.lines - 1
         if st.index >= form.lines or (st.ended and last_line):
             allowed[v.eos] = True
@@ -200,16 +234,14 @@ class FormConstraint:
         if st.ended:
             allowed |= v.newline
             return allowed
+        assert final_ok is not None
         lo, hi = form.lengths[st.index]
-        final_ok = self._requirement(st.index, st.finals)
-        space = v.space_word & final_ok
-        shortest = int(v.syl[space].min()) if space.any() else hi + 1
         words = v.start_word if not st.words else v.space_word
-        after = st.syllables + v.syl
-        can_go_on = after + shortest <= hi
-        can_end_here = (after >= lo) & (after <= hi) & final_ok
-        allowed |= words & (after <= hi) & (can_go_on | can_end_here)
-        if st.words and lo <= st.syllables <= hi and bool(final_ok[self._word_token(st.words[-1])]):
+        room = hi - st.syllables  # syllables this line still has
+        can_go_on = v.syl <= _int8(room - shortest)  # a rhyming word still fits after this one
+        can_end_here = (v.syl >= _int8(lo - st.syllables)) & final_ok
+        allowed |= words & (v.syl <= _int8(room)) & (can_go_on | can_end_here)
+        if may_end:
             allowed |= v.punct
             if last_line:
                 allowed[v.eos] = True
