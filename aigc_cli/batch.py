@@ -18,6 +18,7 @@ from pathlib import Path
 from string import Template
 from typing import IO, Any
 
+from aigc_cli.engine import DEFAULT_CPU_BATCH
 from aigc_cli.errors import RecordError, UsageError
 from aigc_cli.settings import GenerationSettings
 
@@ -283,7 +284,7 @@ class BatchJob:
 
     def run(self, records: Iterable[InputRecord]) -> Summary:
         window: list[InputRecord] = []
-        size = max(4 * (self.batch_size or 16), 16)
+        size = max(4 * (self.batch_size or DEFAULT_CPU_BATCH), 16)  # records read per window
         for record in records:
             if self.shard is not None and record.ordinal % self.shard[1] != self.shard[0]:
                 continue

@@ -191,7 +191,7 @@ def generate(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write JSONL records to this file.")] = None,
     resume: Annotated[bool, typer.Option(help="With -o: skip records the file already holds, append the rest.")] = False,
     strict: Annotated[bool, typer.Option(help="Stop at the first bad input record instead of writing an error record.")] = False,
-    batch_size: Annotated[str, typer.Option(help="Sequences per forward batch, or auto.")] = "auto",
+    batch_size: Annotated[str, typer.Option(help="Sequences per forward batch, or auto: up to 64, on CPU fewer when their KV cache would pass 1 GiB.")] = "auto",
     shard: Annotated[Optional[str], typer.Option(help="i/N: process only records i, i+N, i+2N, ... (0-based).")] = None,
     deterministic: Annotated[
         bool, typer.Option(help="Generate each sequence alone: sampled output then never depends on batch mates.")

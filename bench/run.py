@@ -47,26 +47,32 @@ def _cpu() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _timed(fn, repeat: int) -> list[float]:
-    times = []
+def _rounds(contenders: dict[str, Any], repeat: int) -> dict[str, list[float]]:
+    """Wall times of each contender, measured in alternating rounds (A B C, A B C, ...), so that
+    this machine's drifting speed (up to 1.7x between runs) affects them alike."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
+        for name, fn in contenders.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
     return times
 
 
-def _process(cmd: list[str], repeat: int) -> tuple[list[float], int]:
-    """Wall times of a whole process, and its peak RSS in KiB (GNU time)."""
-    times, peak = [], 0
-    for _ in range(repeat):
-        started = time.perf_counter()
-        done = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
-        times.append(time.perf_counter() - started)
-        if done.returncode != 0:
-            raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr}")
-        peak = max(peak, int(done.stderr.strip().splitlines()[-1]))
-    return times, peak
+def _processes(commands: dict[str, list[str]], repeat: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Whole-process wall times in alternating rounds, and each command's peak RSS in KiB (GNU time)."""
+    peaks = dict.fromkeys(commands, 0)
+
+    def runner(name: str, cmd: list[str]) -> Any:
+        def run() -> None:
+            done = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], check=False, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr}")
+            peaks[name] = max(peaks[name], int(done.stderr.strip().splitlines()[-1]))
+
+        return run
+
+    return _rounds({name: runner(name, cmd) for name, cmd in commands.items()}, repeat), peaks
 
 
 REFERENCE_SCRIPT = """
@@ -129,42 +135,69 @@ def main() -> None:
         rows.append((case, text_o, text_r, ratio, target))
         print(f"{case:55s} aigc {text_o:22s} transformers {text_r:10s} {ratio}", flush=True)
 
-    # 1. aigc --help and whole processes
-    help_times, _ = _process([exe, "--help"], args.repeat)
-    report("aigc --help (whole process)", help_times, None, "s", target="< 0.3 s")
+    # CTranslate2, when it is installed (pip install ctranslate2): the same weights, converted once
+    ct2_note = "CTranslate2: not installed, not measured."
+    try:
+        import ctranslate2
+    except ImportError:
+        ctranslate2 = None
+    ct2_dir = HERE / "_model" / "ct2-float32"
+    if ctranslate2 is not None:
+        if not (ct2_dir / "model.bin").exists():
+            from ctranslate2.converters import TransformersConverter
+
+            TransformersConverter(path).convert(str(ct2_dir), force=True)
+        ct2_note = f"CTranslate2 {ctranslate2.__version__}: the same weights converted with its TransformersConverter, intra_threads=2."
+    ct2_modes = ("float32", "int8") if ctranslate2 is not None else ()
+
+    # 1. aigc --help and whole processes; each case's commands alternate round by round
+    help_times, _ = _processes({"aigc": [exe, "--help"]}, args.repeat)
+    report("aigc --help (whole process)", help_times["aigc"], None, "s", target="< 0.3 s")
     cli = [exe, "generate", PROMPT, "--model", path, "--seed", "1", "--format", "jsonl"]
-    ours, peak_ours = _process([*cli, "--decoding", "greedy", "--max-new-tokens", "44", "--min-new-tokens", "44"], args.repeat)
-    ref, peak_ref = _process([sys.executable, "-c", REFERENCE_SCRIPT, path, "1", "44", "0"], args.repeat)
-    report("whole process: 1 prompt, 44 greedy tokens, exit", ours, ref, "s")
-    readme = [*cli, "-n", "5", "--max-new-tokens", "44", "--min-new-tokens", "44"]
-    ours, _ = _process(readme, args.repeat)
-    ref, _ = _process([sys.executable, "-c", REFERENCE_SCRIPT, path, "5", "44", "1"], args.repeat)
-    report("whole process: n=5 x 44 sampling (the README example)", ours, ref, "s", target="2.0 s")
-    rows.append(("peak memory, one prompt (whole process)", f"{peak_ours / 1024:.0f} MiB", f"{peak_ref / 1024:.0f} MiB", "-", ""))
-    print(f"peak memory: aigc {peak_ours / 1024:.0f} MiB, transformers {peak_ref / 1024:.0f} MiB")
+    times, peaks = _processes(
+        {
+            "aigc": [*cli, "--decoding", "greedy", "--max-new-tokens", "44", "--min-new-tokens", "44"],
+            "ref": [sys.executable, "-c", REFERENCE_SCRIPT, path, "1", "44", "0"],
+        },
+        args.repeat,
+    )
+    report("whole process: 1 prompt, 44 greedy tokens, exit", times["aigc"], times["ref"], "s")
     from aigc_cli.quantize import int8_cache_dir
 
+    readme = [*cli, "-n", "5", "--max-new-tokens", "44", "--min-new-tokens", "44"]
     shutil.rmtree(int8_cache_dir(), ignore_errors=True)  # the first int8 run quantizes and fills the cache
-    first, _ = _process([*readme, "--quantize", "int8"], 1)
-    report("whole process: README example, --quantize int8, first run (quantizes, fills the cache)", first, ref, "s")
+    first, _ = _processes({"aigc": [*readme, "--quantize", "int8"]}, 1)
+    commands = {"none": readme, **{mode: [*readme, "--quantize", mode] for mode in FAST_MODES}}
+    commands["ref"] = [sys.executable, "-c", REFERENCE_SCRIPT, path, "5", "44", "1"]
+    for compute in ct2_modes:
+        commands[f"ct2-{compute}"] = [sys.executable, "-c", CT2_SCRIPT, str(ct2_dir), path, compute]
+    times, peaks = _processes(commands, args.repeat)
+    ref = times["ref"]
+    report("whole process: n=5 x 44 sampling (the README example)", times["none"], ref, "s", target="2.0 s")
+    rows.append(("peak memory, one prompt (whole process)", f"{peaks['none'] / 1024:.0f} MiB", f"{peaks['ref'] / 1024:.0f} MiB", "-", ""))
+    report("whole process: README example, --quantize int8, first run (quantizes, fills the cache)", first["aigc"], ref, "s")
     for mode in FAST_MODES:
-        ours, peak_fast = _process([*readme, "--quantize", mode], args.repeat)
-        report(f"whole process: README example, --quantize {mode}", ours, ref, "s", target="2.0 s")
-        rows.append((f"peak memory, one prompt, --quantize {mode}", f"{peak_fast / 1024:.0f} MiB", f"{peak_ref / 1024:.0f} MiB", "-", "300 MiB"))
-        print(f"peak memory --quantize {mode}: {peak_fast / 1024:.0f} MiB")
+        report(f"whole process: README example, --quantize {mode}", times[mode], ref, "s", target="2.0 s")
+        rows.append((f"peak memory, one prompt, --quantize {mode}", f"{peaks[mode] / 1024:.0f} MiB", f"{peaks['ref'] / 1024:.0f} MiB", "-", "300 MiB"))
+    for compute in ct2_modes:
+        report(f"CTranslate2 {compute}: whole process, README example", times[f"ct2-{compute}"], ref, "s")
+        rows.append((f"peak memory, one prompt, CTranslate2 {compute}", f"{peaks[f'ct2-{compute}'] / 1024:.0f} MiB", f"{peaks['ref'] / 1024:.0f} MiB", "-", ""))
 
-    # 2. in-process throughput on the same weights
-    engine = Engine.load(path)
+    # 2. in-process throughput on the same weights: every engine loaded, alternating round by round
+    engines = {"none": Engine.load(path), **{mode: Engine.load(path, quantize=mode) for mode in FAST_MODES}}
     from transformers import AutoTokenizer
 
-    model = engine.lm.hf_model  # transformers' model with the same weights: the reference
+    model = engines["none"].lm.hf_model  # transformers' model with the same weights: the reference
     tok = AutoTokenizer.from_pretrained(path)
     tok.pad_token = tok.eos_token
     torch.manual_seed(0)
 
-    def ours_run(prompts: list[str], settings: S) -> list:
-        reqs = [Request(i, p, settings, 1) for i, p in enumerate(prompts)]
-        return list(engine.generate(reqs, batch_size=64))
+    def ours(mode: str, prompts: list[str], settings: S) -> Any:
+        def run() -> list:
+            reqs = [Request(i, p, settings, 1) for i, p in enumerate(prompts)]
+            return list(engines[mode].generate(reqs, batch_size=64))
+
+        return run
 
     def ref_run(prompts: list[str], **kw) -> torch.Tensor:
         tok.padding_side = "left"
@@ -172,66 +205,49 @@ def main() -> None:
         with torch.inference_mode():
             return model.generate(**batch, pad_token_id=tok.eos_token_id, **kw)
 
+    generators = {c: ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=c, intra_threads=2) for c in ct2_modes}
+
+    def ct2(compute: str, prompts: list[str], n: int, **kw: Any) -> Any:
+        def run() -> list:
+            batch = [[tok.convert_ids_to_tokens(i) for i in tok.encode(p_)] for p_ in prompts]
+            out = generators[compute].generate_batch(batch, max_length=n, min_length=n, include_prompt_in_result=False, **kw)
+            assert all(len(seq) == n for r in out for seq in r.sequences_ids)
+            return out
+
+        return run
+
     greedy = S(decoding=Decoding.greedy, max_new_tokens=128, min_new_tokens=128).resolved()
-    ours_out = ours_run([PROMPT], greedy)
-    ref_out = ref_run([PROMPT], do_sample=False, max_new_tokens=128, min_new_tokens=128)
-    n_prompt = len(tok.encode(PROMPT))
-    assert ours_out[0].token_ids == ref_out[0, n_prompt:].tolist(), "greedy output differs from transformers"
-    ref_greedy = _timed(lambda: ref_run([PROMPT], do_sample=False, max_new_tokens=128, min_new_tokens=128), args.repeat)
-    report("batch-1 greedy, 128 new tokens", _timed(lambda: ours_run([PROMPT], greedy), args.repeat), ref_greedy, "tok/s", 128, ">= 40")
     beam = S(decoding=Decoding.beam, num_beams=5, max_new_tokens=64, min_new_tokens=64).resolved()
-    ours_out = ours_run([PROMPT], beam)
-    ref_out = ref_run([PROMPT], do_sample=False, num_beams=5, max_new_tokens=64, min_new_tokens=64)
-    assert ours_out[0].token_ids == ref_out[0, n_prompt:].tolist(), "beam output differs from transformers"
-    ref_beam = _timed(lambda: ref_run([PROMPT], do_sample=False, num_beams=5, max_new_tokens=64, min_new_tokens=64), args.repeat)
-    report("beam search, 5 beams, 64 new tokens", _timed(lambda: ours_run([PROMPT], beam), args.repeat), ref_beam, "tok/s", 64, ">= 20")
     prompts32 = [CASE_PROMPTS[i % 4] for i in range(32)]
     sample = S(max_new_tokens=64, min_new_tokens=64, top_p=0.9).resolved()
-    ref_batch = _timed(lambda: ref_run(prompts32, do_sample=True, top_p=0.9, max_new_tokens=64, min_new_tokens=64), args.repeat)
-    report("32 prompts x 64 new, sampling top-p 0.9", _timed(lambda: ours_run(prompts32, sample), args.repeat), ref_batch, "tok/s", 32 * 64, ">= 250")
-
-    # 3. fast modes, against the same float32 reference
+    n_prompt = len(tok.encode(PROMPT))
+    for kw, settings in (({}, greedy), ({"num_beams": 5}, beam)):
+        ours_out = ours("none", [PROMPT], settings)()
+        ref_out = ref_run([PROMPT], do_sample=False, max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.max_new_tokens, **kw)
+        assert ours_out[0].token_ids == ref_out[0, n_prompt:].tolist(), f"{settings.decoding.value} output differs from transformers"
     for mode in FAST_MODES:
-        engine = Engine.load(path, quantize=mode)
-        ours_run(prompts32[:2], sample)  # warm-up
-        report(f"batch-1 greedy, 128 new, --quantize {mode}", _timed(lambda: ours_run([PROMPT], greedy), args.repeat), ref_greedy, "tok/s", 128, ">= 100")
-        report(f"beam search, 5 beams, 64 new, --quantize {mode}", _timed(lambda: ours_run([PROMPT], beam), args.repeat), ref_beam, "tok/s", 64)
-        report(f"32 prompts x 64 new, top-p 0.9, --quantize {mode}", _timed(lambda: ours_run(prompts32, sample), args.repeat), ref_batch, "tok/s", 32 * 64, ">= 450")
+        ours(mode, prompts32[:2], sample)()  # warm-up
+    for compute in ct2_modes:
+        ct2(compute, [PROMPT], 128, sampling_topk=1)()  # warm-up
 
-    # 4. CTranslate2, when it is installed (pip install ctranslate2): the same cases, same weights
-    ct2_note = "CTranslate2: not installed, not measured."
-    try:
-        import ctranslate2
-    except ImportError:
-        ctranslate2 = None
-    if ctranslate2 is not None:
-        ct2_dir = HERE / "_model" / "ct2-float32"
-        if not (ct2_dir / "model.bin").exists():
-            from ctranslate2.converters import TransformersConverter
-
-            TransformersConverter(path).convert(str(ct2_dir), force=True)
-        ct2_note = f"CTranslate2 {ctranslate2.__version__}: the same weights converted with its TransformersConverter, intra_threads=2."
-        for compute in ("float32", "int8"):
-            ct2_times, _ = _process([sys.executable, "-c", CT2_SCRIPT, str(ct2_dir), path, compute], args.repeat)
-            report(f"CTranslate2 {compute}: whole process, README example", ct2_times, ref, "s")
-            gen = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=compute, intra_threads=2)
-
-            def ct2_run(prompts: list[str], n: int, gen: Any = gen, **kw: Any) -> list:
-                batch = [[tok.convert_ids_to_tokens(i) for i in tok.encode(p_)] for p_ in prompts]
-                out = gen.generate_batch(batch, max_length=n, min_length=n, include_prompt_in_result=False, **kw)
-                assert all(len(seq) == n for r in out for seq in r.sequences_ids)
-                return out
-
-            ct2_run([PROMPT], 128, sampling_topk=1)  # warm-up
-            report(f"CTranslate2 {compute}: batch-1 greedy, 128 new", _timed(lambda: ct2_run([PROMPT], 128, sampling_topk=1), args.repeat), ref_greedy, "tok/s", 128)
-            report(f"CTranslate2 {compute}: beam search, 5 beams, 64 new", _timed(lambda: ct2_run([PROMPT], 64, beam_size=5), args.repeat), ref_beam, "tok/s", 64)
-            report(
-                f"CTranslate2 {compute}: 32 prompts x 64 new, top-p 0.9",
-                _timed(lambda: ct2_run(prompts32, 64, sampling_topk=50, sampling_topp=0.9), args.repeat),
-                ref_batch,
-                "tok/s",
-                32 * 64,
-            )
+    cases = [
+        # (case, work in tokens, exact target, fast target, ours settings, reference kwargs, CTranslate2 kwargs)
+        ("batch-1 greedy, 128 new tokens", [PROMPT], 128, ">= 40", ">= 100", greedy, {"do_sample": False}, {"sampling_topk": 1}),
+        ("beam search, 5 beams, 64 new tokens", [PROMPT], 64, ">= 20", "", beam, {"do_sample": False, "num_beams": 5}, {"beam_size": 5}),
+        ("32 prompts x 64 new, sampling top-p 0.9", prompts32, 32 * 64, ">= 250", ">= 450", sample, {"do_sample": True, "top_p": 0.9}, {"sampling_topk": 50, "sampling_topp": 0.9}),
+    ]
+    for case, prompts, work, target, fast_target, settings, ref_kw, ct2_kw in cases:
+        new = settings.max_new_tokens
+        contenders = {mode: ours(mode, prompts, settings) for mode in engines}
+        contenders["ref"] = lambda prompts=prompts, ref_kw=ref_kw, new=new: ref_run(prompts, max_new_tokens=new, min_new_tokens=new, **ref_kw)
+        for compute in ct2_modes:
+            contenders[f"ct2-{compute}"] = ct2(compute, prompts, new, **ct2_kw)
+        times = _rounds(contenders, args.repeat)
+        report(case, times["none"], times["ref"], "tok/s", work, target)
+        for mode in FAST_MODES:
+            report(f"{case}, --quantize {mode}", times[mode], times["ref"], "tok/s", work, fast_target)
+        for compute in ct2_modes:
+            report(f"CTranslate2 {compute}: {case}", times[f"ct2-{compute}"], times["ref"], "tok/s", work)
 
     machine = f"{_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
     lines = [
@@ -242,6 +258,7 @@ def main() -> None:
         f"every case forces exactly N new tokens; {args.repeat} repeats, medians (best in brackets).",
         "Reference: transformers `generate` on the same weights and settings, in the same run.",
         "Greedy and beam outputs were asserted token-identical to the reference.",
+        "Within each case, every engine is timed in alternating rounds, so drift in the machine's speed hits all alike.",
         "",
         ct2_note,
         "Fast modes (`--quantize`) are compared with the same float32 transformers reference; their quality",

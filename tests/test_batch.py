@@ -147,6 +147,37 @@ def test_batch_size_does_not_change_any_record(cli, tmp_path, decoding):
     assert runs[0] == runs[1] == runs[2]
 
 
+def test_auto_batches_stay_within_the_kv_budget(tiny_lm, monkeypatch):
+    """`--batch-size auto` takes up to 64 rows, fewer when their KV cache at full length would pass
+    the budget; the records are those of fixed-size batches."""
+    from aigc_cli import decoding, engine
+    from aigc_cli.engine import Engine, Request
+
+    eng = Engine(tiny_lm)
+    settings = GenerationSettings(max_new_tokens=6, seed=5).resolved()
+    requests = [Request(i, p, settings, 5) for i, p in enumerate(_prompts(20))]
+    longest = max(len(eng.encode(p, settings)) for p in _prompts(20))
+    per_position = eng._kv_bytes_per_position()
+    budget = per_position * (longest + 6) * 3  # three rows of the longest prompt
+    monkeypatch.setattr(engine, "AUTO_KV_BUDGET", budget)
+    batches = []
+    real = decoding.generate_rows
+
+    def spy(lm, prompts, *args, **kwargs):
+        batches.append((len(prompts), max(len(p) for p in prompts)))
+        return real(lm, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(decoding, "generate_rows", spy)
+    auto = [(c.id, c.text) for c in eng.generate(requests)]
+    assert sum(rows for rows, _ in batches) == 20
+    assert all(rows * (width + 6) * per_position <= budget for rows, width in batches), batches
+    assert batches[0][0] > 3 > batches[-1][0], batches  # short prompts first: more of them fit
+    batches.clear()
+    fixed = [(c.id, c.text) for c in eng.generate(requests, batch_size=4)]
+    assert [rows for rows, _ in batches] == [4] * 5
+    assert auto == fixed
+
+
 def test_deterministic_mode_matches_batched(cli, tmp_path):
     f = _write(tmp_path / "p.txt", _prompts(6))
     args = ("generate", "-f", str(f), "--max-new-tokens", "6", "--seed", "2", "-n", "2", *TINY)
