@@ -47,15 +47,16 @@ def _cpu() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _rounds(contenders: dict[str, Any], repeat: int) -> dict[str, list[float]]:
+def _rounds(contenders: dict[str, Any], repeat: int, inner: bool = False) -> dict[str, list[float]]:
     """Wall times of each contender, measured in alternating rounds (A B C, A B C, ...), so that
-    this machine's drifting speed (up to 1.7x between runs) affects them alike."""
+    this machine's drifting speed (up to 1.7x between runs) affects them alike. `inner`: each
+    contender returns its own time (measured inside a worker process)."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeat):
         for name, fn in contenders.items():
             started = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - started)
+            result = fn()
+            times[name].append(result if inner else time.perf_counter() - started)
     return times
 
 
@@ -101,6 +102,74 @@ for seq in out[0].sequences_ids:
 """
 
 
+CASE_SETTINGS = {  # case -> (prompts, new tokens)
+    "greedy": ([PROMPT], 128),
+    "beam": ([PROMPT], 64),
+    "sample32": ([CASE_PROMPTS[i % 4] for i in range(32)], 64),
+}
+
+
+def _worker(kind: str, path: str, ct2_dir: str, conn: Any) -> None:
+    """One engine in its own process: answers a case name with (seconds, first sequence's new
+    token ids), None to stop. kind: an aigc --quantize mode, "ref" (transformers) or "ct2-<compute>"."""
+    sys.path.insert(0, str(HERE.parent))
+    if kind.startswith("ct2-"):  # no torch in this process
+        import ctranslate2
+        import tokenizers
+
+        tok = tokenizers.Tokenizer.from_file(path + "/tokenizer.json")
+        gen = ctranslate2.Generator(ct2_dir, device="cpu", compute_type=kind[4:], intra_threads=2)
+        ct2_kw = {"greedy": {"sampling_topk": 1}, "beam": {"beam_size": 5}, "sample32": {"sampling_topk": 50, "sampling_topp": 0.9}}
+
+        def run(case: str) -> list[int]:
+            prompts, n = CASE_SETTINGS[case]
+            out = gen.generate_batch(
+                [tok.encode(p).tokens for p in prompts], max_length=n, min_length=n, include_prompt_in_result=False, **ct2_kw[case]
+            )
+            assert all(len(seq) == n for r in out for seq in r.sequences_ids)
+            return out[0].sequences_ids[0]
+
+    elif kind == "ref":
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hf_tok = AutoTokenizer.from_pretrained(path)
+        hf_tok.pad_token, hf_tok.padding_side = hf_tok.eos_token, "left"
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        ref_kw = {"greedy": {"do_sample": False}, "beam": {"do_sample": False, "num_beams": 5}, "sample32": {"do_sample": True, "top_p": 0.9}}
+        torch.manual_seed(0)
+
+        def run(case: str) -> list[int]:
+            prompts, n = CASE_SETTINGS[case]
+            batch = hf_tok(prompts, return_tensors="pt", padding=True)
+            with torch.inference_mode():
+                out = model.generate(**batch, pad_token_id=hf_tok.eos_token_id, max_new_tokens=n, min_new_tokens=n, **ref_kw[case])
+            return out[0, batch["input_ids"].shape[1] :].tolist()
+
+    else:
+        from aigc_cli.engine import Engine, Request
+        from aigc_cli.settings import Decoding
+        from aigc_cli.settings import GenerationSettings as S
+
+        engine = Engine.load(path, quantize=kind)
+        settings = {
+            "greedy": S(decoding=Decoding.greedy, max_new_tokens=128, min_new_tokens=128).resolved(),
+            "beam": S(decoding=Decoding.beam, num_beams=5, max_new_tokens=64, min_new_tokens=64).resolved(),
+            "sample32": S(max_new_tokens=64, min_new_tokens=64, top_p=0.9).resolved(),
+        }
+
+        def run(case: str) -> list[int]:
+            reqs = [Request(i, p, settings[case], 1) for i, p in enumerate(CASE_SETTINGS[case][0])]
+            completions = list(engine.generate(reqs, batch_size=64))
+            return completions[0].token_ids
+
+    conn.send("ready")
+    while (case := conn.recv()) is not None:
+        started = time.perf_counter()
+        ids = run(case)
+        conn.send((time.perf_counter() - started, list(ids)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -112,10 +181,6 @@ def main() -> None:
     path = str(build())
     import torch
     import transformers
-
-    from aigc_cli.engine import Engine, Request
-    from aigc_cli.settings import Decoding
-    from aigc_cli.settings import GenerationSettings as S
 
     exe = str(Path(sys.executable).with_name("aigc"))
     rows: list[tuple[str, str, str, str, str]] = []
@@ -183,71 +248,51 @@ def main() -> None:
         report(f"CTranslate2 {compute}: whole process, README example", times[f"ct2-{compute}"], ref, "s")
         rows.append((f"peak memory, one prompt, CTranslate2 {compute}", f"{peaks[f'ct2-{compute}'] / 1024:.0f} MiB", f"{peaks['ref'] / 1024:.0f} MiB", "-", ""))
 
-    # 2. in-process throughput on the same weights: every engine loaded, alternating round by round
-    engines = {"none": Engine.load(path), **{mode: Engine.load(path, quantize=mode) for mode in FAST_MODES}}
-    from transformers import AutoTokenizer
+    # 2. in-process throughput on the same weights: each engine in its own worker process (a
+    # CTranslate2 in the same process slows torch's kernels by ~10%, measured), timed in
+    # alternating rounds
+    import multiprocessing
 
-    model = engines["none"].lm.hf_model  # transformers' model with the same weights: the reference
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.pad_token = tok.eos_token
-    torch.manual_seed(0)
+    kinds = ["none", *FAST_MODES, "ref", *(f"ct2-{c}" for c in ct2_modes)]
+    spawn = multiprocessing.get_context("spawn")
+    workers = {}
+    for kind in kinds:
+        mine, theirs = spawn.Pipe()
+        proc = spawn.Process(target=_worker, args=(kind, path, str(ct2_dir), theirs), daemon=True)
+        proc.start()
+        workers[kind] = (proc, mine)
+    for kind, (_, conn) in workers.items():
+        if conn.recv() != "ready":
+            raise SystemExit(f"worker {kind} failed to start")
 
-    def ours(mode: str, prompts: list[str], settings: S) -> Any:
-        def run() -> list:
-            reqs = [Request(i, p, settings, 1) for i, p in enumerate(prompts)]
-            return list(engines[mode].generate(reqs, batch_size=64))
+    def ask(kind: str, case: str) -> tuple[float, list[int]]:
+        conn = workers[kind][1]
+        conn.send(case)
+        return conn.recv()
 
-        return run
-
-    def ref_run(prompts: list[str], **kw) -> torch.Tensor:
-        tok.padding_side = "left"
-        batch = tok(prompts, return_tensors="pt", padding=True)
-        with torch.inference_mode():
-            return model.generate(**batch, pad_token_id=tok.eos_token_id, **kw)
-
-    generators = {c: ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=c, intra_threads=2) for c in ct2_modes}
-
-    def ct2(compute: str, prompts: list[str], n: int, **kw: Any) -> Any:
-        def run() -> list:
-            batch = [[tok.convert_ids_to_tokens(i) for i in tok.encode(p_)] for p_ in prompts]
-            out = generators[compute].generate_batch(batch, max_length=n, min_length=n, include_prompt_in_result=False, **kw)
-            assert all(len(seq) == n for r in out for seq in r.sequences_ids)
-            return out
-
-        return run
-
-    greedy = S(decoding=Decoding.greedy, max_new_tokens=128, min_new_tokens=128).resolved()
-    beam = S(decoding=Decoding.beam, num_beams=5, max_new_tokens=64, min_new_tokens=64).resolved()
-    prompts32 = [CASE_PROMPTS[i % 4] for i in range(32)]
-    sample = S(max_new_tokens=64, min_new_tokens=64, top_p=0.9).resolved()
-    n_prompt = len(tok.encode(PROMPT))
-    for kw, settings in (({}, greedy), ({"num_beams": 5}, beam)):
-        ours_out = ours("none", [PROMPT], settings)()
-        ref_out = ref_run([PROMPT], do_sample=False, max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.max_new_tokens, **kw)
-        assert ours_out[0].token_ids == ref_out[0, n_prompt:].tolist(), f"{settings.decoding.value} output differs from transformers"
-    for mode in FAST_MODES:
-        ours(mode, prompts32[:2], sample)()  # warm-up
-    for compute in ct2_modes:
-        ct2(compute, [PROMPT], 128, sampling_topk=1)()  # warm-up
+    for case in ("greedy", "beam"):  # the exact mode's output is the reference's
+        assert ask("none", case)[1] == ask("ref", case)[1], f"{case} output differs from transformers"
+    for kind in kinds:
+        ask(kind, "greedy")  # warm-up
 
     cases = [
-        # (case, work in tokens, exact target, fast target, ours settings, reference kwargs, CTranslate2 kwargs)
-        ("batch-1 greedy, 128 new tokens", [PROMPT], 128, ">= 40", ">= 100", greedy, {"do_sample": False}, {"sampling_topk": 1}),
-        ("beam search, 5 beams, 64 new tokens", [PROMPT], 64, ">= 20", "", beam, {"do_sample": False, "num_beams": 5}, {"beam_size": 5}),
-        ("32 prompts x 64 new, sampling top-p 0.9", prompts32, 32 * 64, ">= 250", ">= 450", sample, {"do_sample": True, "top_p": 0.9}, {"sampling_topk": 50, "sampling_topp": 0.9}),
+        ("batch-1 greedy, 128 new tokens", "greedy", 128, ">= 40", ">= 100"),
+        ("beam search, 5 beams, 64 new tokens", "beam", 64, ">= 20", ""),
+        ("32 prompts x 64 new, sampling top-p 0.9", "sample32", 32 * 64, ">= 250", ">= 450"),
     ]
-    for case, prompts, work, target, fast_target, settings, ref_kw, ct2_kw in cases:
-        new = settings.max_new_tokens
-        contenders = {mode: ours(mode, prompts, settings) for mode in engines}
-        contenders["ref"] = lambda prompts=prompts, ref_kw=ref_kw, new=new: ref_run(prompts, max_new_tokens=new, min_new_tokens=new, **ref_kw)
-        for compute in ct2_modes:
-            contenders[f"ct2-{compute}"] = ct2(compute, prompts, new, **ct2_kw)
-        times = _rounds(contenders, args.repeat)
+    for case, key, work, target, fast_target in cases:
+        times = _rounds({kind: (lambda kind=kind, key=key: ask(kind, key)[0]) for kind in kinds}, args.repeat, inner=True)
         report(case, times["none"], times["ref"], "tok/s", work, target)
         for mode in FAST_MODES:
             report(f"{case}, --quantize {mode}", times[mode], times["ref"], "tok/s", work, fast_target)
         for compute in ct2_modes:
             report(f"CTranslate2 {compute}: {case}", times[f"ct2-{compute}"], times["ref"], "tok/s", work)
+    for proc, conn in workers.values():
+        conn.send(None)
+        proc.join()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
 
     machine = f"{_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
     lines = [
