@@ -197,15 +197,11 @@ class GPT2:
             return (*q8.fp16_embedding_and_head(tensors, table, head_name, tied), None)
         head_weight = get("wte.weight" if tied else "lm_head.weight")
         head = _Linear(head_weight.t(), None).to(head_weight.device, head_weight.dtype)
-        mapped = tensors.mapped(table) if hasattr(tensors, "mapped") else None
-        if (
-            mapped is not None
-            and head_weight.device.type == "cpu"
-            and mapped.dtype == head_weight.dtype
-            and (head.packed is not None or not tied)
-        ):
-            # The head keeps its own (packed) copy, so the embedding reads rows from a map of the
-            # file instead of a second copy of the table in memory (GPT-2 small: 154 MB less).
+        # When the head keeps its own (packed) copy, the embedding reads rows from a map of the
+        # file instead of a second copy of the table in memory (GPT-2 small: 154 MB less).
+        can_map = hasattr(tensors, "mapped") and head_weight.device.type == "cpu" and (head.packed is not None or not tied)
+        mapped = tensors.mapped(table) if can_map else None
+        if mapped is not None and mapped.dtype == head_weight.dtype:
             wte = mapped
         else:
             wte = head_weight if tied else get("wte.weight")

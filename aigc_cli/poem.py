@@ -166,7 +166,7 @@ class FormConstraint:
         else:
             self.en = english_vocab(tok)
             self._allowed = self._allowed_en
-            self._requirements: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}
+            self._requirements: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, int]] = {}
             self._masks: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
