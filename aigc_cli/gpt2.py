@@ -200,7 +200,10 @@ class GPT2:
         # When the head keeps its own (packed) copy, the embedding reads rows from a map of the
         # file instead of a second copy of the table in memory (GPT-2 small: 154 MB less).
         can_map = hasattr(tensors, "mapped") and head_weight.device.type == "cpu" and (head.packed is not None or not tied)
-        mapped = tensors.mapped(table) if can_map else None
+        try:
+            mapped = tensors.mapped(table) if can_map else None
+        except (OSError, ValueError):  # a file system without memory maps: keep the table in memory
+            mapped = None
         if mapped is not None and mapped.dtype == head_weight.dtype:
             wte = mapped
         else:

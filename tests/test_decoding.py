@@ -259,6 +259,22 @@ def test_native_load_maps_the_token_table(tmp_path, tied):
     assert owners == [str((tmp_path / "model.safetensors").resolve())]
 
 
+def test_native_load_without_memory_maps(tiny_lm, tiny_dir, monkeypatch):
+    """Where the weights file cannot be mapped, the token table is read into memory instead."""
+    from aigc_cli.gpt2 import load_gpt2
+    from aigc_cli.weights import SafetensorsReader
+
+    def refuse(self, name):
+        raise OSError("no mmap here")
+
+    monkeypatch.setattr(SafetensorsReader, "mapped", refuse)
+    ids = torch.tensor([_ids(tiny_lm, "Hello, how are you?")])
+    model = load_gpt2(tiny_dir)
+    assert model is not None
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, tiny_lm.hf_model(ids).logits, atol=1e-5)
+
+
 def test_processors_equal_transformers():
     from transformers.generation.logits_process import (
         MinNewTokensLengthLogitsProcessor,
