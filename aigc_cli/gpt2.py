@@ -58,9 +58,9 @@ class KVCache:
 
     def __init__(self, cfg: Config, batch: int, capacity: int, dtype: torch.dtype, device: str) -> None:
         head_dim = cfg.n_embd // cfg.n_head
-        self._shape = (cfg.n_layer, batch, cfg.n_head, capacity, head_dim)
-        self.k = torch.empty(self._shape, dtype=dtype, device=device)
-        self.v = torch.empty(self._shape, dtype=dtype, device=device)
+        shape = (cfg.n_layer, batch, cfg.n_head, capacity, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
         self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -71,12 +71,11 @@ class KVCache:
         rows (beam search every step; contrastive search's two sizes alternate): no fresh memory to
         fault in. Measured, 5 beams, 72 positions: 4.2 ms -> 0.1-0.9 ms per step."""
         rows, n = index.shape[0], self.length
-        spare, self._spare = self._spare, None
-        if spare is None or spare[0].shape[1] != rows:
-            spare = None  # freed before new buffers are taken: the peak stays at two caches, as before
-            shape = (self._shape[0], rows, *self._shape[2:])
-            spare = (self.k.new_empty(shape), self.v.new_empty(shape))
-        k, v = spare
+        if self._spare is None or self._spare[0].shape[1] != rows:
+            self._spare = None  # freed before new buffers are taken: the peak stays at two caches, as before
+            shape = (self.k.shape[0], rows, *self.k.shape[2:])
+            self._spare = (self.k.new_empty(shape), self.v.new_empty(shape))
+        k, v = self._spare
         torch.index_select(self.k[:, :, :, :n], 1, index, out=k[:, :, :, :n])
         torch.index_select(self.v[:, :, :, :n], 1, index, out=v[:, :, :, :n])
         self._spare = (self.k, self.v)

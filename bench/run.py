@@ -290,16 +290,16 @@ def main() -> None:
     for proc, conn in workers.values():
         conn.send(None)
         proc.join()
-    from transformers import AutoTokenizer
+    import tokenizers
 
-    tok = AutoTokenizer.from_pretrained(path)
+    vocab = tokenizers.Tokenizer.from_file(path + "/tokenizer.json").get_vocab_size()
 
     machine = f"{_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
     lines = [
         "# Benchmark results",
         "",
         f"Run on {datetime.date.today().isoformat()}: {machine}.",
-        f"Model: GPT-2-small shape (124M parameters), random weights, {'real GPT-2 tokenizer' if len(tok) == 50257 else 'tiny tokenizer'};",
+        f"Model: GPT-2-small shape (124M parameters), random weights, {'real GPT-2 tokenizer' if vocab == 50257 else 'tiny tokenizer'};",
         f"every case forces exactly N new tokens; {args.repeat} repeats, medians (best in brackets).",
         "Reference: transformers `generate` on the same weights and settings, in the same run.",
         "Greedy and beam outputs were asserted token-identical to the reference.",
