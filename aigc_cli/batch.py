@@ -18,7 +18,6 @@ from pathlib import Path
 from string import Template
 from typing import IO, Any
 
-from aigc_cli.engine import DEFAULT_CPU_BATCH
 from aigc_cli.errors import RecordError, UsageError
 from aigc_cli.settings import GenerationSettings
 
@@ -76,6 +75,8 @@ def load_template(path: str) -> Template:
 
 def _numbered_lines(raw: IO[bytes]) -> Iterator[tuple[int, bytes]]:
     for number, data in enumerate(raw, start=1):
+        if number == 1 and data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark is not text
+            data = data[3:]
         yield number, data.rstrip(b"\n").rstrip(b"\r")
 
 
@@ -91,10 +92,16 @@ def read_records(raw: IO[bytes], fmt: InputFormat, template: Template | None = N
                 fmt = InputFormat.jsonl if _is_json_object(data) else InputFormat.lines
                 break
     ordinal = 0
+    seen: set[str] = set()  # ids so far (JSONL): a repeated id would make --resume refuse the file forever
     for number, data in _chain(head, lines):
         if fmt is InputFormat.jsonl and not data.strip():
             continue  # blank lines separate nothing in JSONL
         record = _parse_line(number, data, fmt, template)
+        if fmt is InputFormat.jsonl and record.id is not None:
+            key = _key(record.id)
+            if key in seen and record.error is None:
+                record.error = RecordError("duplicate_id", f"line {number}: id {record.id!r} was already used by an earlier record")
+            seen.add(key)
         record.ordinal = ordinal
         ordinal += 1
         yield record
@@ -119,7 +126,11 @@ def _is_json_object(data: bytes) -> bool:
 
 
 def _parse_line(number: int, data: bytes, fmt: InputFormat, template: Template | None) -> InputRecord:
+    # Lines are identified by their number; a JSONL record by its 'id', else its line number, and
+    # an error record whose id cannot be known gets none (its line says where it is).
     record = InputRecord(ordinal=0, line=number, id=number, where=f"line {number}")
+    if fmt is InputFormat.jsonl:
+        record.id = None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -141,6 +152,8 @@ def _parse_line(number: int, data: bytes, fmt: InputFormat, template: Template |
                 record.error = RecordError("bad_field", f"line {number}: 'id' must be a string or an integer")
                 return record
             record.id = fields["id"]
+        else:
+            record.id = number
     try:
         record.overrides = _overrides(fields)
         record.prompt = _prompt(fields, template)
@@ -210,7 +223,7 @@ class ResumeState:
     """What an earlier run of the same job already wrote to the output file."""
 
     done: dict[str, dict[int, str]] = field(default_factory=dict)  # json(id) -> index -> fingerprint
-    errors: set[str] = field(default_factory=set)  # json(id) of error records
+    error_lines: set[int] = field(default_factory=set)  # input lines that got an error record
     seed: int | None = None
     records: int = 0
 
@@ -228,30 +241,24 @@ def _key(record_id: Any) -> str:
     return json.dumps(record_id)
 
 
-def open_for_resume(path: str) -> ResumeState:
-    """Read what an interrupted run wrote; cut a half-written last line so appending continues cleanly."""
+def resume_state(data: bytes, path: str) -> ResumeState:
+    """What an interrupted run wrote (complete lines only)."""
     state = ResumeState()
-    p = Path(path)
-    if not p.exists():
-        return state
-    data = p.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with p.open("r+b") as fh:  # a half-written last line from a killed run
-            fh.truncate(end)
-    for number, line in enumerate(data[:end].splitlines(), start=1):
+    for number, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
+            if "error" in rec:
+                state.error_lines.add(int(rec["line"]))
+                state.records += 1
+                continue
             key = _key(rec["id"])
+            index = int(rec["index"])
         except (ValueError, KeyError, TypeError):
             raise UsageError(f"--resume: {path} line {number} is not an aigc JSONL record; not appending to it") from None
         state.records += 1
-        if "error" in rec:
-            state.errors.add(key)
-            continue
-        state.done.setdefault(key, {})[int(rec["index"])] = rec.get("fingerprint", "")
+        state.done.setdefault(key, {})[index] = rec.get("fingerprint", "")
         if state.seed is None:
             state.seed = rec.get("settings", {}).get("seed")
     return state
@@ -283,49 +290,39 @@ class BatchJob:
     summary: Summary = field(default_factory=Summary)
 
     def run(self, records: Iterable[InputRecord]) -> Summary:
-        window: list[InputRecord] = []
-        size = max(4 * (self.batch_size or DEFAULT_CPU_BATCH), 16)  # records read per window
-        for record in records:
-            if self.shard is not None and record.ordinal % self.shard[1] != self.shard[0]:
-                continue
-            window.append(record)
-            if len(window) >= size:
-                self._window(window)
-                window = []
-        if window:
-            self._window(window)
-        return self.summary
-
-    def _window(self, window: list[InputRecord]) -> None:
+        """Generate for every record (of this shard) and emit its records in input order, each as
+        soon as it and every record before it are complete."""
         from aigc_cli.engine import Request
 
-        planned: list[tuple[InputRecord, Any]] = []
-        failed: InputRecord | None = None
-        for record in window:
-            request = self._request(record, Request)
-            if record.error is not None and self.strict:
-                failed = record  # records before it are still generated and written
-                break
-            planned.append((record, request))
-        requests = [r for _, r in planned if r is not None and r.wanted()]
-        completions = iter(self.engine.generate(requests, batch_size=self.batch_size, on_text=self.on_text))
-        for record, request in planned:
-            self.summary.records += 1
+        def planned() -> Iterator[tuple[InputRecord, Any]]:
+            for record in records:
+                if self.shard is not None and record.ordinal % self.shard[1] != self.shard[0]:
+                    continue
+                request = self._request(record, Request)
+                yield record, request
+                if record.error is not None and self.strict:
+                    return  # the records before it are still generated and written
+
+        def request_of(pair: tuple[InputRecord, Any]) -> Any:
+            request = pair[1]
+            return request if request is not None and request.wanted() else None
+
+        for (record, request), completions in self.engine.stream(planned(), request_of, self.batch_size, self.on_text):
             if request is None:
+                if self.strict:
+                    assert record.error is not None
+                    raise UsageError(record.error.message)
                 self._emit_error(record)
-            else:
-                for _ in request.wanted():
-                    completion = next(completions)
-                    if self.provenance:
-                        completion.extra = request_extra(self.engine, request)
-                    self.summary.sequences += 1
-                    self.summary.tokens += completion.completion_tokens
-                    self.emit(completion)
-        if self.on_progress is not None:
-            self.on_progress(self.summary)
-        if failed is not None:
-            assert failed.error is not None
-            raise UsageError(failed.error.message)
+            for completion in completions:
+                if self.provenance:
+                    completion.extra = request_extra(self.engine, request)
+                self.emit(completion)
+                self.summary.sequences += 1
+                self.summary.tokens += completion.completion_tokens
+            self.summary.records += 1
+            if self.on_progress is not None:
+                self.on_progress(self.summary)
+        return self.summary
 
     def _request(self, record: InputRecord, request_type: type) -> Any:
         if record.error is not None:
@@ -353,9 +350,9 @@ class BatchJob:
         return dataclasses.replace(request, indices=wanted)
 
     def _emit_error(self, record: InputRecord) -> None:
-        if self.resume is not None and _key(record.id) in self.resume.errors:
+        self.summary.errors += 1  # also when an earlier run wrote it: the exit code covers the whole file
+        if self.resume is not None and record.line in self.resume.error_lines:
             return
-        self.summary.errors += 1
         assert record.error is not None
         self.emit({"id": record.id, "line": record.line, "error": {"code": record.error.code, "message": record.error.message}})
 
@@ -367,14 +364,6 @@ def record_fingerprint(engine: Any, request: Any) -> str:
 def request_extra(engine: Any, request: Any) -> dict[str, Any]:
     """Provenance fields every generated record carries."""
     return {"settings": request.settings.as_record(), "fingerprint": record_fingerprint(engine, request)}
-
-
-def open_output(path: str, resume: bool) -> IO[str]:
-    """The -o file: appended to with --resume, else replaced."""
-    try:
-        return open(path, "a" if resume else "w", encoding="utf-8", newline="\n")
-    except OSError as exc:
-        raise UsageError(f"--output {path}: cannot open for writing ({exc.strerror})") from None
 
 
 def count_lines(path: str) -> int | None:

@@ -21,13 +21,13 @@ from aigc_cli.batch import (
     InputFormat,
     count_lines,
     load_template,
-    open_for_resume,
-    open_output,
     parse_shard,
     read_records,
     records_from_args,
+    resume_state,
 )
 from aigc_cli.errors import AigcError, ExitCode, UsageError
+from aigc_cli.outfile import OutputFile
 from aigc_cli.output import Messages, OutputFormat, SequenceRenderer, Streams, render_poems, render_rows
 from aigc_cli.recommend import Aggregate, ScoreKind
 from aigc_cli.settings import Decoding, GenerationSettings
@@ -237,12 +237,23 @@ def generate(
     tmpl = load_template(template) if template is not None else None
     fmt = OutputFormat.jsonl if output is not None or (source.kind != "args" and output_format is OutputFormat.auto) else output_format
 
-    engine = _load_engine(model, device, dtype, quantize, messages)
-    state = open_for_resume(output) if resume and output is not None else None
+    # The output is opened and locked before the model loads (a bad -o fails in a second), and it
+    # is emptied only once the model is there: a run that cannot start loses nothing.
+    inputs: list[str | int] = [source.path or ""] if source.kind == "file" else [0] if source.kind == "stdin" else []
+    out = OutputFile.open(output, resume, inputs + ([template] if template else [])) if output is not None else None
+    state = resume_state(out.read_existing(), output) if resume and out is not None and output is not None else None
+    try:
+        engine = _load_engine(model, device, dtype, quantize, messages)
+    except BaseException:
+        if out is not None:
+            out.close()
+        raise
     if settings.seed is None:
         known = state.seed if state is not None else None
         settings = dataclasses.replace(settings, seed=known if known is not None else secrets.randbelow(2**31))
-    sink = open_output(output, resume) if output is not None else streams.stdout
+    if out is not None:
+        out.start()
+    sink: Any = out if out is not None else streams.stdout
     out_streams = Streams(stdout=sink, stderr=streams.stderr)
     renderer = SequenceRenderer(
         out_streams, fmt, provenance=lambda: {"model": engine.name, "revision": engine.lm.revision}, multi_prompt=source.many
@@ -275,8 +286,8 @@ def generate(
             messages.error(f"interrupted after {done} records")
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     finally:
-        if output is not None:
-            sink.close()
+        if out is not None:
+            out.close()
     if summary.errors:
         messages.warn(f"{summary.errors} of {summary.records} records could not be processed (see their error records)")
         raise typer.Exit(int(ExitCode.PARTIAL))

@@ -75,6 +75,37 @@ class _Row:
         return True
 
 
+class RowRules:
+    """What one set of settings asks of every row decoded with it: logits processors in
+    transformers' order (repetition penalty, no-repeat-ngram, bad words, min new tokens) and the
+    banned-word check on decoded text."""
+
+    def __init__(self, tokenizer: Any, settings: GenerationSettings) -> None:
+        self.tok, self.s = tokenizer, settings
+        self.eos = tokenizer.eos_token_id
+        self.ban = BanRule(settings.ban)
+        # The usual tokenizations of banned words are masked up front; the text check catches the rest.
+        seqs = {tuple(tokenizer.encode(v, add_special_tokens=False)) for v in self.ban.variants()}
+        self.ban_sequences = [list(q) for q in seqs if q]
+
+    def processors(self, prompt_width: int) -> ProcessorList:
+        s, procs = self.s, ProcessorList()
+        if s.repetition_penalty != 1.0:
+            procs.append(RepetitionPenalty(s.repetition_penalty))
+        if s.no_repeat_ngram_size > 0:
+            procs.append(NoRepeatNGram(s.no_repeat_ngram_size))
+        if self.ban_sequences:
+            procs.append(NoBadWords(self.ban_sequences))
+        if s.min_new_tokens > 0:
+            procs.append(MinNewTokens(prompt_width, s.min_new_tokens, self.eos))
+        return procs
+
+    def violates_ban(self, row: _Row, token: int) -> bool:
+        if not self.ban or token == self.eos:
+            return False
+        return self.ban.violated(row.prompt_tail + row.text, row.prompt_tail + row.text_with(token))
+
+
 class _Decoder:
     """Shared state of one batch decode: rows, rules, processors."""
 
@@ -95,7 +126,8 @@ class _Decoder:
         self.on_text = on_text
         self.eos = self.tok.eos_token_id
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
-        self.ban = BanRule(settings.ban)
+        self.rules = RowRules(self.tok, settings)
+        self.ban = self.rules.ban
         width = max(len(p) for p in prompts)
         self.prompt_width = width
         self.rows = [
@@ -113,32 +145,16 @@ class _Decoder:
         self.processors.extend(self.extra)  # after the penalties, so a form can guard rows they emptied
 
     def _processors(self) -> ProcessorList:
-        """transformers' order: repetition penalty, no-repeat-ngram, bad words, min new tokens."""
-        s = self.s
-        procs = ProcessorList()
-        if s.repetition_penalty != 1.0:
-            procs.append(RepetitionPenalty(s.repetition_penalty))
-        if s.no_repeat_ngram_size > 0:
-            procs.append(NoRepeatNGram(s.no_repeat_ngram_size))
-        bad = self.ban_token_sequences()
-        if bad:
-            procs.append(NoBadWords(bad))
-        if s.min_new_tokens > 0:
-            procs.append(MinNewTokens(self.prompt_width, s.min_new_tokens, self.eos))
-        return procs
+        return self.rules.processors(self.prompt_width)
 
     def ban_token_sequences(self) -> list[list[int]]:
-        """The usual tokenizations of banned words, masked up front; the text check catches the rest."""
-        seqs = {tuple(self.tok.encode(v, add_special_tokens=False)) for v in self.ban.variants()}
-        return [list(s) for s in seqs if s]
+        return self.rules.ban_sequences
 
     def position_ids(self, mask: torch.Tensor) -> torch.Tensor:
         return (mask.cumsum(-1) - 1).clamp(min=0)
 
     def violates_ban(self, row: _Row, token: int) -> bool:
-        if not self.ban or token == self.eos:
-            return False
-        return self.ban.violated(row.prompt_tail + row.text, row.prompt_tail + row.text_with(token))
+        return self.rules.violates_ban(row, token)
 
     def accept(self, row_index: int, token: int, step: int, logprob: float | None = None) -> None:
         """Append `token` to a row, decide whether the row is finished, and report its text."""
@@ -213,18 +229,51 @@ def generate_rows(
     return dec.results()
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_MIX1, _MIX2, _GOLDEN = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB), _signed(0x9E3779B97F4A7C15)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps; shifts made logical)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _MIX1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def gumbel_noise(seeds: torch.Tensor, draws: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise (float64, shaped like `tokens`), a pure function of each row's seed,
+    its draw number and the token id: counter-based, so no generator state to keep per row."""
+    key = _mix(_mix(seeds * _GOLDEN + draws)[:, None] + tokens * _GOLDEN)
+    u = (((key >> 11) & ((1 << 53) - 1)).double() + 0.5) / float(1 << 53)  # in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
 _SHORTLIST = 1024  # top-p/typical/min-p without top-k look at the best 1024 tokens when they hold the nucleus
 
 
 class _Sampler:
     """Draws one token per row, with the warpers of transformers in their order (temperature, top-k,
-    top-p, min-p, typical) applied to a sorted shortlist instead of the whole vocabulary, and one
-    uniform number per row from that row's own generator (inverse-CDF sampling)."""
+    top-p, min-p, typical) applied to a sorted shortlist instead of the whole vocabulary.
+
+    The draw is a Gumbel-max race: each kept token's score gets noise that is a pure function of
+    (row seed, draw number, token id), and the best total wins. That samples exactly from the
+    filtered distribution, and unlike an inverse-CDF draw over a cumulative sum, the winner changes
+    only when two totals fall within the ~1e-6 by which a batch's shape moves the logits: a row's
+    text does not depend on its batch mates, the batch size or the arrival order."""
 
     def __init__(self, s: GenerationSettings) -> None:
         self.s = s
 
-    def __call__(self, scores: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+    def __call__(self, scores: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """`seeds` (B,) int64 row seeds, `draws` (B,) the row's draw number (its step)."""
         s = self.s
         if s.temperature != 1.0:
             scores = scores / s.temperature
@@ -251,11 +300,9 @@ class _Sampler:
         if s.typical_p < 1.0:
             keep &= self._typical(vals.masked_fill(~keep, -float("inf")))
         keep[:, 0] |= ~keep.any(-1)  # never an empty row
-        probs = torch.softmax(vals.masked_fill(~keep, -float("inf")), dim=-1)
-        u = torch.stack([torch.rand((), generator=g, device=scores.device) for g in gens])
-        cdf = probs.cumsum(-1)
-        j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)
-        j = torch.where(keep.gather(1, j), j, probs.argmax(-1, keepdim=True))  # float edge at the top of the CDF
+        tokens = idx if idx is not None else torch.arange(vocab, device=scores.device).expand_as(vals)
+        race = vals.double() + gumbel_noise(seeds.to(scores.device), draws.to(scores.device), tokens)
+        j = race.masked_fill(~keep, -float("inf")).argmax(-1, keepdim=True)
         return (idx.gather(1, j) if idx is not None else j).squeeze(1)
 
     def _holds_nucleus(self, vals: torch.Tensor, scores: torch.Tensor) -> bool:
@@ -281,12 +328,7 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
     """Greedy or sampling, the whole batch at once; finished rows are dropped from the batch."""
     sampling = dec.s.decoding is Decoding.sample
     sampler = _Sampler(dec.s)
-    gens = []
-    if sampling:
-        for seed in seeds:
-            g = torch.Generator(device=dec.device)
-            g.manual_seed(seed)
-            gens.append(g)
+    row_seeds = torch.tensor(list(seeds), dtype=torch.long)
     active = list(range(len(dec.rows)))
     ids, mask = dec.ids, dec.mask
     run = _Runner(dec.model, len(dec.rows), dec.prompt_width + dec.s.max_new_tokens)
@@ -294,11 +336,13 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
     for step in range(dec.s.max_new_tokens):
         raw = torch.log_softmax(logits, dim=-1) if dec.logprobs else None  # processors may write in place
         scores = dec.processors(ids, logits)
-        picked = sampler(scores, [gens[r] for r in active]) if sampling else scores.argmax(-1)
+        draws = torch.full((len(active),), step, dtype=torch.long)
+        picked = sampler(scores, row_seeds[active], draws) if sampling else scores.argmax(-1)
         tokens = picked.tolist()
         for b, r in enumerate(active):
             if dec.ban:
-                tokens[b] = _unbanned(dec, r, scores[b], tokens[b], sampler if sampling else None, gens[r] if sampling else None)
+                draw = (sampler, row_seeds[r : r + 1], draws[:1]) if sampling else None
+                tokens[b] = _unbanned(dec, dec.rows[r], scores[b], tokens[b], draw)
             dec.accept(r, tokens[b], step, float(raw[b, tokens[b]]) if raw is not None else None)
         token_t = torch.tensor(tokens, dtype=torch.long, device=dec.device)[:, None]
         ids = torch.cat([ids, token_t], dim=-1)
@@ -314,18 +358,17 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
         logits, _ = run(token_t, mask, dec.position_ids(mask)[:, -1:])
 
 
-def _unbanned(
-    dec: _Decoder, r: int, row_scores: torch.Tensor, token: int, sampler: _Sampler | None, gen: torch.Generator | None
-) -> int:
-    """Re-pick a row's token while it would write a banned word (EOS when nothing else is left)."""
+def _unbanned(dec: Any, row: _Row, row_scores: torch.Tensor, token: int, draw: tuple[Any, torch.Tensor, torch.Tensor] | None) -> int:
+    """Re-pick a row's token while it would write a banned word (EOS when nothing else is left);
+    `draw` is (sampler, seed, draw number) for sampled rows: the same race, the banned token out."""
     tries = 0
-    while dec.violates_ban(dec.rows[r], token):
+    while dec.violates_ban(row, token):
         tries += 1
         row_scores = row_scores.clone()
         row_scores[token] = -float("inf")
         if tries > _BAN_RETRIES or torch.isinf(row_scores).all():
             return dec.eos
-        token = int(sampler(row_scores[None], [gen])[0]) if sampler is not None else int(row_scores.argmax())
+        token = int(draw[0](row_scores[None], draw[1], draw[2])[0]) if draw is not None else int(row_scores.argmax())
     return token
 
 
@@ -446,6 +489,11 @@ def generate_beam(
             row.push(token, step, dec.eos, s)
         results.append(RowResult(row.generated, row.text, row.finish_reason or "length"))
     return results
+
+
+def supports_slots(model: Any) -> bool:
+    """Can this model run on the continuous-batching scheduler (per-row KV slots)?"""
+    return hasattr(model, "new_slots")
 
 
 def is_native(model: Any) -> bool:

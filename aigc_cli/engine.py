@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aigc_cli.errors import RecordError
 from aigc_cli.settings import Decoding, GenerationSettings
@@ -18,6 +20,8 @@ from aigc_cli.settings import Decoding, GenerationSettings
 DEFAULT_CPU_BATCH = 64
 DEFAULT_GPU_BATCH = 64
 AUTO_KV_BUDGET = 1 << 30  # bytes
+T = TypeVar("T")
+_END = object()
 
 
 @dataclass(frozen=True)
@@ -124,61 +128,159 @@ class Engine:
 
     def generate(
         self,
-        requests: Sequence[Request],
+        requests: Iterable[Request],
         batch_size: int | None = None,
         on_text: Callable[[Completion, str], None] | None = None,
         processors: Callable[[int], list[Any]] | None = None,
         logprobs: bool = False,
     ) -> Iterator[Completion]:
-        """Generate every wanted sequence; yields completions in request order, index order.
+        """Generate every wanted sequence; yields completions in request order, index order, each
+        as soon as it and everything before it is done.
 
-        Rows of requests that share settings run together, sorted by prompt length so that
-        similar lengths share a batch. `on_text(partial, text_so_far)` streams a lone row;
-        `processors(prompt_width)` adds logits processors (poem forms) to every batch; `logprobs`
-        records each token's log-probability under the unprocessed model (greedy and sampling).
+        `on_text(partial, text_so_far)` streams a lone row; `processors(prompt_width)` adds logits
+        processors (poem forms) to every batch; `logprobs` records each token's log-probability
+        under the unprocessed model (greedy and sampling).
         """
-        from aigc_cli.decoding import generate_beam, generate_rows, row_seed
+        for _, completions in self.stream(requests, lambda r: r, batch_size, on_text, processors, logprobs):
+            yield from completions
+
+    def stream(
+        self,
+        items: Iterable[T],
+        request_of: Callable[[T], Request | None],
+        batch_size: int | None = None,
+        on_text: Callable[[Completion, str], None] | None = None,
+        processors: Callable[[int], list[Any]] | None = None,
+        logprobs: bool = False,
+    ) -> Iterator[tuple[T, list[Completion]]]:
+        """Each item with its request's completions, in input order, as soon as they are done;
+        items without a request (error records) pass through in their place.
+
+        Greedy and sampled rows of the native model run on the continuous-batching scheduler: the
+        items are read ahead lazily (about two batches of rows), and a row starts as soon as a slot
+        is free. Beam search runs one request at a time; contrastive search, poem forms
+        (`processors`) and models without the native forward pass run in static batches of the
+        requests read ahead (`_static`).
+        """
+        from aigc_cli.decoding import row_seed, supports_slots
+        from aigc_cli.scheduler import Finished, RowSpec, Scheduler
 
         auto = batch_size is None
-        batch_size = batch_size or (DEFAULT_GPU_BATCH if self.lm.device == "cuda" else DEFAULT_CPU_BATCH)
-        encoded = {
-            id(r): list(r.prompt_ids) if r.prompt_ids is not None else self.encode(r.prompt, r.settings)
-            for r in requests
-        }
-        done: dict[tuple[int, int], Completion] = {}
+        cap = batch_size or (DEFAULT_GPU_BATCH if self.lm.device == "cuda" else DEFAULT_CPU_BATCH)
+        scheduled = processors is None and supports_slots(self.lm.model)
+        sched = Scheduler(self.lm, cap, AUTO_KV_BUDGET if auto and self.lm.device != "cuda" else None) if scheduled else None
+        source = iter(items)
+        ahead: deque[tuple[int, T, Request | None]] = deque()  # read, not yet yielded, in input order
+        owners: dict[int, Request] = {}
+        results: dict[tuple[int, int], Completion] = {}  # (read number, sequence index) -> completion
+        count = 0
 
-        def finish(row: _Row, text: str, reason: str, tokens: list[int], logp: list[float] | None = None) -> Completion:
-            req = row.request
-            return Completion(
-                req.id, row.index, req.prompt, text, reason, len(row.prompt_ids), len(tokens), req.seed, token_ids=tokens, logprobs=logp
-            )
+        def on_scheduler(req: Request | None) -> bool:
+            return req is not None and sched is not None and req.settings.decoding in (Decoding.sample, Decoding.greedy)
 
-        groups: dict[GenerationSettings, list[_Row]] = {}
-        for req in requests:
-            if req.settings.decoding is Decoding.beam:
-                ids = encoded[id(req)]
-                beams = generate_beam(self.lm, ids, req.settings, processors)
+        def read_one() -> bool:
+            nonlocal count
+            item = next(source, _END)
+            if item is _END:
+                return False
+            req = request_of(item)
+            if req is not None and req.prompt_ids is None:
+                req = dataclasses.replace(req, prompt_ids=tuple(self.encode(req.prompt, req.settings)))
+            n, count = count, count + 1
+            ahead.append((n, item, req))
+            if req is not None:
+                owners[n] = req
+            if on_scheduler(req):
+                assert sched is not None and req is not None
                 for index in req.wanted():
-                    res = beams[index]
-                    done[(id(req), index)] = finish(_Row(req, index, ids), res.text, res.finish_reason, res.token_ids)
+                    row = _Row(req, index, list(req.prompt_ids or ()))
+                    stream = self._streamer(row, on_text) if on_text is not None else None
+                    seed = row_seed(req.seed, req.id, index)
+                    sched.submit(RowSpec((n, index), row.prompt_ids, req.settings, seed, stream, logprobs))
+            return True
+
+        def fill() -> bool:  # keep about two batches of rows ready behind the running ones
+            while (sched is None or sched.pending < 2 * cap) and len(ahead) < 4 * cap:
+                if not read_one():
+                    return False
+            return True
+
+        more = fill()
+        while ahead or more:
+            if not ahead:
+                more = read_one()
                 continue
-            rows = groups.setdefault(req.settings, [])
-            rows.extend(_Row(req, index, encoded[id(req)]) for index in req.wanted())
-        for settings, rows in groups.items():
-            rows.sort(key=lambda r: len(r.prompt_ids))
-            start = 0
-            while start < len(rows):
-                size = self._auto_rows(rows[start : start + batch_size], settings) if auto else batch_size
-                chunk, start = rows[start : start + size], start + size
-                stream = None
-                if on_text is not None and len(rows) == 1:
-                    lone = chunk[0]
-                    partial = finish(lone, "", "", [])
-                    stream = lambda _i, text, p=partial: on_text(p, text)  # noqa: E731
-                seeds = [row_seed(r.request.seed, r.request.id, r.index) for r in chunk]
-                results = generate_rows(self.lm, [r.prompt_ids for r in chunk], settings, seeds, stream, processors, logprobs)
-                for r, res in zip(chunk, results):
-                    done[(id(r.request), r.index)] = finish(r, res.text, res.finish_reason, res.token_ids, res.logprobs)
-        for req in requests:
-            for index in req.wanted():
-                yield done[(id(req), index)]
+            n, item, req = ahead[0]
+            for index in req.wanted() if req is not None else ():
+                while (n, index) not in results:
+                    if on_scheduler(req):
+                        assert sched is not None
+                        for event in sched.step():
+                            if isinstance(event, Finished):
+                                owner = owners[event.key[0]]
+                                row = _Row(owner, event.key[1], list(owner.prompt_ids or ()))
+                                results[event.key] = self._completion(row, event.result)
+                        more = more and fill()
+                    else:
+                        pending = [(m, q) for m, _, q in ahead if q is not None and not on_scheduler(q)]
+                        self._static(pending, n, results, cap, auto, on_text, processors, logprobs)
+            ahead.popleft()
+            owners.pop(n, None)
+            yield item, [results.pop((n, i)) for i in (req.wanted() if req is not None else ())]
+            more = more and fill()
+
+    def _streamer(self, row: _Row, on_text: Callable[[Completion, str], None]) -> Callable[[str], None]:
+        partial = self._completion(row, None)
+        return lambda text: on_text(partial, text)
+
+    @staticmethod
+    def _completion(row: _Row, res: Any) -> Completion:
+        req = row.request
+        if res is None:
+            return Completion(req.id, row.index, req.prompt, "", "", len(row.prompt_ids), 0, req.seed)
+        return Completion(
+            req.id, row.index, req.prompt, res.text, res.finish_reason, len(row.prompt_ids), len(res.token_ids), req.seed,
+            token_ids=res.token_ids, logprobs=res.logprobs,
+        )
+
+    def _static(
+        self,
+        pending: list[tuple[int, Request]],
+        head: int,
+        results: dict[tuple[int, int], Completion],
+        batch_size: int,
+        auto: bool,
+        on_text: Callable[[Completion, str], None] | None,
+        processors: Callable[[int], list[Any]] | None,
+        logprobs: bool,
+    ) -> None:
+        """Static batches: request `head` (beam search: alone), or every pending request with its
+        settings, similar prompt lengths together; each batch runs until its longest row ends."""
+        from aigc_cli.decoding import generate_beam, generate_rows, row_seed
+
+        first = dict(pending)[head]
+        if first.settings.decoding is Decoding.beam:
+            beams = generate_beam(self.lm, list(first.prompt_ids or ()), first.settings, processors)
+            for index in first.wanted():
+                results[(head, index)] = self._completion(_Row(first, index, list(first.prompt_ids or ())), beams[index])
+            return
+        rows = [
+            (n, _Row(r, i, list(r.prompt_ids or ())))
+            for n, r in pending
+            if r.settings == first.settings
+            for i in r.wanted()
+            if (n, i) not in results
+        ]
+        rows.sort(key=lambda nr: len(nr[1].prompt_ids))
+        start = 0
+        while start < len(rows):
+            size = self._auto_rows([r for _, r in rows[start : start + batch_size]], first.settings) if auto else batch_size
+            chunk, start = rows[start : start + size], start + size
+            stream = None
+            if on_text is not None and len(rows) == 1:
+                partial = self._completion(chunk[0][1], None)
+                stream = lambda _i, text, p=partial: on_text(p, text)  # noqa: E731
+            seeds = [row_seed(r.request.seed, r.request.id, r.index) for _, r in chunk]
+            out = generate_rows(self.lm, [r.prompt_ids for _, r in chunk], first.settings, seeds, stream, processors, logprobs)
+            for (n, r), res in zip(chunk, out):
+                results[(n, r.index)] = self._completion(r, res)

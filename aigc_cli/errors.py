@@ -39,6 +39,12 @@ class ModelUnavailableError(AigcError):
     exit_code = ExitCode.MODEL_UNAVAILABLE
 
 
+class OutputError(AigcError):
+    """The output file cannot be written (a full disk, a file removed from under us)."""
+
+    exit_code = ExitCode.FAILURE
+
+
 class RecordError(AigcError):
     """One input record cannot be processed; batch jobs turn it into an error record."""
 

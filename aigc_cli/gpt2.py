@@ -85,6 +85,59 @@ class KVCache:
         self.select(torch.arange(self.k.shape[1], device=self.k.device).repeat_interleave(times))
 
 
+class SlotCache:
+    """Keys and values for continuous batching: one slot per running row, each row with its own
+    length. Running rows occupy slots 0..rows-1 (a finished row's slot is refilled by the last
+    row, so a decode step reads one contiguous block); slots and positions grow on demand."""
+
+    def __init__(self, cfg: Config, dtype: torch.dtype, device: str) -> None:
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.k = self.v = torch.empty(0)
+        self.lengths: list[int] = []  # per running row: positions filled
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return (self.k.shape[1], self.k.shape[3]) if self.k.dim() == 5 else (0, 0)
+
+    def reserve(self, slots: int, positions: int) -> None:
+        """Room for at least `slots` rows of `positions` each (the caller sizes growth)."""
+        have_slots, have_pos = self.capacity
+        if slots <= have_slots and positions <= have_pos:
+            return
+        slots, positions = max(slots, have_slots), min(max(positions, have_pos), self.cfg.n_positions)
+        head_dim = self.cfg.n_embd // self.cfg.n_head
+        shape = (self.cfg.n_layer, slots, self.cfg.n_head, positions, head_dim)
+        # zeros, not empty: masked positions still enter the attention's products, and 0 * NaN is NaN
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.rows:
+            n, filled = self.rows, max(self.lengths)
+            k[:, :n, :, :filled] = self.k[:, :n, :, :filled]
+            v[:, :n, :, :filled] = self.v[:, :n, :, :filled]
+        self.k, self.v = k, v
+
+    def add(self, cache: KVCache, row: int, width: int, length: int) -> None:
+        """Append a prefilled row: its `length` real positions end at `width` in `cache` (left padding)."""
+        slot = self.rows
+        self.k[:, slot, :, :length] = cache.k[:, row, :, width - length : width]
+        self.v[:, slot, :, :length] = cache.v[:, row, :, width - length : width]
+        self.lengths.append(length)
+
+    def remove(self, slot: int) -> None:
+        """Free a row's slot; the last row moves into it."""
+        last = self.rows - 1
+        if slot != last:
+            n = self.lengths[last]
+            self.k[:, slot, :, :n] = self.k[:, last, :, :n]
+            self.v[:, slot, :, :n] = self.v[:, last, :, :n]
+            self.lengths[slot] = n
+        self.lengths.pop()
+
+
 class _Linear:
     """y = x @ W + b for a Conv1D-layout weight W (in, out).
 
@@ -249,6 +302,58 @@ class GPT2:
         if cache is not None:
             cache.length = total
         return F.layer_norm(x, (cfg.n_embd,), self.ln_f[0], self.ln_f[1], cfg.eps)
+
+    def new_slots(self) -> SlotCache:
+        return SlotCache(self.cfg, self.dtype, str(self.device))
+
+    def prefill(self, prompts: list[list[int]], slots: SlotCache) -> torch.Tensor:
+        """Run new rows' prompts (left-padded together) and append them to `slots`; last-position
+        logits (B, V) in float32."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = self.new_cache(len(prompts), width)
+        h = self.forward(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache)
+        for i, p in enumerate(prompts):
+            slots.add(cache, i, width, len(p))
+        return self.logits(h[:, -1, :]).float()
+
+    def decode(self, tokens: torch.Tensor, slots: SlotCache) -> torch.Tensor:
+        """One decoding step of every running row: `tokens` (B,) are written at each row's own
+        position; logits (B, V) in float32."""
+        cfg = self.cfg
+        bsz = tokens.shape[0]
+        heads, head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        pos = torch.tensor(slots.lengths, dtype=torch.long, device=self.device)
+        total = max(slots.lengths) + 1
+        slots.reserve(bsz, total)
+        x = self.embed(tokens[:, None]) + F.embedding(pos[:, None], self.wpe)
+        rows = torch.arange(bsz, device=self.device)
+        keys = torch.arange(total, device=self.device)
+        mask = None
+        if min(slots.lengths) + 1 != total:  # rows of different lengths: hide each row's unused positions
+            mask = torch.zeros((bsz, 1, 1, total), dtype=x.dtype, device=self.device)
+            mask.masked_fill_((keys[None, :] > pos[:, None])[:, None, None, :], float("-inf"))
+        for i, (w1, b1, attn, proj, w2, b2, fc, fc_out) in enumerate(self.layers):
+            h = F.layer_norm(x, (cfg.n_embd,), w1, b1, cfg.eps)
+            qkv = attn(h.view(-1, cfg.n_embd)).view(bsz, 3, heads, head_dim)
+            q, k, v = qkv.unbind(1)  # each (B, H, D)
+            slots.k[i, rows, :, pos] = k
+            slots.v[i, rows, :, pos] = v
+            a = F.scaled_dot_product_attention(
+                q[:, :, None, :], slots.k[i, :bsz, :, :total], slots.v[i, :bsz, :, :total], attn_mask=mask
+            )
+            x = x + proj(a.reshape(bsz, cfg.n_embd)).view(bsz, 1, cfg.n_embd)
+            h = F.layer_norm(x, (cfg.n_embd,), w2, b2, cfg.eps)
+            h = F.gelu(fc(h.view(-1, cfg.n_embd)), approximate="tanh")
+            x = x + fc_out(h).view(bsz, 1, cfg.n_embd)
+        slots.lengths = [n + 1 for n in slots.lengths]
+        h = F.layer_norm(x, (cfg.n_embd,), self.ln_f[0], self.ln_f[1], cfg.eps)
+        return self.logits(h[:, -1, :]).float()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)

@@ -107,10 +107,11 @@ def test_error_records_for_every_bad_kind_and_the_job_goes_on(cli, tmp_path):
         "malformed_json",
         None,
     ]
-    assert [x["id"] for x in recs] == list(range(1, 11))
+    # the id is the record's own (its line number when it has none), null when it cannot be read
+    assert [x["id"] for x in recs] == [1, 2, 3, None, None, 6, 7, 8, None, 10]
     for x in recs:
         if "error" in x:
-            assert x["error"]["message"].startswith(f"line {x['id']}")
+            assert x["error"]["message"].startswith(f"line {x['line']}")
     assert "40 tokens" in recs[2]["error"]["message"] and "1024" in recs[2]["error"]["message"]
     assert "'top_p'" in recs[5]["error"]["message"]
     assert "8 of 10 records" in r.stderr
@@ -148,33 +149,37 @@ def test_batch_size_does_not_change_any_record(cli, tmp_path, decoding):
 
 
 def test_auto_batches_stay_within_the_kv_budget(tiny_lm, monkeypatch):
-    """`--batch-size auto` takes up to 64 rows, fewer when their KV cache at full length would pass
-    the budget; the records are those of fixed-size batches."""
-    from aigc_cli import decoding, engine
+    """`--batch-size auto` runs up to 64 rows, fewer when their KV cache at full length would pass
+    the budget (the KV slots allocated stay within it too); the records are those of fixed-size batches."""
+    from aigc_cli import engine
     from aigc_cli.engine import Engine, Request
+    from aigc_cli.scheduler import Scheduler
 
     eng = Engine(tiny_lm)
     settings = GenerationSettings(max_new_tokens=6, seed=5).resolved()
-    requests = [Request(i, p, settings, 5) for i, p in enumerate(_prompts(20))]
-    longest = max(len(eng.encode(p, settings)) for p in _prompts(20))
+    prompts = sorted(_prompts(20), key=len)  # short prompts first: more of them fit
+    requests = [Request(i, p, settings, 5) for i, p in enumerate(prompts)]
+    longest = max(len(eng.encode(p, settings)) for p in prompts)
     per_position = eng._kv_bytes_per_position()
     budget = per_position * (longest + 6) * 3  # three rows of the longest prompt
     monkeypatch.setattr(engine, "AUTO_KV_BUDGET", budget)
-    batches = []
-    real = decoding.generate_rows
+    running = []
+    real = Scheduler._admit
 
-    def spy(lm, prompts, *args, **kwargs):
-        batches.append((len(prompts), max(len(p) for p in prompts)))
-        return real(lm, prompts, *args, **kwargs)
+    def spy(self):
+        real(self)
+        if self.live:
+            slots, positions = self.slots.capacity
+            running.append((len(self.live), max(x.reserve for x in self.live), slots * positions))
 
-    monkeypatch.setattr(decoding, "generate_rows", spy)
+    monkeypatch.setattr(Scheduler, "_admit", spy)
     auto = [(c.id, c.text) for c in eng.generate(requests)]
-    assert sum(rows for rows, _ in batches) == 20
-    assert all(rows * (width + 6) * per_position <= budget for rows, width in batches), batches
-    assert batches[0][0] > 3 > batches[-1][0], batches  # short prompts first: more of them fit
-    batches.clear()
+    assert all(rows * reserve * per_position <= budget for rows, reserve, _ in running), running
+    assert all(allocated * per_position <= budget for *_, allocated in running), running
+    assert running[0][0] > 3 >= running[-1][0], running
+    running.clear()
     fixed = [(c.id, c.text) for c in eng.generate(requests, batch_size=4)]
-    assert [rows for rows, _ in batches] == [4] * 5
+    assert max(rows for rows, *_ in running) == 4
     assert auto == fixed
 
 
@@ -224,8 +229,9 @@ def test_bad_batch_flags(cli, args, message):
     assert r.exit_code == 2 and message in r.stderr, r.stderr
 
 
-def test_reading_is_lazy_and_memory_bounded():
-    """An endless input: the job consumes it window by window, never reading it whole."""
+def test_reading_is_lazy_and_memory_bounded(tiny_lm):
+    """An endless input: the job reads it a few batches ahead of what is written, never whole."""
+    from aigc_cli.engine import Engine
 
     class Endless(io.RawIOBase):
         def __init__(self):
@@ -243,22 +249,6 @@ def test_reading_is_lazy_and_memory_bounded():
     raw = Endless()
     stream = io.BufferedReader(raw, buffer_size=64)
 
-    class FakeEngine:
-        name = "fake"
-
-        class lm:
-            revision = "r"
-
-        def encode(self, prompt, settings):
-            return [1, 2]
-
-        def generate(self, requests, batch_size=None, on_text=None):
-            from aigc_cli.engine import Completion
-
-            for r in requests:
-                for i in r.wanted():
-                    yield Completion(r.id, i, r.prompt, "x", "length", 2, 1, r.seed)
-
     emitted = []
 
     class Enough(Exception):
@@ -269,7 +259,7 @@ def test_reading_is_lazy_and_memory_bounded():
         if len(emitted) == 50:
             raise Enough
 
-    job = BatchJob(FakeEngine(), GenerationSettings(seed=1).resolved(), emit, batch_size=4)
+    job = BatchJob(Engine(tiny_lm), GenerationSettings(seed=1, max_new_tokens=2).resolved(), emit, batch_size=4)
     with pytest.raises(Enough):
         job.run(read_records(stream, InputFormat.auto))
     assert [e.id for e in emitted] == list(range(1, 51))

@@ -1,0 +1,243 @@
+"""Continuous batching: rows with their own settings join a running decode batch at any step and
+leave it when they finish; one decode step is one forward pass over every running row.
+
+    sched = Scheduler(lm, max_rows=64)
+    sched.submit(RowSpec(key="a", prompt_ids=ids, settings=settings, seed=row_seed(7, "a", 0)))
+    while sched.busy:
+        for event in sched.step():   # Token and Finished events, as they happen
+            ...
+
+Greedy and sampled rows run here (beam and contrastive search keep their own loops, see
+`engine.py`). A row's tokens depend only on its prompt, settings and seed: sampling draws with
+noise keyed by (row seed, step, token), and the batch around a row moves its logits by ~1e-6 at
+most, which a Gumbel race does not notice.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from aigc_cli.decoding import RowResult, RowRules, _Row, _Sampler, _unbanned
+from aigc_cli.processors import ProcessorList
+from aigc_cli.settings import Decoding, GenerationSettings
+
+
+@dataclass
+class RowSpec:
+    """One sequence to generate."""
+
+    key: Hashable  # the caller's handle for this row
+    prompt_ids: list[int]
+    settings: GenerationSettings  # resolved; greedy or sample
+    seed: int  # the row's own seed (decoding.row_seed)
+    on_text: Callable[[str], None] | None = None  # called with the row's whole text as it grows
+    logprobs: bool = False  # record each token's log-probability under the unprocessed model
+
+
+@dataclass
+class Token:
+    key: Hashable
+    token: int
+    text: str
+
+
+@dataclass
+class Finished:
+    key: Hashable
+    result: RowResult
+
+
+@dataclass
+class _Live:
+    spec: RowSpec
+    row: _Row
+    rules: RowRules
+    processors: ProcessorList
+    step: int = 0
+    cancelled: bool = False
+    history: list[int] = field(default_factory=list)  # prompt + generated, for history-based processors
+
+    @property
+    def reserve(self) -> int:  # positions this row may fill
+        return len(self.spec.prompt_ids) + self.spec.settings.max_new_tokens
+
+
+class Scheduler:
+    """Rows wait in a queue (first come, first served), then take a KV slot; at most `max_rows`
+    run at once and, with `kv_budget` (bytes), no more than fit it at their full length."""
+
+    def __init__(self, lm: Any, max_rows: int, kv_budget: int | None = None) -> None:
+        self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
+        self.max_rows, self.kv_budget = max(1, max_rows), kv_budget
+        self.queue: deque[RowSpec] = deque()
+        self.live: list[_Live] = []
+        self.slots = self.model.new_slots()
+        self.logits: torch.Tensor | None = None  # (rows, V): what each live row samples from next
+        self._rules: dict[GenerationSettings, RowRules] = {}
+        self._cancel: set[Hashable] = set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.live)
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue) + len(self.live)
+
+    def submit(self, spec: RowSpec) -> None:
+        if spec.settings.decoding not in (Decoding.sample, Decoding.greedy):
+            raise ValueError(f"the scheduler runs greedy and sampled rows, not {spec.settings.decoding.value}")
+        self.queue.append(spec)
+
+    def cancel(self, key: Hashable) -> None:
+        """Drop a row: a queued one at once, a running one (and its slot) at the next step."""
+        self._cancel.add(key)
+
+    def step(self) -> list[Token | Finished]:
+        """Admit what fits, pick one token for every running row, then one forward pass for those
+        still running. Returns what happened, in slot order."""
+        self._drop_cancelled()
+        self._admit()
+        if not self.live:
+            return []
+        assert self.logits is not None
+        tokens = self._pick(self.logits)
+        events: list[Token | Finished] = []
+        done = []
+        for b, (live, token) in enumerate(zip(self.live, tokens)):
+            raw = self._raw_logprob(b, token) if live.spec.logprobs else None
+            grew = live.row.push(token, live.step, live.rules.eos, live.spec.settings, raw)
+            live.step += 1
+            live.history.append(token)
+            if grew:
+                events.append(Token(live.spec.key, token, live.row.text))
+                if live.spec.on_text is not None:
+                    live.spec.on_text(live.row.text)
+            if live.row.finish_reason is not None:
+                done.append(b)
+                r = live.row
+                events.append(Finished(live.spec.key, RowResult(r.generated, r.text, r.finish_reason, r.logprobs if live.spec.logprobs else None)))
+        order = self._remove(done)
+        if not self.live:
+            self.logits = None
+            self.slots = self.model.new_slots()  # idle: give the cache's memory back
+            return events
+        token_t = torch.tensor([tokens[i] for i in order], dtype=torch.long, device=self.model.device)
+        self.logits = self.model.decode(token_t, self.slots)
+        return events
+
+    # -- admission and removal -------------------------------------------------------------
+
+    def _fits(self, rows: int, longest: int) -> bool:
+        if rows > self.max_rows:
+            return False
+        if self.kv_budget is None or rows == 1:
+            return True
+        return rows * longest * self._bytes_per_position() <= self.kv_budget
+
+    def _bytes_per_position(self) -> int:
+        cfg = self.model.cfg
+        return 2 * cfg.n_layer * cfg.n_embd * self.model.dtype.itemsize
+
+    def _admit(self) -> None:
+        joining: list[RowSpec] = []
+        longest = max((x.reserve for x in self.live), default=0)
+        while self.queue:
+            spec = self.queue[0]
+            if spec.key in self._cancel:
+                self._cancel.discard(spec.key)
+                self.queue.popleft()
+                continue
+            need = max(longest, len(spec.prompt_ids) + spec.settings.max_new_tokens)
+            if not self._fits(len(self.live) + len(joining) + 1, need):
+                break
+            joining.append(self.queue.popleft())
+            longest = need
+        if not joining:
+            return
+        have_slots, have_pos = self.slots.capacity
+        rows = len(self.live) + len(joining)
+        # grow in steps so that a stream of arrivals does not copy the cache at every step
+        slots = rows if rows <= have_slots else min(self.max_rows, max(rows, 2 * have_slots, 8))
+        if self.kv_budget is not None:  # and never more than the budget holds at this length
+            slots = max(rows, min(slots, self.kv_budget // (longest * self._bytes_per_position())))
+        self.slots.reserve(slots, max(longest, have_pos))
+        logits = self.model.prefill([s.prompt_ids for s in joining], self.slots)
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        for spec in joining:
+            rules = self._rules.get(spec.settings)
+            if rules is None:
+                rules = self._rules[spec.settings] = RowRules(self.tok, spec.settings)
+            tail = self.tok.decode(spec.prompt_ids[-16:], clean_up_tokenization_spaces=False)
+            self.live.append(
+                _Live(spec, _Row(self.tok, tail), rules, rules.processors(len(spec.prompt_ids)), history=list(spec.prompt_ids))
+            )
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancel or not self.live:
+            return
+        gone = [b for b, live in enumerate(self.live) if live.spec.key in self._cancel]
+        if not gone:
+            return
+        self._cancel.difference_update(self.live[b].spec.key for b in gone)
+        order = self._remove(gone)
+        if self.logits is not None:
+            self.logits = self.logits[torch.tensor(order, dtype=torch.long, device=self.logits.device)] if order else None
+        if not self.live:
+            self.slots = self.model.new_slots()
+
+    def _remove(self, doomed: list[int]) -> list[int]:
+        """Free these rows' slots (the last row moves into each); returns, for each remaining
+        slot, the row it held before."""
+        order = list(range(len(self.live)))
+        for slot in sorted(doomed, reverse=True):
+            last = len(order) - 1
+            self.slots.remove(slot)
+            order[slot] = order[last]
+            order.pop()
+            self.live[slot] = self.live[last]
+            self.live.pop()
+        return order
+
+    # -- choosing tokens -----------------------------------------------------------------------
+
+    def _raw_logprob(self, b: int, token: int) -> float:
+        assert self.logits is not None
+        return float(torch.log_softmax(self.logits[b], dim=-1)[token])
+
+    def _pick(self, logits: torch.Tensor) -> list[int]:
+        """One token per live row: rows that share settings are processed and drawn together."""
+        tokens = [0] * len(self.live)
+        groups: dict[GenerationSettings, list[int]] = {}
+        for b, live in enumerate(self.live):
+            groups.setdefault(live.spec.settings, []).append(b)
+        for settings, rows in groups.items():
+            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            scores = logits if len(rows) == len(self.live) else logits[index]
+            if self.live[rows[0]].processors:  # history-based: each row on its own sequence
+                scores = torch.cat([self._processed(self.live[b], scores[i : i + 1]) for i, b in enumerate(rows)])
+            sampling = settings.decoding is Decoding.sample
+            sampler = _Sampler(settings)
+            if sampling:
+                seeds = torch.tensor([self.live[b].spec.seed for b in rows], dtype=torch.long)
+                draws = torch.tensor([self.live[b].step for b in rows], dtype=torch.long)
+                picked = sampler(scores, seeds, draws).tolist()
+            else:
+                picked = scores.argmax(-1).tolist()
+            for i, b in enumerate(rows):
+                live = self.live[b]
+                token = picked[i]
+                if live.rules.ban:
+                    draw = (sampler, seeds[i : i + 1], draws[i : i + 1]) if sampling else None
+                    token = _unbanned(live.rules, live.row, scores[i], token, draw)
+                tokens[b] = token
+        return tokens
+
+    def _processed(self, live: _Live, scores: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor([live.history], dtype=torch.long, device=scores.device)
+        return live.processors(ids, scores)
