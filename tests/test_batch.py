@@ -311,8 +311,9 @@ def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float =
 
 
 def test_resume_after_kill_gives_exactly_the_uninterrupted_records(tmp_path):
-    f = _write(tmp_path / "p.txt", _prompts(48))
-    common = ("-f", str(f), "--max-new-tokens", "40", "-n", "2", "--batch-size", "2", "--seed", "11", *TINY)
+    # the default --batch-size: records must reach the file while the job runs, not at its end
+    f = _write(tmp_path / "p.txt", _prompts(150))
+    common = ("-f", str(f), "--max-new-tokens", "40", "-n", "2", "--seed", "11", *TINY)
     full = tmp_path / "full.jsonl"
     subprocess.run(_aigc("generate", *common, "-o", str(full)), check=True, env=_env(), timeout=300)
 
@@ -345,9 +346,9 @@ def test_resume_without_seed_reuses_the_files_seed_and_refuses_other_settings(cl
 
 
 def test_sigterm_flushes_and_says_how_to_resume(tmp_path):
-    f = _write(tmp_path / "p.txt", _prompts(64))
+    f = _write(tmp_path / "p.txt", _prompts(200))
     out = tmp_path / "out.jsonl"
-    args = ("-f", str(f), "--max-new-tokens", "60", "--batch-size", "1", "--seed", "1", *TINY, "-o", str(out))
+    args = ("-f", str(f), "--max-new-tokens", "60", "--seed", "1", *TINY, "-o", str(out))
     proc = subprocess.Popen(_aigc("generate", *args), env=_env(), stderr=subprocess.PIPE, text=True)
     _wait_for_lines(out, 1, proc)
     proc.send_signal(signal.SIGTERM)
