@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -30,7 +31,8 @@ from aigc_cli.errors import AigcError, ExitCode, UsageError
 from aigc_cli.outfile import OutputFile
 from aigc_cli.output import Messages, OutputFormat, SequenceRenderer, Streams, render_poems, render_rows
 from aigc_cli.recommend import Aggregate, ScoreKind
-from aigc_cli.settings import Decoding, GenerationSettings
+from aigc_cli.settings import MAX_BATCH, Decoding, GenerationSettings
+from aigc_cli.textrules import unescape
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 runtime failure; 2 usage error (bad flag, empty prompt); "
@@ -57,11 +59,12 @@ ModelOpt = Annotated[
         help="Hugging Face model id (downloaded once, then cached) or a local model directory. "
         "'tiny-random' is a built-in tiny random GPT-2 for smoke tests: it needs no download "
         "and its output is gibberish by design.",
+        metavar="NAME|DIR",
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps.", metavar="auto|cpu|cuda|mps")]
 DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, float16 or bfloat16.")
+    str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, float16 or bfloat16.", metavar="auto|float32|float16|bfloat16")
 ]
 QuantizeOpt = Annotated[
     str,
@@ -69,6 +72,7 @@ QuantizeOpt = Annotated[
         "--quantize",
         help="Fast mode on CPU for GPT-2 checkpoints: int8 (int8 weights, activations quantized on "
         "the fly) or fp16 (float16 weight storage). Slightly different outputs; none (default) is exact.",
+        metavar="none|int8|fp16",
     ),
 ]
 FormatOpt = Annotated[
@@ -80,8 +84,16 @@ DebugOpt = Annotated[bool, typer.Option("--debug", envvar="AIGC_DEBUG", help="Sh
 _DEVICES = ("auto", "cpu", "cuda", "mps")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _QUANTIZE = ("none", "int8", "fp16")
+MAX_CANDIDATES = 256
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class PoemDecoding(str, Enum):
+    """The decodings a constrained poem can use (greedy has one answer, contrastive ignores the form's ranking)."""
+
+    sample = "sample"
+    beam = "beam"
 
 
 def _boundary(command: F) -> F:
@@ -140,7 +152,7 @@ def _load_engine(model: str, device: str, dtype: str, quantize: str, messages: M
         return Engine.load(model, device=device, dtype=dtype, quantize=quantize)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
     version: Annotated[bool, typer.Option("--version", help="Show the version and exit.")] = False,
 ) -> None:
@@ -161,7 +173,7 @@ def _root(
 @_boundary
 def generate(
     prompts: Annotated[
-        Optional[list[str]], typer.Argument(help="One or more prompts; '-' reads prompts from stdin.", show_default=False)
+        Optional[list[str]], typer.Argument(help="One or more prompts; '-' reads prompts from stdin.", show_default=False, metavar="PROMPT...")
     ] = None,
     num_sequences: Annotated[int, typer.Option("--num-sequences", "-n", help="Sequences per prompt.")] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens at most (the prompt is not counted).")] = 50,
@@ -180,19 +192,25 @@ def generate(
     penalty_alpha: Annotated[float, typer.Option(help="Contrastive search degeneration penalty (0 = greedy).")] = 0.6,
     repetition_penalty: Annotated[float, typer.Option(help="Penalise tokens already present (1 = off).")] = 1.0,
     no_repeat_ngram_size: Annotated[int, typer.Option(help="Never repeat an n-gram of this size (0 = off).")] = 0,
-    stop: Annotated[Optional[list[str]], typer.Option(help="End the output before this text (repeatable).")] = None,
-    ban: Annotated[Optional[list[str]], typer.Option(help="Never generate this word, any case (repeatable).")] = None,
+    stop: Annotated[
+        Optional[list[str]],
+        typer.Option(help="End the output before this text (repeatable); \\n, \\t, \\r, \\\\, \\xHH and \\uHHHH are read as escapes.", metavar="TEXT"),
+    ] = None,
+    ban: Annotated[Optional[list[str]], typer.Option(help="Never generate this word, any case (repeatable).", metavar="WORD")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed and settings give the same output.")] = None,
-    file: Annotated[Optional[str], typer.Option("--file", "-f", help="Read prompts from this file ('-' for stdin).")] = None,
+    file: Annotated[Optional[str], typer.Option("--file", "-f", help="Read prompts from this file ('-' for stdin).", metavar="FILE")] = None,
     input_format: Annotated[
         InputFormat, typer.Option(help="auto (JSONL if the first line is a JSON object), lines or jsonl.")
     ] = InputFormat.auto,
-    template: Annotated[Optional[str], typer.Option(help="Render each input record into this $field template.")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write JSONL records to this file.")] = None,
+    template: Annotated[Optional[str], typer.Option(help="Render each input record into this $field template.", metavar="FILE")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write JSONL records to this file (never one of the inputs; one run at a time).", metavar="FILE")] = None,
     resume: Annotated[bool, typer.Option(help="With -o: skip records the file already holds, append the rest.")] = False,
     strict: Annotated[bool, typer.Option(help="Stop at the first bad input record instead of writing an error record.")] = False,
-    batch_size: Annotated[str, typer.Option(help="Sequences per forward batch, or auto: up to 64, on CPU fewer when their KV cache would pass 1 GiB.")] = "auto",
-    shard: Annotated[Optional[str], typer.Option(help="i/N: process only records i, i+N, i+2N, ... (0-based).")] = None,
+    batch_size: Annotated[
+        str,
+        typer.Option(help="Rows decoded together, or auto: up to 64, on CPU fewer when their KV cache would pass 1 GiB.", metavar="N|auto"),
+    ] = "auto",
+    shard: Annotated[Optional[str], typer.Option(help="i/N: process only records i, i+N, i+2N, ... (0-based).", metavar="i/N")] = None,
     deterministic: Annotated[
         bool, typer.Option(help="Generate each sequence alone: sampled output then never depends on batch mates.")
     ] = False,
@@ -222,7 +240,7 @@ def generate(
         penalty_alpha=penalty_alpha,
         repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size,
-        stop=tuple(stop or ()),
+        stop=tuple(unescape(text) for text in stop or ()),
         ban=tuple(ban or ()),
         seed=seed,
     ).resolved()
@@ -326,7 +344,7 @@ def _prompt_source(prompts: list[str] | None, file: str | None, streams: Streams
         if file == "-":
             return _Source("stdin")
         if not os.path.isfile(file):
-            raise UsageError(f"-f/--file {file}: no such file")
+            raise UsageError(f"-f/--file {file}: " + ("is a directory" if os.path.isdir(file) else "no such file"))
         return _Source("file", path=file)
     if prompts == ["-"]:
         return _Source("stdin")
@@ -352,8 +370,8 @@ def _stdin_is_terminal() -> bool:
 def _batch_size(text: str) -> int | None:
     if text == "auto":
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise UsageError(f"--batch-size: a positive integer or auto (got {text!r})")
+    if not text.isdigit() or not 1 <= int(text) <= MAX_BATCH:
+        raise UsageError(f"--batch-size: an integer from 1 to {MAX_BATCH}, or auto (got {text!r})")
     return int(text)
 
 
@@ -383,7 +401,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
 )
 @_boundary
 def score(
-    path: Annotated[str, typer.Argument(help="Text file to score, or '-' for stdin.", show_default=False)],
+    path: Annotated[str, typer.Argument(help="Text file to score, or '-' for stdin.", show_default=False, metavar="FILE")],
     per_line: Annotated[bool, typer.Option(help="Score each non-empty line on its own.")] = False,
     stride: Annotated[
         Optional[int], typer.Option(help="Sliding-window stride for texts longer than the context (default: half of it).")
@@ -404,26 +422,17 @@ def score(
     _check_device(device, dtype, quantize)
     if stride is not None and stride < 1:
         raise UsageError(f"--stride: must be at least 1 (got {stride})")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size: must be at least 1 (got {batch_size})")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise UsageError(f"--batch-size: must be from 1 to {MAX_BATCH} (got {batch_size})")
     text = _read_text(path)
     streams = Streams()
-    from aigc_cli.scoring import perplexity
+    from aigc_cli.scoring import score_text
 
     engine = _load_engine(model, device, dtype, quantize, Messages(streams))
     if stride is not None and stride > engine.context_length:
         raise UsageError(f"--stride: must not exceed the model's context of {engine.context_length} (got {stride})")
-    tok = engine.tokenizer
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    pieces = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()] if per_line else [(0, text)]
-    rows = []
-    for n, piece in pieces:
-        ids = tok.encode(piece, add_special_tokens=False)
-        if not ids:
-            raise UsageError(f"{path}: there is no text to score")
-        result = perplexity(engine.lm.model, ids, bos, engine.context_length, stride, batch_size, engine.lm.device)
-        row = {"perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens}
-        rows.append({"line": n, **row} if per_line else row)
+    with Messages(streams).progress(None, unit="windows") as update:
+        rows = score_text(engine, text, path, per_line, stride, batch_size, on_progress=update)
     columns = (["line"] if per_line else []) + ["perplexity", "nll", "tokens"]
     render_rows(streams, output_format, columns, rows, title=None)
 
@@ -449,9 +458,9 @@ def _read_text(path: str) -> str:
 )
 @_boundary
 def recommend(
-    interests: Annotated[Optional[list[str]], typer.Argument(help="The user's interests.", show_default=False)] = None,
+    interests: Annotated[Optional[list[str]], typer.Argument(help="The user's interests.", show_default=False, metavar="INTEREST...")] = None,
     profile: Annotated[
-        Optional[str], typer.Option(help="JSON user profile: interests, liked and disliked item titles or ids.")
+        Optional[str], typer.Option(help="JSON user profile: interests, liked and disliked item titles or ids.", metavar="FILE")
     ] = None,
     catalog: Annotated[
         Optional[str],
@@ -463,8 +472,8 @@ def recommend(
     ] = ScoreKind.pmi,
     aggregate: Annotated[Aggregate, typer.Option(help="Combine interests by max or mean.")] = Aggregate.max,
     explain: Annotated[bool, typer.Option(help="Show each interest's score.")] = False,
-    template: Annotated[Optional[str], typer.Option(help="User prompt template with $interests.")] = None,
-    neutral_template: Annotated[Optional[str], typer.Option(help="Neutral prompt for PMI.")] = None,
+    template: Annotated[Optional[str], typer.Option(help="User prompt template with $interests.", metavar="FILE")] = None,
+    neutral_template: Annotated[Optional[str], typer.Option(help="Neutral prompt for PMI.", metavar="FILE")] = None,
     per_interest: Annotated[int, typer.Option(help="Without --catalog: generated ideas per interest.")] = 3,
     eval_path: Annotated[
         Optional[str],
@@ -485,10 +494,10 @@ def recommend(
     _check_device(device, dtype, quantize)
     if k < 1:
         raise UsageError(f"-k: must be at least 1 (got {k})")
-    if per_interest < 1:
-        raise UsageError(f"--per-interest: must be at least 1 (got {per_interest})")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size: must be at least 1 (got {batch_size})")
+    if not 1 <= per_interest <= 100:
+        raise UsageError(f"--per-interest: must be from 1 to 100 (got {per_interest})")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise UsageError(f"--batch-size: must be from 1 to {MAX_BATCH} (got {batch_size})")
     if eval_path is not None and catalog is None:
         raise UsageError("--eval: needs --catalog (the items the users' candidates refer to)")
     user = rec.load_profile(profile) if profile else rec.Profile()
@@ -551,24 +560,24 @@ def _ideas(engine: Any, interests: list[str], per_interest: int, seed: int | Non
 )
 @_boundary
 def poem(
-    topic: Annotated[Optional[str], typer.Argument(help="What the poem is about.", show_default=False)] = None,
+    topic: Annotated[Optional[str], typer.Argument(help="What the poem is about.", show_default=False, metavar="TOPIC")] = None,
     form_name: Annotated[
-        Optional[str], typer.Option("--form", help="Poem form (default: haiku, or wujue for a Chinese topic).")
+        Optional[str], typer.Option("--form", help="Poem form (default: haiku, or wujue for a Chinese topic).", metavar="FORM")
     ] = None,
     num_sequences: Annotated[int, typer.Option("--num-sequences", "-n", help="Poems to print.")] = 1,
     candidates: Annotated[
         Optional[int], typer.Option(help="Constrained poems to sample; the best -n by the model's own score are kept (default max(4, -n)).")
     ] = None,
     lines: Annotated[Optional[int], typer.Option(help="Lines (free form).")] = None,
-    syllables: Annotated[Optional[str], typer.Option(help="Syllables per line, e.g. 5,7,5 or 8-9 for all lines.")] = None,
-    rhyme_scheme: Annotated[Optional[str], typer.Option(help="Rhyme scheme, e.g. ABAB ('.' for an unrhymed line).")] = None,
-    acrostic: Annotated[Optional[str], typer.Option(help="Chinese forms: each line starts with the next character (藏头诗).")] = None,
+    syllables: Annotated[Optional[str], typer.Option(help="Syllables per line, e.g. 5,7,5 or 8-9 for all lines.", metavar="N,N,...")] = None,
+    rhyme_scheme: Annotated[Optional[str], typer.Option(help="Rhyme scheme, e.g. ABAB ('.' for an unrhymed line).", metavar="SCHEME")] = None,
+    acrostic: Annotated[Optional[str], typer.Option(help="Chinese forms: each line starts with the next character (藏头诗).", metavar="CHARS")] = None,
     annotate: Annotated[bool, typer.Option(help="Show syllables or characters per line and the rhyme key.")] = False,
-    template: Annotated[Optional[str], typer.Option(help="Prompt template with $topic and $form.")] = None,
+    template: Annotated[Optional[str], typer.Option(help="Prompt template with $topic and $form.", metavar="FILE")] = None,
     check_path: Annotated[
-        Optional[str], typer.Option("--check", help="Check an existing poem (file or '-') against --form instead of writing one.")
+        Optional[str], typer.Option("--check", help="Check an existing poem (file or '-') against --form instead of writing one.", metavar="FILE")
     ] = None,
-    decoding: Annotated[Decoding, typer.Option(help="sample or beam.")] = Decoding.sample,
+    decoding: Annotated[PoemDecoding, typer.Option(help="sample (the candidates are sampled) or beam.")] = PoemDecoding.sample,
     num_beams: Annotated[Optional[int], typer.Option(help="Beams for --decoding beam.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely allowed tokens (default 50).")] = None,
@@ -601,13 +610,13 @@ def poem(
         raise typer.Exit(0 if report.ok else 1)
     if not topic or not topic.strip():
         raise UsageError("no topic: aigc poem TOPIC --form FORM (or --check FILE)")
-    if decoding not in (Decoding.sample, Decoding.beam):
-        raise UsageError("--decoding: poems use sample or beam")
     candidates = candidates if candidates is not None else max(4, num_sequences)
     if candidates < num_sequences:
         raise UsageError(f"--candidates ({candidates}) must be at least -n ({num_sequences})")
+    if candidates > MAX_CANDIDATES:
+        raise UsageError(f"--candidates: at most {MAX_CANDIDATES} (got {candidates})")
     settings = GenerationSettings(
-        decoding=decoding,
+        decoding=Decoding(decoding.value),
         num_sequences=num_sequences,
         num_beams=num_beams,
         temperature=temperature,

@@ -124,7 +124,30 @@ class Engine:
                 f"the prompt has {len(ids)} tokens and --max-new-tokens is {settings.max_new_tokens}: "
                 f"{total} is more than the model's context of {self.context_length} tokens",
             )
+        self._check_memory(settings, total)
         return ids
+
+    def _check_memory(self, settings: GenerationSettings, positions: int) -> None:
+        """Beam search keeps --num-beams rows (contrastive search --top-k branches), each with a KV
+        cache of `positions`, twice while rows are reordered: refuse what memory cannot hold."""
+        flag, rows = {
+            Decoding.beam: ("--num-beams", settings.num_beams or 1),
+            Decoding.contrastive: ("--top-k", settings.top_k or 1),
+        }.get(settings.decoding, ("", 1))
+        if rows == 1:
+            return
+        from aigc_cli.checkpoint import available_memory
+
+        per_position, free = self._kv_bytes_per_position(), available_memory()
+        if per_position is None or free is None:
+            return
+        need = 2 * rows * positions * per_position
+        if need > free:
+            raise RecordError(
+                "too_big",
+                f"{flag} {rows} with {positions} tokens needs {need / 2**30:.1f} GiB of KV cache, "
+                f"more than the {free / 2**30:.1f} GiB of memory available",
+            )
 
     def generate(
         self,
@@ -284,3 +307,4 @@ class Engine:
             out = generate_rows(self.lm, [r.prompt_ids for _, r in chunk], first.settings, seeds, stream, processors, logprobs)
             for (n, r), res in zip(chunk, out):
                 results[(n, r.index)] = self._completion(r, res)
+

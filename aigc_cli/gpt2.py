@@ -9,7 +9,7 @@ attention. Decoding steps read the cache in place instead of concatenating tenso
 from __future__ import annotations
 
 import functools
-import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,21 @@ class Config:
     vocab_size: int
     eps: float
     tied: bool
+    n_inner: int = 0  # 0: 4 * n_embd
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor a checkpoint of this config holds (names without "transformer.")."""
+        e, inner = self.n_embd, self.n_inner or 4 * self.n_embd
+        out: dict[str, tuple[int, ...]] = {"wte.weight": (self.vocab_size, e), "wpe.weight": (self.n_positions, e)}
+        for i in range(self.n_layer):
+            p = f"h.{i}."
+            out |= {p + "ln_1.weight": (e,), p + "ln_1.bias": (e,), p + "ln_2.weight": (e,), p + "ln_2.bias": (e,)}
+            out |= {p + "attn.c_attn.weight": (e, 3 * e), p + "attn.c_attn.bias": (3 * e,)}
+            out |= {p + "attn.c_proj.weight": (e, e), p + "attn.c_proj.bias": (e,)}
+            out |= {p + "mlp.c_fc.weight": (e, inner), p + "mlp.c_fc.bias": (inner,)}
+            out |= {p + "mlp.c_proj.weight": (inner, e), p + "mlp.c_proj.bias": (e,)}
+        out |= {"ln_f.weight": (e,), "ln_f.bias": (e,), "lm_head.weight": (self.vocab_size, e)}
+        return out
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> Config | None:
@@ -50,6 +65,7 @@ class Config:
             vocab_size=d.get("vocab_size", 50257),
             eps=d.get("layer_norm_epsilon", 1e-5),
             tied=d.get("tie_word_embeddings", True),
+            n_inner=d.get("n_inner") or 0,
         )
 
 
@@ -380,17 +396,21 @@ def _attention_bias(key_mask: torch.Tensor, start: int, steps: int, dtype: torch
 
 
 def load_gpt2(path: Path, device: str = "cpu", dtype: torch.dtype | None = None, quantize: str = "none") -> GPT2 | None:
-    """The native model for a GPT-2 directory with safetensors weights; None when it is not one."""
-    try:
-        cfg = Config.from_hf(json.loads((path / "config.json").read_text()))
-    except (OSError, ValueError):
-        return None
+    """The native model for a GPT-2 directory with safetensors weights; None when it is not one.
+    Weights whose tensors are not the config's, or too large for memory, are refused (exit 3)."""
+    from aigc_cli.checkpoint import check_fits, check_matches, read_config
+
+    cfg = Config.from_hf(read_config(path))
     weights = path / "model.safetensors"
     if cfg is None or not weights.is_file():
         return None
+    reader = SafetensorsReader(weights)
+    stored = {name: tuple(reader.shape(name)) for name in reader.keys()}
+    check_matches(str(weights), cfg.shapes(), stored, {"lm_head.weight"} if cfg.tied or "lm_head.weight" not in stored else set())
+    check_fits(str(weights), sum(math.prod(s) for s in cfg.shapes().values()) * 4)
     cache = q8.Int8Cache(weights) if quantize == "int8" else None
     with loading_memory():
-        model = GPT2(cfg, SafetensorsReader(weights), device, dtype, quantize, cache)
+        model = GPT2(cfg, reader, device, dtype, quantize, cache)
     if cache is not None:
         cache.save()
     return model

@@ -258,6 +258,7 @@ def load(name: str, device: str = "auto", dtype: str = "auto", quantize: str = "
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     _check_quantize(quantize, dev, torch_dtype)
+    from aigc_cli.checkpoint import read_config
     from aigc_cli.gpt2 import from_hf_model, load_gpt2
     from aigc_cli.tokenizer import load_fast
 
@@ -273,6 +274,7 @@ def load(name: str, device: str = "auto", dtype: str = "auto", quantize: str = "
             res = Resolution(res.name, "hub-cache", _download(res.name))
         # A plain GPT-2 needs nothing from transformers: its own forward pass, the tokenizers library.
         # (Tokenizer first: the model load ends by handing the heap pages both freed back.)
+        read_config(Path(res.path or "."))  # a broken config.json is named as such, not as a tokenizer failure
         fast = load_fast(Path(res.path or "."))
         native = load_gpt2(Path(res.path or "."), dev, torch_dtype, quantize)
         tokenizer = (fast if native is not None else None) or _load_tokenizer(res)
@@ -282,6 +284,7 @@ def load(name: str, device: str = "auto", dtype: str = "auto", quantize: str = "
                     f"--quantize {quantize}: only for GPT-2 checkpoints with safetensors weights; "
                     f"{name} runs through transformers (drop --quantize)"
                 )
+            _preflight(Path(res.path or "."), torch_dtype)
             hf, _ = _load_pretrained(res, torch_dtype, tokenizer=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -300,6 +303,18 @@ def load(name: str, device: str = "auto", dtype: str = "auto", quantize: str = "
         quantize=quantize,
         _hf=hf if native is None else (hf if res.kind == "builtin" else None),
     )
+
+
+def _preflight(path: Path, dtype: Any) -> None:
+    """Before transformers builds a model: its config is readable, the weights hold the tensors
+    the config implies, and they fit in memory (else exit 3, naming the file)."""
+    from aigc_cli.checkpoint import check_fits, check_matches, expected_hf_shapes, read_config, stored_shapes
+
+    config = read_config(path)
+    stored, _, where = stored_shapes(path)
+    expected, optional, size = expected_hf_shapes(config, where)
+    check_matches(where, expected, stored, optional)
+    check_fits(where, size // 4 * dtype.itemsize)
 
 
 def _check_quantize(quantize: str, device: str, dtype: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -68,6 +69,16 @@ class Streams:
         return Console(file=self.stdout, highlight=False, markup=False, no_color=self.no_color, force_terminal=True)
 
 
+_CONTROLS = {c: (f"^{chr(c + 64)}" if c < 32 else "^?") for c in [*range(32), 127] if chr(c) not in "\n\t"}
+_CONTROLS.update({c: f"M-^{chr(c - 128 + 64)}" for c in range(128, 160)})  # C1 controls, as cat -v shows them
+
+
+def visible(text: str) -> str:
+    """Control characters shown as `cat -v` shows them (ESC as ^[, CR as ^M), newline and tab
+    kept: text from a prompt or a model can never clear a screen or retitle a terminal."""
+    return text.translate(_CONTROLS)
+
+
 def json_line(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
 
@@ -79,19 +90,23 @@ class Messages:
         self.streams = streams
         self.console = streams.err_console()
 
+    def _print(self, line: str, style: str = "") -> None:
+        shown = visible(line) if self.streams.stderr_tty else line  # messages quote prompts and file names
+        self.console.print(Text(shown, style=style), soft_wrap=True)
+
     def error(self, message: str, hint: str | None = None) -> None:
-        line = f"aigc: error: {message}" + (f" (hint: {hint})" if hint else "")
-        self.console.print(Text(line, style="bold red"), soft_wrap=True)
+        self._print(f"aigc: error: {message}" + (f" (hint: {hint})" if hint else ""), "bold red")
 
     def warn(self, message: str) -> None:
-        self.console.print(Text(f"aigc: warning: {message}", style="yellow"), soft_wrap=True)
+        self._print(f"aigc: warning: {message}", "yellow")
 
     def info(self, message: str) -> None:
-        self.console.print(Text(message), soft_wrap=True)
+        self._print(message)
 
     @contextmanager
-    def progress(self, total: int | None) -> Iterator[Callable[[int, int], None]]:
-        """A progress bar on a terminal (prompts done, tokens/s, ETA); yields update(done, tokens)."""
+    def progress(self, total: int | None, unit: str = "prompts") -> Iterator[Callable[[int, int], None]]:
+        """A progress bar on a terminal; yields update(done, n): with unit "prompts", n is the
+        tokens generated so far (shown as tokens/s); otherwise n is the total of `unit` to do."""
         if not self.streams.stderr_tty:
             yield lambda done, tokens: None
             return
@@ -100,20 +115,23 @@ class Messages:
         started = time.perf_counter()
         # redirect_stdout=False: stdout carries records only, never the bar's re-rendered output.
         bar = Progress(
-            TextColumn("prompts"),
+            TextColumn(unit),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} tok/s"),
+            *([TextColumn("{task.fields[rate]} tok/s")] if unit == "prompts" else []),
             TimeRemainingColumn(),
             console=self.console,
             redirect_stdout=False,
             redirect_stderr=False,
             transient=False,
         )
-        task = bar.add_task("generate", total=total, rate="-")
+        task = bar.add_task(unit, total=total, rate="-")
 
-        def update(done: int, tokens: int) -> None:
-            rate = tokens / max(time.perf_counter() - started, 1e-9)
+        def update(done: int, n: int) -> None:
+            if unit != "prompts":
+                bar.update(task, completed=done, total=n)
+                return
+            rate = n / max(time.perf_counter() - started, 1e-9)
             bar.update(task, completed=done, rate=f"{rate:,.0f}")
 
         with bar:
@@ -141,6 +159,8 @@ class SequenceRenderer:
         self._provenance_fields: dict[str, Any] | None = None
         self.multi_prompt = multi_prompt
         self.console = streams.out_console() if self.fmt is OutputFormat.rich else None
+        # Text meant for a screen shows control characters escaped; plain text to a pipe is the data.
+        self.escape = self.fmt is OutputFormat.rich or streams.stdout_tty
         self._shown = 0
         self._streaming: Any = None
 
@@ -153,6 +173,8 @@ class SequenceRenderer:
         return f"{prefix}Sequence {c.index + 1}" if prefix else f"Sequence {c.index + 1}"
 
     def _write(self, text: str, style: str = "") -> None:
+        if self.escape:
+            text = visible(text)
         if self.console is not None:
             self.console.print(Text(text, style=style), end="", soft_wrap=True)
             self.console.file.flush()
@@ -231,7 +253,9 @@ def render_rows(
             streams.stdout.write(json_line(row) + "\n")
         streams.stdout.flush()
         return
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    escape = fmt is OutputFormat.rich or streams.stdout_tty
+    title = visible(title) if escape and title else title
+    cells = [[visible(_cell(row.get(c))) if escape else _cell(row.get(c)) for c in columns] for row in rows]
     if fmt is OutputFormat.plain:
         if title:
             streams.stdout.write(f"# {title}\n")
@@ -279,7 +303,12 @@ def render_poems(
         streams.stdout.flush()
         return
 
+    escape = fmt is OutputFormat.rich or streams.stdout_tty
+    title = visible(title) if escape else title
+
     def lines_of(p: Any) -> list[str]:
+        if escape:
+            p = dataclasses.replace(p, lines=[visible(line) for line in p.lines])
         if not annotate:
             return list(p.lines)
         width = max(len(line) for line in p.lines)

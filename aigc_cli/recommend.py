@@ -8,6 +8,7 @@ prompt, so they are identical under every prompt.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -90,6 +91,11 @@ def load_catalog(path: str) -> list[Item]:
         )
     if not items:
         raise UsageError(f"--catalog {path}: the catalog is empty")
+    seen: set[str] = set()
+    repeated = sorted({i.id for i in items if i.id in seen or seen.add(i.id)})  # type: ignore[func-returns-value]
+    if repeated:  # profiles and eval sets name items by id: a repeated one would be ambiguous
+        shown = ", ".join(repr(x) for x in repeated[:5]) + (" ..." if len(repeated) > 5 else "")
+        raise UsageError(f"--catalog {path}: repeated item ids: {shown}")
     return items
 
 
@@ -113,9 +119,28 @@ def _rows(text: str, suffix: str, what: str) -> list[dict[str, Any]]:
     first = next(csv.reader([lines[0]], delimiter=delimiter))
     if delimiter == "\t" and "title" not in first and len(first) == len(_MIND_NEWS) and re.fullmatch(r"N\d+", first[0]):
         return [dict(zip(_MIND_NEWS, r)) for r in csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)]
-    reader = csv.DictReader(lines, delimiter=delimiter)
-    _need_title(reader.fieldnames or [], what)
-    return list(reader)
+    reader = csv.DictReader(io.StringIO(text.lstrip("\n"), newline=""), delimiter=delimiter, strict=True)
+    rows, start = [], 1
+    try:
+        _need_title(reader.fieldnames or [], what)
+        start = reader.line_num + 1
+        for row in reader:
+            where = f"{what}: line {start}" + (f"-{reader.line_num}" if reader.line_num != start else "")
+            if None in row or None in row.values():
+                raise UsageError(f"{where} has {_fields(row)} fields, the header {len(reader.fieldnames or [])}")
+            if any("\n" in v or "\r" in v for v in row.values()):
+                raise UsageError(f"{where}: a quoted field runs over several lines (an unclosed quote?)")
+            rows.append(row)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        raise UsageError(f"{what}: the row from line {start} on is malformed {kind} ({exc}; an unclosed quote?)") from None
+    return [r for r in rows if any(v.strip() for v in r.values())]
+
+
+def _fields(row: dict[str | None, Any]) -> int:
+    extra = row.get(None) or []
+    return sum(v is not None for k, v in row.items() if k is not None) + len(extra)
 
 
 def _need_title(columns: Any, what: str) -> None:

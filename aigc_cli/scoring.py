@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,27 +44,45 @@ def continuation_logprobs(
             if cont and ctx == 0:
                 raise ValueError("a continuation needs at least one context token (e.g. BOS)")
             spans.append((b, ctx - 1, cont))
-        for (b, first, cont), logp in zip(spans, _span_logprobs(model, ids.to(device), mask.to(device), spans)):
+        for (b, _, cont), logp in zip(spans, _span_logprobs(model, ids.to(device), mask.to(device), spans)):
             if cont:
-                targets = ids[b, first + 1 : first + 1 + cont].to(logp.device)
-                out[chunk[b]] = logp.gather(-1, targets[:, None])[:, 0].tolist()
+                out[chunk[b]] = logp.tolist()
     return out
 
 
+_CUT = re.compile(r"\n(?=\S)")
+_HEAD_ROWS = 256  # positions per LM-head chunk: 256 x 50,257 float32 logits = 51 MB
+_LOGITS_BUDGET = 1 << 29  # bytes of whole-sequence logits per forward call (other architectures)
+
+
 def _span_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-    """Log-softmax rows at the positions that predict each continuation. aigc's native GPT-2 runs
-    its LM head (50,257 x 768) on those positions only, not on every context and padding position
-    as a whole-sequence call does: for a poem's rerank that is half the head's work, for recommend's
-    long prompts and short items far more."""
+    """log P(target) at the positions that predict each continuation, in bounded memory. aigc's
+    native GPT-2 runs its LM head (50,257 x 768) on those positions only, a chunk of positions at
+    a time, not on every context and padding position as a whole-sequence call does: for a poem's
+    rerank that is half the head's work, for recommend's long prompts and short items far more."""
     from aigc_cli.decoding import is_native
 
+    targets = [ids[b, first + 1 : first + 1 + cont] for b, first, cont in spans]
     if is_native(model):
         hidden = model.forward(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
         picked = torch.cat([hidden[b, first : first + cont] for b, first, cont in spans])
-        flat = torch.log_softmax(model.logits(picked).float(), dim=-1)
+        wanted = torch.cat(targets)
+        parts = []
+        for start in range(0, picked.shape[0], _HEAD_ROWS):
+            logits = model.logits(picked[start : start + _HEAD_ROWS]).float()
+            parts.append(logits.gather(-1, wanted[start : start + _HEAD_ROWS, None])[:, 0] - logits.logsumexp(-1))
+        flat = torch.cat(parts) if parts else torch.empty(0)
         return list(flat.split([cont for _, _, cont in spans]))
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-    return [logp[b, first : first + cont] for b, first, cont in spans]
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 50257
+    rows_per_call = max(1, _LOGITS_BUDGET // (ids.shape[1] * vocab * 4))
+    out: list[torch.Tensor] = []
+    for start in range(0, ids.shape[0], rows_per_call):
+        logits = model(input_ids=ids[start : start + rows_per_call], attention_mask=mask[start : start + rows_per_call]).logits
+        for (b, first, cont), target in zip(spans, targets):
+            if start <= b < start + rows_per_call:
+                row = logits[b - start, first : first + cont].float()
+                out.append(row.gather(-1, target[:, None])[:, 0] - row.logsumexp(-1))
+    return out
 
 
 @dataclass
@@ -94,12 +113,76 @@ def sliding_windows(n: int, context: int, stride: int) -> list[tuple[int, int, i
 
 
 def perplexity(
-    model: Any, ids: Sequence[int], bos_id: int, context: int, stride: int | None = None, batch_size: int = 8, device: str = "cpu"
+    model: Any,
+    ids: Sequence[int],
+    bos_id: int,
+    context: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Perplexity:
-    """Perplexity of a text's token ids, the first token conditioned on BOS; long texts use a sliding window."""
-    seq = [bos_id, *ids]
+    """Perplexity of a text's token ids, the first token conditioned on BOS; long texts use a
+    sliding window. Windows are scored `batch_size` at a time and only their sums are kept, so
+    memory does not grow with the text; `on_progress(windows done, windows)` follows along."""
+    seq = torch.cat([torch.tensor([bos_id]), torch.as_tensor(ids, dtype=torch.long)])
     stride = stride or max(context // 2, 1)
-    pairs = [(seq[b:first], seq[first:end]) for b, end, first in sliding_windows(len(seq), context, stride)]
-    scores = continuation_logprobs(model, pairs, batch_size=batch_size, pad_id=bos_id, device=device)
-    flat = [s for row in scores for s in row]
-    return Perplexity(tokens=len(flat), nll=-sum(flat) / len(flat) if flat else float("nan"))
+    windows = sliding_windows(len(seq), context, stride)
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        pairs = [(seq[b:first].tolist(), seq[first:end].tolist()) for b, end, first in chunk]
+        for row in continuation_logprobs(model, pairs, batch_size=batch_size, pad_id=bos_id, device=device):
+            total += sum(row)
+            count += len(row)
+        if on_progress is not None:
+            on_progress(start + len(chunk), len(windows))
+    return Perplexity(tokens=count, nll=-total / count if count else float("nan"))
+
+
+def score_text(
+    engine: Any,
+    text: str,
+    name: str,
+    per_line: bool,
+    stride: int | None,
+    batch_size: int,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """`aigc score`: rows of perplexity, nll and tokens for the whole text, or for each non-empty
+    line (with its number). Every text's first token is conditioned on the model's BOS token."""
+    from aigc_cli.errors import UsageError
+
+    tok = engine.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    pieces = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()] if per_line else [(0, text)]
+    rows: list[dict[str, Any]] = []
+    done = 0
+    for n, piece in pieces:
+        ids = encode_long(tok, piece)
+        if not len(ids):
+            raise UsageError(f"{name}: there is no text to score")
+        report = None if on_progress is None else (lambda d, total, base=done: on_progress(base + d, total))
+        result = perplexity(engine.lm.model, ids, bos, engine.context_length, stride, batch_size, engine.lm.device, report)
+        done += 1
+        row = {"perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens}
+        rows.append({"line": n, **row} if per_line else row)
+    return rows
+
+
+_PIECE = 1 << 16  # characters per tokenizer call
+
+
+def encode_long(tok: Any, text: str) -> torch.Tensor:
+    """Token ids of a long text, encoded a piece at a time (the tokenizer's working memory is
+    many times the text's size). Pieces end after a newline followed by a non-space character:
+    byte-level BPE's pre-tokenizer splits there anyway, so the ids are those of one call."""
+    parts, start = [], 0
+    while start < len(text):
+        end = len(text)
+        if end - start > _PIECE:
+            match = _CUT.search(text, start + _PIECE)
+            end = match.start() + 1 if match else len(text)
+        parts.append(torch.tensor(tok.encode(text[start:end], add_special_tokens=False), dtype=torch.long))
+        start = end
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -19,6 +20,12 @@ class Decoding(str, Enum):
 
 DEFAULT_TOP_K = {Decoding.sample: 50, Decoding.contrastive: 4}
 DEFAULT_NUM_BEAMS = 4
+# Upper bounds that no real use reaches and that keep a typo from exhausting memory; the engine
+# also checks what the model allows (context, vocabulary, the KV cache of beams and branches).
+MAX_BEAMS = 64
+MAX_CONTRASTIVE_K = 64
+MAX_SEQUENCES = 10_000
+MAX_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,16 @@ class GenerationSettings:
     def resolved(self) -> GenerationSettings:
         """Validate and fill mode-dependent defaults; raises UsageError naming the flag."""
         s = self
+        for flag, value in (
+            ("--temperature", s.temperature),
+            ("--top-p", s.top_p),
+            ("--typical-p", s.typical_p),
+            ("--min-p", s.min_p if s.min_p is not None else 0.0),
+            ("--length-penalty", s.length_penalty),
+            ("--penalty-alpha", s.penalty_alpha),
+            ("--repetition-penalty", s.repetition_penalty),
+        ):
+            _check(math.isfinite(value), flag, f"must be a finite number (got {value})")
         _check(s.max_new_tokens >= 1, "--max-new-tokens", f"must be at least 1 (got {s.max_new_tokens})")
         _check(s.min_new_tokens >= 0, "--min-new-tokens", f"must be 0 or more (got {s.min_new_tokens})")
         _check(
@@ -54,7 +71,9 @@ class GenerationSettings:
             "--min-new-tokens",
             f"({s.min_new_tokens}) must not exceed --max-new-tokens ({s.max_new_tokens})",
         )
-        _check(s.num_sequences >= 1, "-n/--num-sequences", f"must be at least 1 (got {s.num_sequences})")
+        _check(
+            1 <= s.num_sequences <= MAX_SEQUENCES, "-n/--num-sequences", f"must be from 1 to {MAX_SEQUENCES} (got {s.num_sequences})"
+        )
         _check(s.temperature >= 0, "--temperature", f"must be 0 or more (got {s.temperature}); 0 means greedy")
         _check(0 < s.top_p <= 1, "--top-p", f"must be in (0, 1] (got {s.top_p})")
         _check(0 < s.typical_p <= 1, "--typical-p", f"must be in (0, 1] (got {s.typical_p})")
@@ -98,7 +117,7 @@ class GenerationSettings:
         num_beams = s.num_beams
         if decoding is Decoding.beam:
             num_beams = num_beams if num_beams is not None else max(DEFAULT_NUM_BEAMS, s.num_sequences)
-            _check(num_beams >= 2, "--num-beams", f"must be at least 2 for beam search (got {num_beams})")
+            _check(2 <= num_beams <= MAX_BEAMS, "--num-beams", f"must be from 2 to {MAX_BEAMS} for beam search (got {num_beams})")
             _check(
                 s.num_sequences <= num_beams,
                 "-n/--num-sequences",
@@ -108,7 +127,11 @@ class GenerationSettings:
             raise UsageError(f"--num-beams: only used with --decoding beam (got --decoding {decoding.value})")
         top_k = s.top_k if s.top_k is not None else DEFAULT_TOP_K.get(decoding)
         if decoding is Decoding.contrastive:
-            _check(top_k >= 1, "--top-k", f"must be at least 1 for contrastive search (got {top_k})")
+            _check(
+                1 <= top_k <= MAX_CONTRASTIVE_K,
+                "--top-k",
+                f"must be from 1 to {MAX_CONTRASTIVE_K} for contrastive search (got {top_k})",
+            )
         return dataclasses.replace(s, decoding=decoding, num_beams=num_beams, top_k=top_k)
 
     def with_overrides(self, **overrides: Any) -> GenerationSettings:

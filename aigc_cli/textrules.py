@@ -6,6 +6,21 @@ import re
 from collections.abc import Sequence
 
 
+_ESCAPE = re.compile(r"\\(?:([\\ntr])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4}))")
+_SIMPLE = {"\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes as a user types them in a shell: \\n \\t \\r \\\\ \\xHH \\uHHHH; any other
+    backslash is kept as it is."""
+
+    def one(m: re.Match[str]) -> str:
+        simple, byte, code = m.groups()
+        return _SIMPLE[simple] if simple else chr(int(byte or code, 16))
+
+    return _ESCAPE.sub(one, text)
+
+
 def find_stop(text: str, stops: Sequence[str]) -> int | None:
     """Index where the earliest stop string starts in `text`, or None."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]

@@ -172,3 +172,219 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_prompt(cli, tmp_path):
     jsonl.write_bytes('\ufeff{"prompt": "hi"}\n'.encode())
     recs = cli.jsonl("generate", "-f", str(jsonl), "--max-new-tokens", "2", *TINY)
     assert [r.get("prompt") for r in recs] == ["hi"] and "error" not in recs[0]
+
+
+# --- resource exhaustion ---------------------------------------------------------------------
+
+
+def _model_variant(tiny_dir: Path, tmp_path: Path, edit) -> Path:
+    import shutil
+
+    target = tmp_path / "variant"
+    shutil.copytree(tiny_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    edit(config)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: (c.clear(), c.update(model_type="llama")), "do not match config.json"),  # a 6.9B default Llama
+        (lambda c: c.update(n_embd=c["n_embd"] * 2), "have other shapes"),
+        (lambda c: c.update(n_layer=c["n_layer"] + 1), "are missing"),
+    ],
+    ids=["llama", "wider", "deeper"],
+)
+def test_a_config_that_lies_is_refused_before_anything_is_built(cli, tiny_dir, tmp_path, edit, message):
+    model = _model_variant(tiny_dir, tmp_path, edit)
+    r = cli("generate", "hi", "--model", str(model), "--max-new-tokens", "2")
+    assert r.exit_code == 3, r.stderr
+    assert message in r.stderr and "model.safetensors" in r.stderr, r.stderr
+
+
+def test_a_broken_config_is_named_as_such(cli, tiny_dir, tmp_path):
+    model = _model_variant(tiny_dir, tmp_path, lambda c: None)
+    (model / "config.json").write_text('{"model_type": gpt2')
+    r = cli("generate", "hi", "--model", str(model))
+    assert r.exit_code == 3 and "config.json" in r.stderr and "tokenizer" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["native", "transformers"])
+def test_weights_larger_than_memory_are_refused(cli, tiny_dir, tmp_path, monkeypatch, kind):
+    from aigc_cli import checkpoint
+
+    edit = (lambda c: None) if kind == "native" else (lambda c: c.update(scale_attn_by_inverse_layer_idx=True))
+    model = _model_variant(tiny_dir, tmp_path, edit)
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 1 << 20)
+    r = cli("generate", "hi", "--model", str(model), "--max-new-tokens", "2")
+    assert r.exit_code == 3 and "memory available" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--temperature", "inf"], "--temperature"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--top-p", "nan"], "--top-p"),
+        (["--repetition-penalty", "inf"], "--repetition-penalty"),
+        (["--decoding", "beam", "--length-penalty", "nan"], "--length-penalty"),
+        (["--decoding", "beam", "--num-beams", "5000"], "--num-beams"),
+        (["--decoding", "contrastive", "--top-k", "100000"], "--top-k"),
+        (["--penalty-alpha", "nan"], "--penalty-alpha"),
+        (["-n", "100000"], "-n/--num-sequences"),
+        (["--batch-size", "1000000"], "--batch-size"),
+    ],
+)
+def test_numeric_flags_are_bounded_and_finite(cli, args, flag):
+    r = cli("generate", "hi", *TINY, *args)
+    assert r.exit_code == 2 and flag in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_jsonl_overrides_are_bounded_and_finite(cli, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a", "temperature": NaN}\n{"prompt": "b", "top_p": Infinity}\n{"prompt": "c", "n": 99999999}\n')
+    r = cli("generate", "-f", str(f), "--max-new-tokens", "2", *TINY)
+    assert r.exit_code == 4
+    errors = [x["error"]["message"] for x in _records(r.stdout)]
+    assert "'temperature'" in errors[0] and "'top_p'" in errors[1] and "'n'" in errors[2], errors
+
+
+def test_beams_that_memory_cannot_hold_are_refused(cli, monkeypatch):
+    from aigc_cli import checkpoint
+
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 1 << 16)
+    r = cli("generate", "hi", *TINY, "--decoding", "beam", "--num-beams", "8")
+    assert r.exit_code == 2 and "--num-beams 8" in r.stderr and "memory available" in r.stderr, r.stderr
+
+
+def test_score_holds_a_bounded_slice_of_the_logits(tiny_lm, monkeypatch):
+    """The LM head runs on a bounded number of positions at a time, whatever the text's length."""
+    from aigc_cli import scoring
+
+    sizes = []
+    real = tiny_lm.model.logits
+
+    def spy(hidden):
+        sizes.append(hidden.reshape(-1, hidden.shape[-1]).shape[0])
+        return real(hidden)
+
+    monkeypatch.setattr(tiny_lm.model, "logits", spy)
+    ids = [5 + i % 1000 for i in range(4000)]
+    result = scoring.perplexity(tiny_lm.model, ids, 0, tiny_lm.context_length, batch_size=8)
+    assert result.tokens == len(ids)
+    assert max(sizes) <= scoring._HEAD_ROWS
+
+
+def test_long_texts_are_tokenized_in_pieces_with_the_same_ids(tiny_lm, monkeypatch):
+    from aigc_cli import scoring
+
+    text = "".join(f"line {i} of the text,  with  spaces\n\n  indented {i}\n" for i in range(400))
+    monkeypatch.setattr(scoring, "_PIECE", 500)
+    calls = []
+    real = tiny_lm.tokenizer.encode
+    monkeypatch.setattr(tiny_lm.tokenizer, "encode", lambda t, **kw: calls.append(len(t)) or real(t, **kw))
+    ids = scoring.encode_long(tiny_lm.tokenizer, text).tolist()
+    assert len(calls) > 10 and max(calls) < 700
+    assert ids == real(text, add_special_tokens=False)
+
+
+# --- terminal injection ----------------------------------------------------------------------
+
+
+def test_control_characters_are_escaped_for_a_screen_and_kept_in_data(cli):
+    prompt = "\x1b[2J\x1b]0;owned\x07 hello\r"
+    rich = cli("generate", prompt, *TINY, "--max-new-tokens", "2", "--format", "rich")
+    assert rich.exit_code == 0
+    assert "\x1b[2J" not in rich.stdout and "\x07" not in rich.stdout and "\r" not in rich.stdout
+    assert "^[[2J^[]0;owned^G hello^M" in rich.stdout
+    plain = cli("generate", prompt, *TINY, "--max-new-tokens", "2", "--format", "plain")
+    assert prompt in plain.stdout  # plain text to a pipe is the data itself (documented)
+    recs = cli.jsonl("generate", prompt, *TINY, "--max-new-tokens", "2")
+    assert recs[0]["prompt"] == prompt
+
+
+def test_visible_shows_every_control_character_and_keeps_text():
+    from aigc_cli.output import visible
+
+    assert visible("a\tb\nc") == "a\tb\nc"
+    assert visible("\x1b\x00\x7f\x9b") == "^[^@^?M-^["
+    assert visible("naïve 诗 🙂") == "naïve 诗 🙂"
+
+
+def test_error_messages_on_a_terminal_are_escaped(monkeypatch):
+    import io
+
+    from aigc_cli.output import Messages, Streams
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Tty()
+    Messages(Streams(stdout=io.StringIO(), stderr=err)).error("line 3: \x1b[2J bad")
+    assert "\x1b[2J" not in err.getvalue() and "^[[2J" in err.getvalue()
+
+
+# --- usability -------------------------------------------------------------------------------
+
+
+def test_stop_takes_backslash_escapes_as_the_help_shows(cli):
+    from aigc_cli.textrules import unescape
+
+    assert unescape(r"\n") == "\n" and unescape(r"a\tb\\n") == "a\tb\\n" and unescape(r"\u00e9\x41") == "éA"
+    assert unescape(r"\d") == r"\d"
+    recs = cli.jsonl("generate", "hi", *TINY, "--max-new-tokens", "2", "--stop", r"\n")
+    assert recs[0]["settings"]["stop"] == ["\n"]
+
+
+def test_version_alone_and_a_directory_as_input(cli, tmp_path):
+    r = cli("--version")
+    assert r.exit_code == 0 and r.stdout.startswith("aigc ")
+    r = cli("generate", "-f", str(tmp_path), *TINY)
+    assert r.exit_code == 2 and "is a directory" in r.stderr
+
+
+def test_help_names_values_as_a_user_writes_them(cli):
+    out = cli("generate", "--help").stdout + cli("poem", "--help").stdout
+    options = [line for line in out.splitlines() if line.lstrip().startswith("-")]
+    assert not [line for line in options if "<list[str]>" in line or "<str>" in line]
+    assert "N|auto" in out and "FILE" in out
+    poem = cli("poem", "--help").stdout
+    assert "<sample|beam>" in poem and "contrastive" not in poem
+
+
+def test_poem_decoding_accepts_only_sample_and_beam(cli):
+    r = cli("poem", "sea", *TINY, "--decoding", "greedy")
+    assert r.exit_code == 2
+
+
+# --- catalogs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('id,title\n1,"Broken title\n2,Second\n3,Third\n', "line 2"),
+        ('id,title\n1,"Broken title\n2,Second\n3,"Third"\n', "line 2"),
+        ("id,title\n1,A\n2,B,extra\n", "line 3 has 3 fields"),
+        ("id,title,category\n1,A,x\n2,B\n", "line 3 has 2 fields"),
+        ("id,title\n1,A\n1,B\n", "repeated item ids: '1'"),
+    ],
+    ids=["unclosed-quote", "quote-closed-later", "extra-field", "missing-field", "duplicate-id"],
+)
+def test_malformed_catalog_rows_are_errors_naming_the_row(cli, tmp_path, text, message):
+    f = tmp_path / "catalog.csv"
+    f.write_text(text)
+    r = cli("recommend", "news", "--catalog", str(f), *TINY)
+    assert r.exit_code == 2 and message in r.stderr, r.stderr
+
+
+def test_a_well_formed_csv_with_quotes_and_blank_lines_loads(tmp_path):
+    from aigc_cli.recommend import load_catalog
+
+    f = tmp_path / "catalog.csv"
+    f.write_text('\ufeffid,title,description\n1,"A, with a comma",x\n\n2,"Say ""hi""",y\n')
+    items = load_catalog(str(f))
+    assert [(i.id, i.title) for i in items] == [("1", "A, with a comma"), ("2", 'Say "hi"')]
