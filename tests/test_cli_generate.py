@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,6 +81,24 @@ def test_every_option_runs(cli, extra):
     r = cli("generate", "Hello there", "--max-new-tokens", "8", *TINY, *extra)
     assert r.exit_code == 0, r.stderr
     assert "Sequence 1" in r.stdout
+    recs = cli.jsonl("generate", "Hello there", "--max-new-tokens", "8", *TINY, *extra)
+    settings = recs[0]["settings"]
+    flags = dict(zip(extra, [*extra[1:], None]))
+    assert len(recs) == int(flags.get("-n", 1))
+    assert settings["decoding"] == ("greedy" if flags.get("--temperature") == "0" else flags.get("--decoding", "sample"))
+    for flag, value in flags.items():  # every flag reached the settings
+        key = flag.lstrip("-").replace("-", "_")
+        if key in settings and key not in ("stop", "ban", "decoding") and value is not None and not value.startswith("--"):
+            assert float(settings[key]) == float(value), flag
+    for rec in recs:
+        if "--stop" in flags:
+            assert settings["stop"] == ["a", "e"] and not {"a", "e"} & set(rec["text"]), rec
+            assert re.search(r"\bthe\b", rec["text"], re.I) is None
+        if "--min-new-tokens" in flags:
+            assert rec["completion_tokens"] >= 5 or rec["finish_reason"] == "stop"
+        assert rec["completion_tokens"] <= 8
+    if flags.get("--dtype") == "bfloat16":
+        assert recs[0]["revision"].endswith("+bfloat16")
 
 
 def test_rich_format_is_literal_and_styled(cli):

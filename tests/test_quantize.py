@@ -78,10 +78,18 @@ def test_every_decoding_mode_runs_quantized(int8_engine, decoding):
 
     n = 1 if decoding in ("greedy", "contrastive") else 2
     beams = {"num_beams": 3} if decoding == "beam" else {}
-    settings = S(decoding=Decoding(decoding), num_sequences=n, max_new_tokens=12, min_new_tokens=12, **beams).resolved()
+    settings = S(decoding=Decoding(decoding), num_sequences=n, max_new_tokens=12, **beams).resolved()
     reqs = [Request(i, p, settings, 7) for i, p in enumerate(["Hello, how are you?", "The"])]
     outs = list(int8_engine.generate(reqs, batch_size=4))
-    assert len(outs) == 2 * n and all(len(c.token_ids) == 12 for c in outs)
+    assert [(c.id, c.index) for c in outs] == [(i, j) for i in range(2) for j in range(n)]
+    tok = int8_engine.tokenizer
+    for c in outs:
+        assert c.finish_reason in ("length", "eos"), c
+        assert (len(c.token_ids) == 12) == (c.finish_reason == "length") and c.token_ids, c
+        assert c.text == tok.decode(c.token_ids, clean_up_tokenization_spaces=False)
+        assert tok.eos_token_id not in c.token_ids
+    if n > 1:  # distinct sequences per prompt
+        assert outs[0].token_ids != outs[1].token_ids
 
 
 def test_greedy_agreement_and_perplexity_against_float32(cli, tiny_dir):

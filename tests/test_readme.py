@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -42,7 +43,11 @@ def test_readme_command_runs(cli, command, tmp_path, monkeypatch):
         extra += ["--max-new-tokens", "8"]
     r = cli(*args[1:], *extra, input=stdin)
     assert r.exit_code == 0, (command, r.stderr)
-    assert r.stdout or "-o" in args
+    if "-o" in args:  # the records went to the file: every one a complete record
+        records = [json.loads(line) for line in (tmp_path / args[args.index("-o") + 1]).read_text().splitlines()]
+        assert records and all("text" in rec and "prompt" in rec for rec in records), records
+    else:
+        assert r.stdout.strip(), command
 
 
 def test_readme_python_example_runs(capsys):
