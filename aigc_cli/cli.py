@@ -89,6 +89,11 @@ MAX_CANDIDATES = 256
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class RhymeBook(str, Enum):
+    xinyun = "xinyun"
+    pingshui = "pingshui"
+
+
 class PoemDecoding(str, Enum):
     """The decodings a constrained poem can use (greedy has one answer, contrastive ignores the form's ranking)."""
 
@@ -572,6 +577,10 @@ def poem(
     syllables: Annotated[Optional[str], typer.Option(help="Syllables per line, e.g. 5,7,5 or 8-9 for all lines.", metavar="N,N,...")] = None,
     rhyme_scheme: Annotated[Optional[str], typer.Option(help="Rhyme scheme, e.g. ABAB ('.' for an unrhymed line).", metavar="SCHEME")] = None,
     acrostic: Annotated[Optional[str], typer.Option(help="Chinese forms: each line starts with the next character (藏头诗).", metavar="CHARS")] = None,
+    rhymes: Annotated[
+        RhymeBook,
+        typer.Option(help="Chinese rhyme book: xinyun (中华新韵, modern pinyin) or pingshui (平水韵, classical poems)."),
+    ] = RhymeBook.xinyun,
     annotate: Annotated[bool, typer.Option(help="Show syllables or characters per line and the rhyme key.")] = False,
     template: Annotated[Optional[str], typer.Option(help="Prompt template with $topic and $form.", metavar="FILE")] = None,
     check_path: Annotated[
@@ -602,9 +611,13 @@ def poem(
         raise UsageError(f"--acrostic: needs a Chinese form and one character per line ({form.lines} for {form.name})")
     streams = Streams()
     if check_path is not None:
-        report = check(_read_text(check_path), form, acrostic)
-        rows = [{"line": n, "text": r.text, "count": r.count, "rhyme": r.rhyme} for n, r in enumerate(report.lines, start=1)]
-        render_rows(streams, output_format, ["line", "text", "count", "rhyme"], rows, title=f"{form.name}: " + ("fits" if report.ok else "does not fit"))
+        report = check(_read_text(check_path), form, acrostic, rhymes.value)
+        rows = [
+            {"line": n, "text": r.text, "count": r.count, "rhyme": r.rhyme, "estimated": list(r.estimated)}
+            for n, r in enumerate(report.lines, start=1)
+        ]
+        columns = ["line", "text", "count", "rhyme"] + (["estimated"] if annotate else [])
+        render_rows(streams, output_format, columns, rows, title=f"{form.name}: " + ("fits" if report.ok else "does not fit"))
         for problem in report.problems:
             Messages(streams).error(problem)
         raise typer.Exit(0 if report.ok else 1)
@@ -633,7 +646,7 @@ def poem(
     from aigc_cli.poem import write_poems
 
     engine = _load_engine(model, device, dtype, quantize, Messages(streams))
-    poems = write_poems(engine, topic, form, settings, candidates, prompt_template, acrostic)
+    poems = write_poems(engine, topic, form, settings, candidates, prompt_template, acrostic, rhymes.value)
     render_poems(
         streams, output_format, poems, f"{form.name} on {topic}", annotate, {"model": engine.name, "form": form.name, "topic": topic}
     )

@@ -156,6 +156,7 @@ class Engine:
         on_text: Callable[[Completion, str], None] | None = None,
         processors: Callable[[int], list[Any]] | None = None,
         logprobs: bool = False,
+        batching: str = "continuous",
     ) -> Iterator[Completion]:
         """Generate every wanted sequence; yields completions in request order, index order, each
         as soon as it and everything before it is done.
@@ -164,7 +165,7 @@ class Engine:
         processors (poem forms) to every batch; `logprobs` records each token's log-probability
         under the unprocessed model (greedy and sampling).
         """
-        for _, completions in self.stream(requests, lambda r: r, batch_size, on_text, processors, logprobs):
+        for _, completions in self.stream(requests, lambda r: r, batch_size, on_text, processors, logprobs, batching):
             yield from completions
 
     def stream(
@@ -175,6 +176,7 @@ class Engine:
         on_text: Callable[[Completion, str], None] | None = None,
         processors: Callable[[int], list[Any]] | None = None,
         logprobs: bool = False,
+        batching: str = "continuous",
     ) -> Iterator[tuple[T, list[Completion]]]:
         """Each item with its request's completions, in input order, as soon as they are done;
         items without a request (error records) pass through in their place.
@@ -184,14 +186,21 @@ class Engine:
         is free. Beam search runs one request at a time; contrastive search, poem forms
         (`processors`) and models without the native forward pass run in static batches of the
         requests read ahead (`_static`).
+
+        `batching` (benchmarks): "continuous" (the default), "static" (the scheduler without refill:
+        rows of any settings share a batch that runs until its longest row ends) or "grouped" (every
+        request in static batches of identical settings, as aigc did before the scheduler).
         """
+        if batching not in ("continuous", "static", "grouped"):
+            raise ValueError(f"batching: {batching!r}")
         from aigc_cli.decoding import row_seed, supports_slots
         from aigc_cli.scheduler import Finished, RowSpec, Scheduler
 
         auto = batch_size is None
         cap = batch_size or (DEFAULT_GPU_BATCH if self.lm.device == "cuda" else DEFAULT_CPU_BATCH)
-        scheduled = processors is None and supports_slots(self.lm.model)
-        sched = Scheduler(self.lm, cap, AUTO_KV_BUDGET if auto and self.lm.device != "cuda" else None) if scheduled else None
+        scheduled = processors is None and supports_slots(self.lm.model) and batching != "grouped"
+        budget = AUTO_KV_BUDGET if auto and self.lm.device != "cuda" else None
+        sched = Scheduler(self.lm, cap, budget, refill=batching == "continuous") if scheduled else None
         source = iter(items)
         ahead: deque[tuple[int, T, Request | None]] = deque()  # read, not yet yielded, in input order
         owners: dict[int, Request] = {}

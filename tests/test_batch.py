@@ -167,10 +167,14 @@ def test_auto_batches_stay_within_the_kv_budget(tiny_lm, monkeypatch):
     real = Scheduler._admit
 
     def spy(self):
-        real(self)
-        if self.live:
+        joining = real(self)
+        rows = len(self.live) + len(joining)
+        if rows:
             slots, positions = self.slots.capacity
-            running.append((len(self.live), max(x.reserve for x in self.live), slots * positions))
+            longest = max(len(x.spec.prompt_ids) + x.spec.settings.max_new_tokens for x in self.live) if self.live else 0
+            longest = max([longest, *(len(j.prompt_ids) + j.settings.max_new_tokens for j in joining)])
+            running.append((rows, longest, slots * positions))
+        return joining
 
     monkeypatch.setattr(Scheduler, "_admit", spy)
     auto = [(c.id, c.text) for c in eng.generate(requests)]
