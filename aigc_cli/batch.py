@@ -212,9 +212,14 @@ def _field_named(message: str) -> str:
     return f"{_FLAG_FIELDS[flag]}:{rest}" if sep and flag in _FLAG_FIELDS else message
 
 
+# How sampled tokens are drawn: part of every fingerprint, so that --resume never mixes records of
+# the inverse-CDF draw (before 2026-11-30) with those of the Gumbel race.
+DRAW = "race-1"
+
+
 def fingerprint(model: str, revision: str, settings_record: dict[str, Any], seed: int, prompt: str) -> str:
     """Identifies what a record was generated from; --resume skips only records with the same one."""
-    blob = json.dumps([model, revision, settings_record, seed, prompt], sort_keys=True, ensure_ascii=False)
+    blob = json.dumps([model, revision, settings_record, seed, prompt, DRAW], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

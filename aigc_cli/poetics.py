@@ -136,10 +136,23 @@ def rhyme_key(word: str) -> str | None:
     return re.sub(r"\d", "", pronouncing.rhyming_part(pron))
 
 
+# A final unstressed syllable that verse often elides: heav'n, pow'r, wires as one syllable.
+_ELIDABLE = re.compile(r"(?:ER0(?: [ZD])?|AH0 [NL](?: [ZD])?)$")
+
+
 def syllable_options(word: str) -> set[int] | None:
-    """Syllable counts of every CMU pronunciation of a word ("every": 2 or 3); None when unknown."""
+    """Syllable counts of every CMU pronunciation of a word ("every": 2 or 3), and one fewer where
+    verse elides a final unstressed syllable ("heaven" as heav'n); None when unknown."""
     prons = _cmu().get(word.lower())
-    return {sum(ch.isdigit() for ch in p) for p in prons} if prons else None
+    if not prons:
+        return None
+    out = set()
+    for p in prons:
+        n = sum(ch.isdigit() for ch in p)
+        out.add(n)
+        if n > 1 and _ELIDABLE.search(p):
+            out.add(n - 1)
+    return out
 
 
 def rhyme_keys(word: str) -> set[str]:

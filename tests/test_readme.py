@@ -50,8 +50,12 @@ def test_readme_command_runs(cli, command, tmp_path, monkeypatch):
         assert r.stdout.strip(), command
 
 
-def test_readme_python_example_runs(capsys):
-    (snippet,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    exec(compile(snippet, "README.md", "exec"), {})
+def test_readme_python_examples_run(capsys):
+    first, second = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    exec(compile(first, "README.md", "exec"), {})
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["0", "1"]
+    exec(compile(second, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["a", "b"]  # each row's Finished event
+    assert "b length" in "\n".join(lines)
