@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from aigc_cli.caches import cache_dir, file_identity
 from aigc_cli.errors import ModelUnavailableError, UsageError
 from aigc_cli.tiny import TINY_MODELS
 
@@ -71,17 +72,6 @@ class LoadedModel:
             )
         precision = self.quantize if self.quantize != "none" else self.dtype
         return base if precision == "float32" else f"{base}+{precision}"
-
-
-def cache_dir() -> Path:
-    """aigc's own cache: $XDG_CACHE_HOME/aigc, else ~/.cache/aigc."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aigc"
-
-
-def file_identity(path: Path) -> list[Any]:
-    """What cache entries derived from a file are keyed by: its real path, size and mtime."""
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
 def weights_sha256(path: Path) -> str:

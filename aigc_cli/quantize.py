@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from aigc_cli.models import cache_dir, file_identity
+from aigc_cli.caches import cache_dir, file_identity
 from aigc_cli.weights import SafetensorsReader
 
 QUANTIZE_MODES = ("none", "int8", "fp16")
