@@ -180,7 +180,6 @@ def _spelled_rhyme(word: str) -> str:
 
 WORD_RE = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
 LINE_END_PUNCT = ",.!?;:"
-_EN_LINE = re.compile(r"[A-Za-z']+(?: [A-Za-z']+)*[,.!?;:]?")
 
 
 # --- Chinese: rhyme groups (中华新韵) and tones from pypinyin ----------------------------------

@@ -1,0 +1,163 @@
+"""The continuous-batching scheduler: rows join and leave a running batch, whatever their settings,
+and a row's tokens never depend on what runs beside it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from aigc_cli.decoding import row_seed
+from aigc_cli.scheduler import Finished, RowSpec, Scheduler, Token
+from aigc_cli.settings import GenerationSettings
+
+WORDS = "the of and to in is was he for it with as his on be at by had are but from or have an they".split()
+
+
+def _prompt(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
+
+
+def _spec(tiny_lm, key, prompt, settings, seed=3) -> RowSpec:
+    ids = tiny_lm.tokenizer.encode(prompt, add_special_tokens=False)
+    return RowSpec(key, ids, settings, row_seed(seed, key, 0))
+
+
+def _drain(sched: Scheduler, arrivals: dict[int, list[RowSpec]] | None = None) -> dict:
+    """Step until idle, submitting `arrivals[step]` before that step; {key: result}."""
+    arrivals = dict(arrivals or {})
+    results, step = {}, 0
+    while sched.busy or arrivals:
+        for spec in arrivals.pop(step, []):
+            sched.submit(spec)
+        for event in sched.step():
+            if isinstance(event, Finished):
+                assert event.key not in results
+                results[event.key] = event.result
+        step += 1
+        assert step < 10_000
+    return results
+
+
+def _alone(tiny_lm, spec: RowSpec):
+    sched = Scheduler(tiny_lm, max_rows=1)
+    sched.submit(spec)
+    return _drain(sched)[spec.key]
+
+
+GREEDY = GenerationSettings(decoding="greedy", max_new_tokens=12).resolved()
+
+
+def test_a_row_joining_mid_decode_gives_its_tokens_alone(tiny_lm):
+    late = _spec(tiny_lm, "late", "the cat", GREEDY)
+    sched = Scheduler(tiny_lm, max_rows=8)
+    early = [_spec(tiny_lm, f"e{i}", p, GREEDY) for i, p in enumerate(["he was in the", "it is", "for his"])]
+    results = _drain(sched, {0: early, 5: [late]})
+    assert results["late"].token_ids == _alone(tiny_lm, late).token_ids
+    for spec in early:
+        assert results[spec.key].token_ids == _alone(tiny_lm, spec).token_ids
+
+
+def test_the_greedy_scheduler_equals_transformers_generate(tiny_lm):
+    import torch
+
+    prompts = ["the of and", "he", "was in the house of"]
+    sched = Scheduler(tiny_lm, max_rows=2)
+    results = _drain(sched, {i: [_spec(tiny_lm, i, p, GREEDY)] for i, p in enumerate(prompts)})
+    hf = tiny_lm.hf_model
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([tiny_lm.tokenizer.encode(p, add_special_tokens=False)])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12, min_new_tokens=12)
+        assert results[i].token_ids == out[0, ids.shape[1] :].tolist()
+
+
+def test_cancelling_frees_the_slot_and_leaves_the_others_alone(tiny_lm):
+    long = GenerationSettings(decoding="greedy", max_new_tokens=30).resolved()
+    specs = [_spec(tiny_lm, k, p, long) for k, p in (("a", "the of"), ("b", "he was"), ("c", "it is in"))]
+    sched = Scheduler(tiny_lm, max_rows=3)
+    for spec in specs:
+        sched.submit(spec)
+    seen: dict = {}
+    for _ in range(4):
+        for event in sched.step():
+            if isinstance(event, Token):
+                seen.setdefault(event.key, []).append(event.token)
+    assert len(sched.live) == 3
+    sched.cancel("b")
+    queued = _spec(tiny_lm, "d", "and", long)
+    sched.submit(queued)
+    sched.cancel("d")  # a queued row is dropped before it takes a slot
+    sched.step()
+    assert len(sched.live) == 2 and sched.slots.rows == 2
+    results = _drain(sched)
+    assert set(results) == {"a", "c"}
+    for spec in (specs[0], specs[2]):
+        assert results[spec.key].token_ids == _alone(tiny_lm, spec).token_ids
+
+
+def _mixed_specs(tiny_lm, n: int, rng: random.Random, sampled: bool) -> list[RowSpec]:
+    specs = []
+    for i in range(n):
+        kwargs = dict(max_new_tokens=rng.randint(1, 16))
+        if rng.random() < 0.3:
+            kwargs["stop"] = (rng.choice(["e", "a", "o"]),)
+        if rng.random() < 0.2:
+            kwargs["repetition_penalty"] = 1.3
+        if rng.random() < 0.2:
+            kwargs["no_repeat_ngram_size"] = 2
+        if rng.random() < 0.1:
+            kwargs["ban"] = ("the",)
+        if rng.random() < 0.2:
+            kwargs["min_new_tokens"] = min(3, kwargs["max_new_tokens"])
+        if sampled:
+            kwargs.update(temperature=rng.choice([0.7, 1.0, 1.3]), top_k=rng.choice([0, 5, 50]), top_p=rng.choice([0.8, 1.0]))
+        else:
+            kwargs["decoding"] = "greedy"
+        specs.append(_spec(tiny_lm, i, _prompt(rng), GenerationSettings(**kwargs).resolved(), seed=11))
+    return specs
+
+
+def _arrivals(specs: list[RowSpec], rng: random.Random) -> dict[int, list[RowSpec]]:
+    arrivals: dict[int, list[RowSpec]] = {}
+    for spec in specs:
+        arrivals.setdefault(rng.randint(0, 60), []).append(spec)
+    return arrivals
+
+
+def test_200_greedy_requests_arriving_at_random_equal_one_at_a_time(tiny_lm):
+    rng = random.Random(5)
+    specs = _mixed_specs(tiny_lm, 200, rng, sampled=False)
+    together = _drain(Scheduler(tiny_lm, max_rows=16), _arrivals(specs, rng))
+    alone = _drain(Scheduler(tiny_lm, max_rows=1), {0: specs})
+    assert len(together) == 200
+    assert {k: r.token_ids for k, r in together.items()} == {k: r.token_ids for k, r in alone.items()}
+    assert {k: r.finish_reason for k, r in together.items()} == {k: r.finish_reason for k, r in alone.items()}
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_200_sampled_requests_do_not_depend_on_arrival_order_or_batch(tiny_lm, rows):
+    rng = random.Random(9)
+    specs = _mixed_specs(tiny_lm, 200, rng, sampled=True)
+    reference = _drain(Scheduler(tiny_lm, max_rows=4), {0: specs})
+    shuffled = specs[:]
+    rng.shuffle(shuffled)
+    got = _drain(Scheduler(tiny_lm, max_rows=rows), _arrivals(shuffled, rng))
+    assert {k: r.token_ids for k, r in got.items()} == {k: r.token_ids for k, r in reference.items()}
+    assert len({tuple(r.token_ids) for r in got.values()}) > 150  # the rows really sampled
+
+
+def test_rows_stream_their_text_and_logprobs(tiny_lm):
+    import torch
+
+    texts = []
+    spec = _spec(tiny_lm, "s", "the of", GenerationSettings(max_new_tokens=6, seed=1).resolved())
+    spec.on_text = texts.append
+    spec.logprobs = True
+    result = _drain(Scheduler(tiny_lm, 4), {0: [spec]})["s"]
+    assert texts[-1] == result.text and len(texts) == len(result.token_ids)
+    ids = torch.tensor([spec.prompt_ids + result.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_lm.hf_model(ids).logits[0].float(), -1)
+    start = len(spec.prompt_ids) - 1
+    expected = [float(logp[start + i, t]) for i, t in enumerate(result.token_ids)]
+    assert result.logprobs == pytest.approx(expected, abs=1e-4)
