@@ -320,7 +320,7 @@ class BatchJob:
                 self._emit_error(record)
             for completion in completions:
                 if self.provenance:
-                    completion.extra = request_extra(self.engine, request)
+                    completion.record = generated_record(completion, self.engine.name, self.engine.lm.revision, request.settings)
                 self.emit(completion)
                 self.summary.sequences += 1
                 self.summary.tokens += completion.completion_tokens
@@ -366,9 +366,24 @@ def record_fingerprint(engine: Any, request: Any) -> str:
     return fingerprint(engine.name, engine.lm.revision, request.settings.as_record(), request.seed, request.prompt)
 
 
-def request_extra(engine: Any, request: Any) -> dict[str, Any]:
-    """Provenance fields every generated record carries."""
-    return {"settings": request.settings.as_record(), "fingerprint": record_fingerprint(engine, request)}
+def generated_record(c: Any, model: str, revision: str, settings: GenerationSettings) -> dict[str, Any]:
+    """The JSONL record of one generated sequence: what was asked, what came out, where it came
+    from (model, revision, every resolved setting) and the fingerprint --resume compares."""
+    record = {
+        "id": c.id,
+        "index": c.index,
+        "prompt": c.prompt,
+        "text": c.text,
+        "finish_reason": c.finish_reason,
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "seed": c.seed,
+        "model": model,
+        "revision": revision,
+        "settings": settings.as_record(),
+    }
+    record["fingerprint"] = fingerprint(model, revision, record["settings"], c.seed, c.prompt)
+    return record
 
 
 def count_lines(path: str) -> int | None:

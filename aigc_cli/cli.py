@@ -278,9 +278,7 @@ def generate(
         out.start()
     sink: Any = out if out is not None else streams.stdout
     out_streams = Streams(stdout=sink, stderr=streams.stderr)
-    renderer = SequenceRenderer(
-        out_streams, fmt, provenance=lambda: {"model": engine.name, "revision": engine.lm.revision}, multi_prompt=source.many
-    )
+    renderer = SequenceRenderer(out_streams, fmt, multi_prompt=source.many)
     lone = source.kind == "args" and len(source.prompts) * settings.num_sequences == 1
     job = BatchJob(
         engine=engine,

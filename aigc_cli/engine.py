@@ -51,7 +51,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     seed: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] | None = None  # its JSONL record, when the caller writes JSONL (batch.generated_record)
     token_ids: list[int] = field(default_factory=list, repr=False)  # generated ids, EOS excluded
     logprobs: list[float] | None = field(default=None, repr=False)  # per token, when asked for
 

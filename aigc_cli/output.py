@@ -151,12 +151,10 @@ class SequenceRenderer:
     """Writes completions to stdout in the chosen format, streaming a lone sequence when asked."""
 
     def __init__(
-        self, streams: Streams, fmt: OutputFormat, provenance: Callable[[], dict[str, Any]], multi_prompt: bool
+        self, streams: Streams, fmt: OutputFormat, multi_prompt: bool
     ) -> None:
         self.streams = streams
         self.fmt = streams.resolve(fmt)
-        self._provenance = provenance  # called once, and only for JSONL (a weights hash can take a second)
-        self._provenance_fields: dict[str, Any] | None = None
         self.multi_prompt = multi_prompt
         self.console = streams.out_console() if self.fmt is OutputFormat.rich else None
         # Text meant for a screen shows control characters escaped; plain text to a pipe is the data.
@@ -200,12 +198,6 @@ class SequenceRenderer:
             self._write(text[self._shown : safe], "bold cyan")
             self._shown = safe
 
-    @property
-    def provenance(self) -> dict[str, Any]:
-        if self._provenance_fields is None:
-            self._provenance_fields = self._provenance()
-        return self._provenance_fields
-
     def error_record(self, record: dict[str, Any], messages: Messages) -> None:
         """A record that could not be processed: a JSONL record, or a warning for people."""
         if self.fmt is OutputFormat.jsonl:
@@ -216,19 +208,9 @@ class SequenceRenderer:
 
     def completion(self, c: Any) -> None:
         if self.fmt is OutputFormat.jsonl:
-            record = {
-                "id": c.id,
-                "index": c.index,
-                "prompt": c.prompt,
-                "text": c.text,
-                "finish_reason": c.finish_reason,
-                "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens,
-                "seed": c.seed,
-                **self.provenance,
-                **c.extra,
-            }
-            self.streams.stdout.write(json_line(record) + "\n")
+            if c.record is None:
+                raise ValueError("JSONL output needs each completion's record (batch.generated_record)")
+            self.streams.stdout.write(json_line(c.record) + "\n")
             self.streams.stdout.flush()
             return
         if self._streaming is not None:

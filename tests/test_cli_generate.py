@@ -247,7 +247,7 @@ class _Tty(io.StringIO):
 
 def test_streaming_shows_text_as_it_grows_and_holds_back_stops():
     out = _Tty()
-    renderer = SequenceRenderer(Streams(stdout=out, stderr=io.StringIO()), OutputFormat.plain, dict, False)
+    renderer = SequenceRenderer(Streams(stdout=out, stderr=io.StringIO()), OutputFormat.plain, False)
     assert renderer.can_stream
 
     class C:
