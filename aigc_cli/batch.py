@@ -19,7 +19,7 @@ from string import Template
 from typing import IO, Any
 
 from aigc_cli.errors import RecordError, UsageError
-from aigc_cli.settings import GenerationSettings
+from aigc_cli.settings import FLAGS, GenerationSettings, SettingsError
 
 
 class InputFormat(str, Enum):
@@ -196,20 +196,8 @@ def _overrides(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_FLAG_FIELDS = {
-    "-n/--num-sequences": "'n'",
-    "--max-new-tokens": "'max_new_tokens'",
-    "--temperature": "'temperature'",
-    "--top-p": "'top_p'",
-    "--top-k": "'top_k'",
-    "--stop": "'stop'",
-}
-
-
-def _field_named(message: str) -> str:
-    """Settings messages name CLI flags; for a record's override, name its JSON field."""
-    flag, sep, rest = message.partition(":")
-    return f"{_FLAG_FIELDS[flag]}:{rest}" if sep and flag in _FLAG_FIELDS else message
+# settings field -> its JSONL key, to name it in a record's error
+_KEYS = {name: key for key, (name, _) in OVERRIDES.items()}
 
 
 # How sampled tokens are drawn: part of every fingerprint, so that --resume never mixes records of
@@ -339,8 +327,9 @@ class BatchJob:
                 raise RecordError("bad_override", f"'seed' must be in [0, 2^63) (got {seed})")
             try:
                 settings = self.settings.with_overrides(**overrides) if overrides else self.settings
-            except UsageError as exc:
-                raise RecordError("bad_override", _field_named(exc.message)) from None
+            except SettingsError as exc:
+                where = f"'{_KEYS[exc.field]}'" if exc.field in _KEYS else FLAGS.get(exc.field, exc.field)
+                raise RecordError("bad_override", f"{where}: {exc.text}") from None
             ids = tuple(self.engine.encode(record.prompt, settings))
         except RecordError as exc:
             if not exc.message.startswith(record.where):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aigc_cli.errors import RecordError
-from aigc_cli.settings import Decoding, GenerationSettings
+from aigc_cli.settings import FLAGS, GenerationSettings
 
 # `--batch-size auto`: at most this many rows per forward batch; on CPU fewer when their KV cache
 # would pass AUTO_KV_BUDGET (long prompts or generations). Measured on 2 cores, GPT-2 small, 256
@@ -84,8 +84,7 @@ class Engine:
         if self.lm.device == "cuda" or per_position is None:
             return len(rows)
 
-        if settings.decoding is Decoding.contrastive:  # each row branches into top_k rows every step
-            per_position *= settings.top_k or 1
+        per_position *= settings.kv_rows()  # contrastive search branches each row into top_k rows
 
         def cache_bytes(n: int) -> int:  # the n-th row has the longest prompt of the first n
             return n * per_position * min(len(rows[n - 1].prompt_ids) + settings.max_new_tokens, self.context_length)
@@ -130,12 +129,10 @@ class Engine:
     def _check_memory(self, settings: GenerationSettings, positions: int) -> None:
         """Beam search keeps --num-beams rows (contrastive search --top-k branches), each with a KV
         cache of `positions`, twice while rows are reordered: refuse what memory cannot hold."""
-        flag, rows = {
-            Decoding.beam: ("--num-beams", settings.num_beams or 1),
-            Decoding.contrastive: ("--top-k", settings.top_k or 1),
-        }.get(settings.decoding, ("", 1))
+        rows = settings.kv_rows()
         if rows == 1:
             return
+        flag = FLAGS[settings.mode.kv_rows or ""]
         from aigc_cli.checkpoint import available_memory
 
         per_position, free = self._kv_bytes_per_position(), available_memory()
@@ -208,7 +205,7 @@ class Engine:
         count = 0
 
         def on_scheduler(req: Request | None) -> bool:
-            return req is not None and sched is not None and req.settings.decoding in (Decoding.sample, Decoding.greedy)
+            return req is not None and sched is not None and req.settings.mode.runs_on == "scheduler"
 
         def read_one() -> bool:
             nonlocal count
@@ -291,7 +288,7 @@ class Engine:
         from aigc_cli.decoding import generate_beam, generate_rows, row_seed
 
         first = dict(pending)[head]
-        if first.settings.decoding is Decoding.beam:
+        if first.settings.mode.runs_on == "beam":
             beams = generate_beam(self.lm, list(first.prompt_ids or ()), first.settings, processors)
             for index in first.wanted():
                 results[(head, index)] = self._completion(_Row(first, index, list(first.prompt_ids or ())), beams[index])

@@ -92,7 +92,7 @@ class Scheduler:
         return len(self.queue) + len(self.live)
 
     def submit(self, spec: RowSpec) -> None:
-        if spec.settings.decoding not in (Decoding.sample, Decoding.greedy):
+        if spec.settings.mode.runs_on != "scheduler":
             raise ValueError(f"the scheduler runs greedy and sampled rows, not {spec.settings.decoding.value}")
         self.queue.append(spec)
 

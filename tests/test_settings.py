@@ -54,3 +54,24 @@ def test_settings_are_hashable_and_frozen():
     assert hash(a) == hash(b) and a == b
     with pytest.raises(AttributeError):
         a.top_k = 3  # type: ignore[misc]
+
+
+def test_settings_errors_are_keyed_by_field_and_rendered_as_flags():
+    from aigc_cli.settings import SettingsError
+
+    with pytest.raises(SettingsError) as err:
+        S(top_p=2.0).resolved()
+    assert err.value.field == "top_p" and err.value.message.startswith("--top-p: ")
+    with pytest.raises(SettingsError) as err:
+        S(decoding="greedy", num_sequences=3).resolved()
+    assert err.value.field == "num_sequences" and err.value.message.startswith("-n/--num-sequences: ")
+
+
+def test_every_decoding_mode_is_described_once():
+    from aigc_cli.settings import MODES, Decoding
+
+    assert set(MODES) == set(Decoding)
+    beam = S(decoding="beam", num_beams=6).resolved()
+    contrastive = S(decoding="contrastive", top_k=5).resolved()
+    assert (beam.kv_rows(), contrastive.kv_rows(), S().resolved().kv_rows()) == (6, 5, 1)
+    assert S().resolved().top_k == 50 and contrastive.mode.runs_on == "static"
