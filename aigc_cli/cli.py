@@ -29,7 +29,14 @@ from aigc_cli.batch import (
 )
 from aigc_cli.errors import AigcError, ExitCode, UsageError
 from aigc_cli.outfile import OutputFile
-from aigc_cli.output import Messages, OutputFormat, SequenceRenderer, Streams, render_poems, render_rows
+from aigc_cli.output import (
+    Messages,
+    OutputFormat,
+    SequenceRenderer,
+    Streams,
+    render_poems,
+    render_rows,
+)
 from aigc_cli.recommend import Aggregate, ScoreKind
 from aigc_cli.settings import MAX_BATCH, Decoding, GenerationSettings
 from aigc_cli.textrules import unescape
@@ -525,31 +532,8 @@ def recommend(
         columns = ["rank", "id", "title", "score"] + (["per_interest"] if explain else [])
         render_rows(streams, output_format, columns, rows, title=f"Top {len(rows)} for {', '.join(user.interests) or 'your liked items'}")
     else:
-        rows = _ideas(engine, user.interests, per_interest, seed)
+        rows = rec.ideas(engine, user.interests, per_interest, seed)
         render_rows(streams, output_format, ["interest", "idea"], rows, title="Generated ideas (not real items)")
-
-
-def _ideas(engine: Any, interests: list[str], per_interest: int, seed: int | None) -> list[dict[str, Any]]:
-    """Short generated ideas per interest: one line each, deduplicated, none empty."""
-    from string import Template
-
-    from aigc_cli.engine import Request
-    from aigc_cli.prompts import load_prompt
-
-    template = Template(load_prompt("recommend-ideas.txt", "--template"))
-    settings = GenerationSettings(
-        num_sequences=per_interest * 3, max_new_tokens=24, stop=("\n",), top_p=0.95, seed=seed
-    ).resolved()
-    base = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
-    requests = [Request(i, template.safe_substitute(interests=x), settings, base) for i, x in enumerate(interests)]
-    rows, seen = [], set()
-    for c in engine.generate(requests):
-        idea = c.text.strip().strip(".-*").strip()
-        key = (c.id, idea.lower())
-        if idea and key not in seen and sum(r["interest"] == interests[c.id] for r in rows) < per_interest:
-            seen.add(key)
-            rows.append({"interest": interests[c.id], "idea": idea, "generated": True})
-    return rows
 
 
 @app.command(

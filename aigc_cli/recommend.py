@@ -13,6 +13,7 @@ import json
 import math
 import random
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -356,3 +357,25 @@ def evaluate(
         ranked = rank(engine, candidates, user.profile, prompts, kind, aggregate, batch_size)
         rows.append(metrics([r.item.id for r in ranked], user.positives, k))
     return mean_metrics(rows), random_baseline(users, k)
+
+
+def ideas(engine: Any, interests: list[str], per_interest: int, seed: int | None) -> list[dict[str, Any]]:
+    """Short generated ideas per interest: one line each, deduplicated, none empty."""
+    from aigc_cli.engine import Request
+    from aigc_cli.prompts import load_prompt
+    from aigc_cli.settings import GenerationSettings
+
+    template = Template(load_prompt("recommend-ideas.txt", "--template"))
+    settings = GenerationSettings(
+        num_sequences=per_interest * 3, max_new_tokens=24, stop=("\n",), top_p=0.95, seed=seed
+    ).resolved()
+    base = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
+    requests = [Request(i, template.safe_substitute(interests=x), settings, base) for i, x in enumerate(interests)]
+    rows, seen = [], set()
+    for c in engine.generate(requests):
+        idea = c.text.strip().strip(".-*").strip()
+        key = (c.id, idea.lower())
+        if idea and key not in seen and sum(r["interest"] == interests[c.id] for r in rows) < per_interest:
+            seen.add(key)
+            rows.append({"interest": interests[c.id], "idea": idea, "generated": True})
+    return rows
