@@ -343,17 +343,16 @@ class GPT2:
                 dec_mask = torch.zeros((bsz, 1, 1, total), dtype=self.dtype, device=dev)
                 dec_mask.masked_fill_((keys[None, :] > pos[:, None])[:, None, None, :], float("-inf"))
             parts.append(self.embed(tokens) + F.embedding(pos, self.wpe))
-        new, width = len(prompts), max((len(p) for p in prompts), default=0)
-        if new:
-            ids = torch.zeros((new, width), dtype=torch.long)
-            mask = torch.zeros((new, width), dtype=torch.long)
-            for j, p in enumerate(prompts):
-                ids[j, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                mask[j, width - len(p) :] = 1
-            ids, mask = ids.to(dev), mask.to(dev)
-            pre_mask = _attention_bias(mask, 0, width, self.dtype)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            parts.append((self.embed(ids) + F.embedding(positions, self.wpe)).view(new * width, e))
+        # New rows' prompts are packed end to end, without padding: the matmuls do not care where a
+        # row starts, and attention runs on each prompt's own span.
+        spans, start = [], bsz
+        for p in prompts:
+            spans.append((start, len(p)))
+            start += len(p)
+        if prompts:
+            ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)
+            positions = torch.cat([torch.arange(len(p)) for p in prompts]).to(dev)
+            parts.append(self.embed(ids) + F.embedding(positions, self.wpe))
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         for i, (w1, b1, attn, proj, w2, b2, fc, fc_out) in enumerate(self.layers):
             qkv = attn(F.layer_norm(x, (e,), w1, b1, cfg.eps))
@@ -366,17 +365,16 @@ class GPT2:
                     q[:, :, None, :], slots.k[i, :bsz, :, :total], slots.v[i, :bsz, :, :total], attn_mask=dec_mask
                 )
                 outs.append(a.reshape(bsz, e))
-            if new:
-                q, k, v = qkv[bsz:].view(new, width, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (P, H, W, D)
-                for j, p in enumerate(prompts):
-                    slots.k[i, bsz + j, :, : len(p)] = k[j, :, width - len(p) :]
-                    slots.v[i, bsz + j, :, : len(p)] = v[j, :, width - len(p) :]
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=pre_mask)
-                outs.append(a.transpose(1, 2).reshape(new * width, e))
+            for j, (first, n) in enumerate(spans):
+                q, k, v = qkv[first : first + n].view(n, 3, heads, head_dim).permute(1, 2, 0, 3).unbind(0)  # (H, n, D)
+                slots.k[i, bsz + j, :, :n] = k
+                slots.v[i, bsz + j, :, :n] = v
+                a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)
+                outs.append(a[0].transpose(0, 1).reshape(n, e))
             x = x + proj(torch.cat(outs) if len(outs) > 1 else outs[0])
             h = F.gelu(fc(F.layer_norm(x, (e,), w2, b2, cfg.eps)), approximate="tanh")
             x = x + fc_out(h)
-        last = torch.cat([torch.arange(bsz, device=dev), bsz + torch.arange(1, new + 1, device=dev) * width - 1])
+        last = torch.tensor([*range(bsz), *(first + n - 1 for first, n in spans)], dtype=torch.long, device=dev)
         slots.lengths = [n + 1 for n in slots.lengths[:bsz]] + [len(p) for p in prompts]
         h = F.layer_norm(x[last], (e,), self.ln_f[0], self.ln_f[1], cfg.eps)
         return self.logits(h).float()

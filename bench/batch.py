@@ -52,7 +52,7 @@ def mixed(args: argparse.Namespace, path: str) -> list[str]:
     base = GenerationSettings(decoding="greedy").resolved()
     prompts = make_prompts(args.mixed)
     records = [
-        Request(i, p, base.with_overrides(max_new_tokens=8 + (i * 97) % 153, stop=("z",) if i % 4 == 0 else ()), 1)
+        Request(i, p, base.with_overrides(max_new_tokens=8 + (i * 97) % 153, stop=("k",) if i % 4 == 0 else ()), 1)
         for i, p in enumerate(prompts)
     ]
     batch = None if args.batch_size == "auto" else int(args.batch_size)
