@@ -229,9 +229,6 @@ def generate_rows(
     return dec.results()
 
 
-_MASK64 = (1 << 64) - 1
-
-
 def _signed(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
