@@ -307,8 +307,8 @@ class Engine:
             chunk, start = rows[start : start + size], start + size
             stream = None
             if on_text is not None and len(rows) == 1:
-                partial = self._completion(chunk[0][1], None)
-                stream = lambda _i, text, p=partial: on_text(p, text)  # noqa: E731
+                lone = self._streamer(chunk[0][1], on_text)
+                stream = lambda _i, text: lone(text)  # noqa: E731
             seeds = [row_seed(r.request.seed, r.request.id, r.index) for _, r in chunk]
             out = generate_rows(self.lm, [r.prompt_ids for _, r in chunk], first.settings, seeds, stream, processors, logprobs)
             for (n, r), res in zip(chunk, out):

@@ -116,6 +116,11 @@ class SlotCache:
         return len(self.lengths)
 
     @property
+    def bytes_per_position(self) -> int:
+        """Keys and values of one row at one position, all layers."""
+        return 2 * self.cfg.n_layer * self.cfg.n_embd * self.dtype.itemsize
+
+    @property
     def capacity(self) -> tuple[int, int]:
         return (self.k.shape[1], self.k.shape[3]) if self.k.dim() == 5 else (0, 0)
 

@@ -298,7 +298,13 @@ def load(name: str, device: str = "auto", dtype: str = "auto", quantize: str = "
 def _preflight(path: Path, dtype: Any) -> None:
     """Before transformers builds a model: its config is readable, the weights hold the tensors
     the config implies, and they fit in memory (else exit 3, naming the file)."""
-    from aigc_cli.checkpoint import check_fits, check_matches, expected_hf_shapes, read_config, stored_shapes
+    from aigc_cli.checkpoint import (
+        check_fits,
+        check_matches,
+        expected_hf_shapes,
+        read_config,
+        stored_shapes,
+    )
 
     config = read_config(path)
     stored, _, where = stored_shapes(path)

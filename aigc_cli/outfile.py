@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from aigc_cli.errors import OutputError, UsageError
@@ -25,7 +26,7 @@ class OutputFile:
         self.lines = 0  # complete lines written by this run
 
     @classmethod
-    def open(cls, path: str, resume: bool, inputs: list[str | int] = ()) -> OutputFile:  # type: ignore[assignment]
+    def open(cls, path: str, resume: bool, inputs: Sequence[str | int] = ()) -> OutputFile:
         """Open (without truncating) and lock; UsageError naming the flag when that cannot be done.
         `inputs` are paths or file descriptors the job reads: the output must be none of them."""
         _refuse_same_file(path, inputs)
@@ -96,7 +97,7 @@ class OutputFile:
             self.fd = -1
 
 
-def _refuse_same_file(path: str, inputs: list[str | int]) -> None:
+def _refuse_same_file(path: str, inputs: Sequence[str | int]) -> None:
     try:
         out = os.stat(path)
     except OSError:

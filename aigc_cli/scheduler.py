@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,8 +59,6 @@ class _Live:
     rules: RowRules
     processors: ProcessorList
     step: int = 0
-    cancelled: bool = False
-    history: list[int] = field(default_factory=list)  # prompt + generated, for history-based processors
 
     @property
     def reserve(self) -> int:  # positions this row may fill
@@ -115,7 +113,6 @@ class Scheduler:
                 raw = self._raw_logprob(b, token) if live.spec.logprobs else None
                 grew = live.row.push(token, live.step, live.rules.eos, live.spec.settings, raw)
                 live.step += 1
-                live.history.append(token)
                 if grew:
                     events.append(Token(live.spec.key, token, live.row.text))
                     if live.spec.on_text is not None:
@@ -144,11 +141,7 @@ class Scheduler:
             return False
         if self.kv_budget is None or rows == 1:
             return True
-        return rows * longest * self._bytes_per_position() <= self.kv_budget
-
-    def _bytes_per_position(self) -> int:
-        cfg = self.model.cfg
-        return 2 * cfg.n_layer * cfg.n_embd * self.model.dtype.itemsize
+        return rows * longest * self.slots.bytes_per_position <= self.kv_budget
 
     def _admit(self) -> list[RowSpec]:
         """Queued rows that fit now, first come first served; their slots are reserved."""
@@ -174,10 +167,10 @@ class Scheduler:
             slots = rows if rows <= have_slots else min(self.max_rows, max(rows, 2 * have_slots, 8))
             if self.kv_budget is None:
                 self.slots.reserve(slots, longest)
-            elif rows <= have_slots and longest <= have_pos and have_slots * have_pos * self._bytes_per_position() <= self.kv_budget:
+            elif rows <= have_slots and longest <= have_pos and have_slots * have_pos * self.slots.bytes_per_position <= self.kv_budget:
                 pass  # the cache already holds them, within the budget
             else:  # exactly what the budget holds at this length (earlier, longer rows may have left)
-                fit = self.kv_budget // (longest * self._bytes_per_position())
+                fit = self.kv_budget // (longest * self.slots.bytes_per_position)
                 self.slots.resize(max(rows, min(slots, fit)), max(longest, max(self.slots.lengths, default=0)))
         return joining
 
@@ -186,7 +179,7 @@ class Scheduler:
         if rules is None:
             rules = self._rules[spec.settings] = RowRules(self.tok, spec.settings)
         tail = self.tok.decode(spec.prompt_ids[-16:], clean_up_tokenization_spaces=False)
-        return _Live(spec, _Row(self.tok, tail), rules, rules.processors(len(spec.prompt_ids)), history=list(spec.prompt_ids))
+        return _Live(spec, _Row(self.tok, tail), rules, rules.processors(len(spec.prompt_ids)))
 
     def _drop_cancelled(self) -> None:
         if not self._cancel or not self.live:
@@ -249,5 +242,5 @@ class Scheduler:
         return tokens
 
     def _processed(self, live: _Live, scores: torch.Tensor) -> torch.Tensor:
-        ids = torch.tensor([live.history], dtype=torch.long, device=scores.device)
+        ids = torch.tensor([live.spec.prompt_ids + live.row.generated], dtype=torch.long, device=scores.device)
         return live.processors(ids, scores)
