@@ -634,6 +634,55 @@ def poem(
     )
 
 
+@app.command(
+    epilog="Examples:\n\n"
+    "  aigc serve --model gpt2 --port 8000\n\n"
+    "  AIGC_API_KEY=secret aigc serve --host 0.0.0.0 --metrics\n\n"
+    "  aigc generate \"Hello, how are you?\" -n 5 --server http://127.0.0.1:8000\n\n"
+    "Endpoints: POST /v1/completions, GET /v1/models, POST /tokenize, GET /health, GET /metrics "
+    "(with --metrics). Needs the server extra: pip install \"aigc[serve]\".\n\n"
+    f"{EXIT_CODES_HELP}"
+)
+@_boundary
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback is reachable by others.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: a free one, printed on stderr).")] = 8000,
+    api_key: Annotated[
+        Optional[str], typer.Option(envvar="AIGC_API_KEY", help="Require 'Authorization: Bearer KEY' on every request but /health and /metrics.", metavar="KEY")
+    ] = None,
+    max_queue: Annotated[int, typer.Option(help="Sequences that may wait for a slot; beyond that requests get 503 with Retry-After.")] = 256,
+    batch_size: Annotated[
+        str, typer.Option(help="Sequences decoded together, or auto: up to 64, on CPU fewer when their KV cache would pass 1 GiB.", metavar="N|auto")
+    ] = "auto",
+    metrics: Annotated[bool, typer.Option(help="Serve Prometheus metrics at /metrics.")] = False,
+    model: ModelOpt = "gpt2",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
+    debug: DebugOpt = False,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (completions), until SIGTERM or Ctrl-C."""
+    _check_device(device, dtype, quantize)
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port: must be from 0 to 65535 (got {port})")
+    if max_queue < 0:
+        raise UsageError(f"--max-queue: must be 0 or more (got {max_queue})")
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key: must not be empty")
+    try:
+        from aigc_cli.server import ServerOptions, serve as run_server
+    except ImportError as exc:
+        raise UsageError(f'aigc serve needs the server extra ({exc.name} is missing): pip install "aigc[serve]"') from None
+    messages = Messages(Streams())
+    options = ServerOptions(
+        model=model, device=device, dtype=dtype, quantize=quantize, host=host, port=port, api_key=api_key,
+        max_queue=max_queue, batch_size=_batch_size(batch_size), metrics=metrics,
+    )
+    code = run_server(options, lambda line: messages.info(line))
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command(epilog="Example:\n\n  aigc info --model ./my-finetuned-gpt2")
 @_boundary
 def info(

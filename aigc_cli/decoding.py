@@ -34,6 +34,7 @@ class RowResult:
     text: str
     finish_reason: str  # "length" | "stop" | "eos"
     logprobs: list[float] | None = None  # log P(token) under the model before any processor, when asked for
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, the most likely tokens and their log P
 
 
 def row_seed(base_seed: int, record_id: Any, index: int) -> int:
@@ -60,6 +61,9 @@ class _Row:
         """Append one token (step counts from 0); returns whether the text grew."""
         if token == eos:
             self.finish_reason = "eos"
+            return False
+        if token in s.stop_token_ids:
+            self.finish_reason = "stop"
             return False
         self.generated.append(token)
         if logprob is not None:

@@ -24,6 +24,18 @@ T = TypeVar("T")
 _END = object()
 
 
+def check_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    """RecordError when a prompt and its new tokens do not fit the model's context (shared with the
+    CLI's server client, which checks before it sends)."""
+    total = prompt_tokens + max_new_tokens
+    if total > context:
+        raise RecordError(
+            "prompt_too_long",
+            f"the prompt has {prompt_tokens} tokens and --max-new-tokens is {max_new_tokens}: "
+            f"{total} is more than the model's context of {context} tokens",
+        )
+
+
 @dataclass(frozen=True)
 class Request:
     """One prompt and the sequences wanted for it."""
@@ -114,17 +126,23 @@ class Engine:
         if prompt == "" or prompt.isspace():
             raise RecordError("empty_prompt", "the prompt is empty")
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        self.check_ids(ids, settings)
+        return ids
+
+    def check_ids(self, ids: Sequence[int], settings: GenerationSettings) -> None:
+        """RecordError unless these prompt ids and settings can be generated from: not empty, in the
+        vocabulary, within the context with the new tokens, within memory (beams, branches)."""
         if not ids:
             raise RecordError("empty_prompt", "the prompt has no tokens")
-        total = len(ids) + settings.max_new_tokens
-        if total > self.context_length:
-            raise RecordError(
-                "prompt_too_long",
-                f"the prompt has {len(ids)} tokens and --max-new-tokens is {settings.max_new_tokens}: "
-                f"{total} is more than the model's context of {self.context_length} tokens",
-            )
-        self._check_memory(settings, total)
-        return ids
+        vocab = len(self.tokenizer)
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RecordError("bad_token", f"token id {bad} is not in the model's vocabulary of {vocab}")
+        bad = next((t for t in settings.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise RecordError("bad_token", f"stop token id {bad} is not in the model's vocabulary of {vocab}")
+        check_length(len(ids), settings.max_new_tokens, self.context_length)
+        self._check_memory(settings, len(ids) + settings.max_new_tokens)
 
     def _check_memory(self, settings: GenerationSettings, positions: int) -> None:
         """Beam search keeps --num-beams rows (contrastive search --top-k branches), each with a KV

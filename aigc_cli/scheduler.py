@@ -37,13 +37,16 @@ class RowSpec:
     seed: int  # the row's own seed (decoding.row_seed)
     on_text: Callable[[str], None] | None = None  # called with the row's whole text as it grows
     logprobs: bool = False  # record each token's log-probability under the unprocessed model
+    top_logprobs: int = 0  # and this many of the most likely tokens at each step, with theirs
 
 
 @dataclass
 class Token:
     key: Hashable
     token: int
-    text: str
+    text: str  # the row's whole text so far (stop strings cut)
+    logprob: float | None = None  # with RowSpec.logprobs
+    top: list[tuple[int, float]] | None = None  # with RowSpec.top_logprobs
 
 
 @dataclass
@@ -59,6 +62,7 @@ class _Live:
     rules: RowRules
     processors: ProcessorList
     step: int = 0
+    top: list[list[tuple[int, float]]] | None = None
 
     @property
     def reserve(self) -> int:  # positions this row may fill
@@ -110,17 +114,20 @@ class Scheduler:
             picked = self._pick(self.logits)
             done = []
             for b, (live, token) in enumerate(zip(self.live, picked)):
-                raw = self._raw_logprob(b, token) if live.spec.logprobs else None
+                raw, top = self._raw_logprobs(b, token, live) if live.spec.logprobs else (None, None)
                 grew = live.row.push(token, live.step, live.rules.eos, live.spec.settings, raw)
                 live.step += 1
                 if grew:
-                    events.append(Token(live.spec.key, token, live.row.text))
+                    if top is not None:
+                        live.top = live.top if live.top is not None else []
+                        live.top.append(top)
+                    events.append(Token(live.spec.key, token, live.row.text, raw, top))
                     if live.spec.on_text is not None:
                         live.spec.on_text(live.row.text)
                 if live.row.finish_reason is not None:
                     done.append(b)
                     r = live.row
-                    result = RowResult(r.generated, r.text, r.finish_reason, r.logprobs if live.spec.logprobs else None)
+                    result = RowResult(r.generated, r.text, r.finish_reason, r.logprobs if live.spec.logprobs else None, live.top)
                     events.append(Finished(live.spec.key, result))
             tokens = [picked[i] for i in self._remove(done)]
         joining = self._admit()
@@ -209,9 +216,15 @@ class Scheduler:
 
     # -- choosing tokens -----------------------------------------------------------------------
 
-    def _raw_logprob(self, b: int, token: int) -> float:
+    def _raw_logprobs(self, b: int, token: int, live: _Live) -> tuple[float, list[tuple[int, float]] | None]:
+        """The token's log-probability under the unprocessed model, and the top alternatives' when asked."""
         assert self.logits is not None
-        return float(torch.log_softmax(self.logits[b], dim=-1)[token])
+        logp = torch.log_softmax(self.logits[b].float(), dim=-1)
+        k = live.spec.top_logprobs
+        if not k:
+            return float(logp[token]), None
+        values, ids = logp.topk(min(k, logp.numel()))
+        return float(logp[token]), list(zip(ids.tolist(), values.tolist()))
 
     def _pick(self, logits: torch.Tensor) -> list[int]:
         """One token per live row: rows that share settings are processed and drawn together."""

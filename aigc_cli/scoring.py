@@ -50,6 +50,26 @@ def continuation_logprobs(
     return out
 
 
+@torch.inference_mode()
+def prompt_logprobs(model: Any, ids: Sequence[int], top: int) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """For each token of a prompt, log P(token | the tokens before it) and the `top` most likely
+    tokens there with theirs; None for the first token, which nothing predicts (as in OpenAI's
+    `echo` with `logprobs`)."""
+    out: list[tuple[float, list[tuple[int, float]]] | None] = [None]
+    if len(ids) < 2:
+        return out
+    logits = model(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=model.device)).logits[0, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen = logp.gather(-1, torch.tensor(ids[1:], device=logp.device)[:, None])[:, 0].tolist()
+    if top:
+        values, alternatives = logp.topk(min(top, logp.shape[-1]), dim=-1)
+        tops = [list(zip(a, v)) for a, v in zip(alternatives.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    out.extend(zip(chosen, tops))
+    return out
+
+
 _CUT = re.compile(r"\n(?=\S)")
 _HEAD_ROWS = 256  # positions per LM-head chunk: 256 x 50,257 float32 logits = 51 MB
 _LOGITS_BUDGET = 1 << 29  # bytes of whole-sequence logits per forward call (other architectures)

@@ -66,6 +66,7 @@ class GenerationSettings:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ban: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # end the sequence at these tokens (not kept)
 
     def resolved(self) -> GenerationSettings:
         """Validate and fill mode-dependent defaults; raises UsageError naming the flag."""
@@ -104,6 +105,8 @@ class GenerationSettings:
             _check(text != "", "stop", "must not be empty")
         for word in s.ban:
             _check(word.strip() != "", "ban", "must not be empty")
+        for token in s.stop_token_ids:
+            _check(isinstance(token, int) and token >= 0, "stop_token_ids", f"must be token ids, 0 or more (got {token!r})")
         if s.seed is not None:
             _check(0 <= s.seed < 2**63, "seed", f"must be in [0, 2^63) (got {s.seed})")
 
@@ -134,6 +137,7 @@ class GenerationSettings:
                 "num_sequences",
                 f"({s.num_sequences}) must not exceed --num-beams ({num_beams})",
             )
+            _check(not s.stop_token_ids, "stop_token_ids", "not used by beam search")
         elif s.num_beams is not None:
             raise SettingsError("num_beams", f"only used with --decoding beam (got --decoding {decoding.value})")
         top_k = s.top_k if s.top_k is not None else MODES[decoding].default_top_k
@@ -164,6 +168,10 @@ class GenerationSettings:
         d["decoding"] = self.decoding.value
         d["stop"] = list(self.stop)
         d["ban"] = list(self.ban)
+        if self.stop_token_ids:  # absent when unused, so that older records keep their fingerprints
+            d["stop_token_ids"] = list(self.stop_token_ids)
+        else:
+            del d["stop_token_ids"]
         return d
 
 
@@ -174,6 +182,7 @@ FLAGS = {
     **{name: "--" + name.replace("_", "-") for name in (
         "max_new_tokens", "min_new_tokens", "decoding", "temperature", "top_k", "top_p", "typical_p", "min_p",
         "num_beams", "length_penalty", "penalty_alpha", "repetition_penalty", "no_repeat_ngram_size", "stop", "ban", "seed",
+        "stop_token_ids",
     )},
 }
 
