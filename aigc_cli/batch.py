@@ -308,7 +308,7 @@ class BatchJob:
                 self._emit_error(record)
             for completion in completions:
                 if self.provenance:
-                    completion.record = generated_record(completion, self.engine.name, self.engine.lm.revision, request.settings)
+                    completion.record = generated_record(completion, self.engine.name, self.engine.revision, request.settings)
                 self.emit(completion)
                 self.summary.sequences += 1
                 self.summary.tokens += completion.completion_tokens
@@ -352,7 +352,7 @@ class BatchJob:
 
 
 def record_fingerprint(engine: Any, request: Any) -> str:
-    return fingerprint(engine.name, engine.lm.revision, request.settings.as_record(), request.seed, request.prompt)
+    return fingerprint(engine.name, engine.revision, request.settings.as_record(), request.seed, request.prompt)
 
 
 def generated_record(c: Any, model: str, revision: str, settings: GenerationSettings) -> dict[str, Any]:

@@ -57,17 +57,16 @@ app = typer.Typer(
 )
 
 # Shared option aliases, defined once.
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        envvar="AIGC_MODEL",
-        help="Hugging Face model id (downloaded once, then cached) or a local model directory. "
-        "'tiny-random' is a built-in tiny random GPT-2 for smoke tests: it needs no download "
-        "and its output is gibberish by design.",
-        metavar="NAME|DIR",
-    ),
+_MODEL_HELP = (
+    "Hugging Face model id (downloaded once, then cached) or a local model directory. "
+    "'tiny-random' is a built-in tiny random GPT-2 for smoke tests: it needs no download "
+    "and its output is gibberish by design."
+)
+ModelOpt = Annotated[str, typer.Option("--model", "-m", envvar="AIGC_MODEL", help=_MODEL_HELP, metavar="NAME|DIR")]
+# generate: no default, so that with --server the server's model is used unless one is named
+GenerateModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", envvar="AIGC_MODEL", help=_MODEL_HELP + " Default: gpt2 (with --server: the server's).", metavar="NAME|DIR", show_default=False),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps.", metavar="auto|cpu|cuda|mps")]
 DtypeOpt = Annotated[
@@ -226,7 +225,12 @@ def generate(
     deterministic: Annotated[
         bool, typer.Option(help="Generate each sequence alone: sampled output then never depends on batch mates.")
     ] = False,
-    model: ModelOpt = "gpt2",
+    server: Annotated[
+        Optional[str],
+        typer.Option(envvar="AIGC_SERVER", help="Generate on a running 'aigc serve' at this URL instead of loading the model here.", metavar="URL"),
+    ] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="AIGC_API_KEY", help="The server's API key (with --server).", metavar="KEY")] = None,
+    model: GenerateModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
@@ -272,8 +276,15 @@ def generate(
     inputs: list[str | int] = [source.path or ""] if source.kind == "file" else [0] if source.kind == "stdin" else []
     out = OutputFile.open(output, resume, inputs + ([template] if template else [])) if output is not None else None
     state = resume_state(out.read_existing(), output) if resume and out is not None and output is not None else None
+    if server is not None and (device, dtype, quantize) != ("auto", "auto", "none"):
+        raise UsageError("--device, --dtype and --quantize: set them where the server runs (aigc serve), not with --server")
     try:
-        engine = _load_engine(model, device, dtype, quantize, messages)
+        if server is not None:
+            from aigc_cli.client import RemoteEngine
+
+            engine: Any = RemoteEngine.connect(server, api_key, model)
+        else:
+            engine = _load_engine(model or "gpt2", device, dtype, quantize, messages)
     except BaseException:
         if out is not None:
             out.close()

@@ -118,6 +118,11 @@ class Engine:
         return 2 * layers * width * getattr(torch, self.lm.dtype).itemsize
 
     @property
+    def revision(self) -> str:
+        """Provenance: the weights' revision and precision (see models.LoadedModel.revision)."""
+        return str(self.lm.revision)
+
+    @property
     def tokenizer(self) -> Any:
         return self.lm.tokenizer
 

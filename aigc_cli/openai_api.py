@@ -56,6 +56,7 @@ _TYPES: dict[str, Any] = {
     "early_stopping": (bool, type(None)),
     "penalty_alpha": (int, float, type(None)),
     "ban": (list, type(None)),
+    "return_token_ids": (bool, type(None)),  # vLLM's: each choice's token_ids
     "record_id": (str, int, type(None)),
     "indices": (list, type(None)),
 }
@@ -96,6 +97,7 @@ class CompletionRequest:
     record_id: str | int | None
     indices: list[int] | None  # sequence numbers to generate (aigc's client resuming a file)
     score_only: bool  # max_tokens 0 with echo: the prompt's logprobs, nothing generated
+    return_token_ids: bool = False
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -223,7 +225,44 @@ def completion_request(body: dict[str, Any]) -> CompletionRequest:
         record_id=body.get("record_id"),
         indices=indices,
         score_only=score_only,
+        return_token_ids=bool(body.get("return_token_ids")),
     )
+
+
+def request_body(
+    model: str, prompt: str, settings: GenerationSettings, seed: int, record_id: Any, indices: Sequence[int] | None, stream: bool
+) -> dict[str, Any]:
+    """The /v1/completions body that asks an aigc server for exactly what these resolved settings
+    generate locally (aigc's client); `completion_request` reads it back to equal settings."""
+    s = settings
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": s.max_new_tokens,
+        "min_tokens": s.min_new_tokens,
+        "decoding": s.decoding.value,
+        "n": s.num_sequences,
+        "temperature": s.temperature,
+        "top_k": s.top_k,
+        "top_p": s.top_p,
+        "typical_p": s.typical_p,
+        "min_p": s.min_p,
+        "num_beams": s.num_beams,
+        "length_penalty": s.length_penalty,
+        "early_stopping": s.early_stopping,
+        "penalty_alpha": s.penalty_alpha,
+        "repetition_penalty": s.repetition_penalty,
+        "no_repeat_ngram_size": s.no_repeat_ngram_size,
+        "stop": list(s.stop),
+        "ban": list(s.ban),
+        "stop_token_ids": list(s.stop_token_ids),
+        "seed": seed,
+        "record_id": record_id,
+        "indices": list(indices) if indices is not None else None,
+        "return_token_ids": True,
+        "stream": stream,
+    }
+    return {k: v for k, v in body.items() if v is not None}
 
 
 def param_of(field: str) -> str:

@@ -441,8 +441,22 @@ class _CompletionJob:
     def _choice_body(self, choice: _Choice, number: int) -> dict[str, Any]:
         prefix = self.prompt_texts[choice.prompt] if self.req.echo else ""
         lp = self._logprobs(choice, 0, len(choice.token_ids), self.req.echo, 0) if self.req.logprobs is not None else None
-        reason = finish_reason(choice.finish) if choice.finish else "length"
-        return {"index": number, "text": prefix + choice.text, "logprobs": lp, "finish_reason": reason}
+        body = {"index": number, "text": prefix + choice.text, "logprobs": lp, **self._ending(choice)}
+        if self.req.return_token_ids:
+            body["token_ids"] = choice.token_ids
+        return body
+
+    def _ending(self, choice: _Choice) -> dict[str, Any]:
+        """OpenAI's finish_reason, and vLLM's stop_reason: the stop string that ended the text
+        (None for EOS, a stop token or the length limit)."""
+        if choice.finish is None:
+            return {"finish_reason": None, "stop_reason": None}
+        stop = None
+        if choice.finish == "stop" and self.req.settings.stop:
+            full = self.engine.tokenizer.decode(choice.token_ids, clean_up_tokenization_spaces=False)
+            hits = [(full.find(s), k) for k, s in enumerate(self.req.settings.stop) if s in full]
+            stop = self.req.settings.stop[min(hits)[1]] if hits else None
+        return {"finish_reason": finish_reason(choice.finish), "stop_reason": stop}
 
     async def collect(self) -> dict[str, Any]:
         async for choice, event in self._events():
@@ -492,10 +506,13 @@ class _CompletionJob:
                 if not delta and not done:
                     continue
                 offset = (len(self.prompt_texts[choice.prompt]) if self.req.echo else 0) + choice.sent
-                lp = self._logprobs(choice, choice.streamed_tokens, len(choice.token_ids), False, offset) if want_lp else None
-                choice.sent, choice.streamed_tokens = safe, len(choice.token_ids)
-                reason = finish_reason(choice.finish) if done and choice.finish else None
-                yield self._chunk([{"index": self._number(choice), "text": delta, "logprobs": lp, "finish_reason": reason}])
+                first, last = choice.streamed_tokens, len(choice.token_ids)
+                lp = self._logprobs(choice, first, last, False, offset) if want_lp else None
+                choice.sent, choice.streamed_tokens = safe, last
+                body = {"index": self._number(choice), "text": delta, "logprobs": lp, **self._ending(choice)}
+                if self.req.return_token_ids:
+                    body["token_ids"] = choice.token_ids[first:last]
+                yield self._chunk([body])
             if self.req.score_only:
                 for choice in self.choices.values():
                     yield self._chunk([{"index": self._number(choice), "text": "", "logprobs": None, "finish_reason": "length"}])
