@@ -85,7 +85,8 @@ class ServerState:
             self._quit(int(ExitCode.FAILURE))
             return
         self.engine, self.loop = engine, loop
-        self.log(f"aigc serve: {o.model} ready in {time.monotonic() - started:.1f} s ({engine.lm.device}, {engine.lm.dtype})")
+        precision = engine.lm.dtype if engine.lm.quantize == "none" else f"--quantize {engine.lm.quantize}"
+        self.log(f"aigc serve: {o.model} ready in {time.monotonic() - started:.1f} s ({engine.lm.device}, {precision})")
 
     def _quit(self, code: int) -> None:
         self.exit_code = code

@@ -118,6 +118,17 @@ def test_completion_equals_the_engine_and_streams_the_same_text(server, engine):
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
 
 
+def test_the_readme_openai_example_runs(server):
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "openai" in b]
+    code = block.replace("http://127.0.0.1:8000", server.url).replace('"unused"', repr(KEY)).replace('model="gpt2"', f"model={MODEL!r}")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert len(scope["r"].choices) == 2
+
+
 def test_n_and_seeds(server, engine):
     client = server.client()
     r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, n=3, seed=7)
