@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from aigc_cli.backends import Backend
 from aigc_cli.processors import MinNewTokens, NoBadWords, NoRepeatNGram, ProcessorList, RepetitionPenalty
 from aigc_cli.settings import Decoding, GenerationSettings
 from aigc_cli.textrules import BanRule, find_stop
@@ -172,42 +173,24 @@ class _Decoder:
 
 
 class _Runner:
-    """One batch's forward passes behind one interface: aigc's native GPT-2 with a preallocated KV
-    cache, or a transformers model with its DynamicCache (other architectures)."""
+    """One static batch's forward passes on a model backend and its KV cache."""
 
-    def __init__(self, model: Any, batch: int, capacity: int) -> None:
+    def __init__(self, model: Backend, batch: int, capacity: int) -> None:
         self.model = model
-        self.native = is_native(model)
-        if self.native:
-            self.cache = model.new_cache(batch, capacity)
-        else:
-            from transformers import DynamicCache
-
-            self.cache = DynamicCache()
+        self.cache = model.new_cache(batch, capacity)
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, hidden: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits of the last position (B, V) in float32, last-layer hidden states (B, T, E) or None)."""
-        if self.native:
-            h = self.model.forward(ids, positions, mask, self.cache)
-            return self.model.logits(h[:, -1, :]).float(), (h.float() if hidden else None)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, output_hidden_states=hidden
-        )
-        return out.logits[:, -1, :].float(), (out.hidden_states[-1].float() if hidden else None)
+        h = self.model.forward(ids, positions, mask, self.cache)
+        return self.model.logits(h[:, -1, :]).float(), (h.float() if hidden else None)
 
     def select(self, index: torch.Tensor) -> None:
-        if self.native:
-            self.cache.select(index)
-        else:
-            self.cache.batch_select_indices(index)
+        self.cache.select(index)
 
     def repeat_interleave(self, times: int) -> None:
-        if self.native:
-            self.cache.repeat_interleave(times)
-        else:
-            self.cache.batch_repeat_interleave(times)
+        self.cache.repeat_interleave(times)
 
 
 @torch.inference_mode()
@@ -435,18 +418,6 @@ def _mask_banned_top(dec: _Decoder, row: _Row, scores: torch.Tensor, width: int)
         scores[bad] = -float("inf")
 
 
-class _StopOnText:
-    """Beam search: a beam is done once its text holds a stop string."""
-
-    def __init__(self, tokenizer: Any, prompt_width: int, stops: Sequence[str]) -> None:
-        self.tok, self.width, self.stops = tokenizer, prompt_width, stops
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        texts = self.tok.batch_decode(input_ids[:, self.width :], clean_up_tokenization_spaces=False)
-        done = [find_stop(t, self.stops) is not None for t in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
 class _BanLogits:
     """Beam search: banned words leave each beam's best 2*beams candidates before beams are ranked."""
 
@@ -477,10 +448,7 @@ def generate_beam(
     dec = _Decoder(lm, [prompt], s, None, extra_processors)
     if dec.ban:
         dec.processors.append(_BanLogits(dec, 2 * s.num_beams))
-    if is_native(lm.model):
-        sequences = _beam_loop(dec, lm.model)
-    else:
-        sequences = _beam_transformers(lm, dec)
+    sequences = _beam_loop(dec, lm.model)
     results = []
     for seq in sequences:
         row = _Row(lm.tokenizer, "")
@@ -492,19 +460,9 @@ def generate_beam(
     return results
 
 
-def supports_slots(model: Any) -> bool:
-    """Can this model run on the continuous-batching scheduler (per-row KV slots)?"""
-    return hasattr(model, "new_slots")
-
-
-def is_native(model: Any) -> bool:
-    from aigc_cli.gpt2 import GPT2
-
-    return isinstance(model, GPT2)
-
-
-def _beam_loop(dec: _Decoder, model: Any) -> list[list[int]]:
-    """transformers' `_beam_search` for one prompt (batch size 1), on the native runner."""
+def _beam_loop(dec: _Decoder, model: Backend) -> list[list[int]]:
+    """transformers' `_beam_search` for one prompt (batch size 1), on any backend: same scores,
+    length penalty, early-stop heuristic and finished-beam bookkeeping (tested against `generate`)."""
     s, nb, eos = dec.s, dec.s.num_beams, dec.eos
     length_penalty, early_stopping = s.length_penalty, s.early_stopping
     prompt = dec.ids  # (1, P): one prompt, no padding
@@ -581,30 +539,3 @@ def _beam_hits(dec: _Decoder, seqs: torch.Tensor, width: int, at_max: bool) -> t
         texts = dec.tok.batch_decode(seqs[:, width:].tolist(), clean_up_tokenization_spaces=False)
         hits |= torch.tensor([find_stop(t, dec.s.stop) is not None for t in texts])
     return hits
-
-
-def _beam_transformers(lm: Any, dec: _Decoder) -> list[list[int]]:
-    """Beam search by transformers' `generate` (models without the native forward pass)."""
-    from transformers import LogitsProcessorList, StoppingCriteriaList
-
-    s = dec.s
-    extra = LogitsProcessorList([p for p in dec.processors if p in dec.extra or isinstance(p, _BanLogits)])
-    out = lm.hf_model.generate(
-        input_ids=dec.ids,
-        attention_mask=dec.mask,
-        do_sample=False,
-        num_beams=s.num_beams,
-        num_return_sequences=s.num_sequences,
-        length_penalty=s.length_penalty,
-        early_stopping=s.early_stopping,
-        max_new_tokens=s.max_new_tokens,
-        min_new_tokens=s.min_new_tokens or None,
-        repetition_penalty=s.repetition_penalty,
-        no_repeat_ngram_size=s.no_repeat_ngram_size or None,
-        bad_words_ids=dec.ban_token_sequences() or None,
-        logits_processor=extra,
-        stopping_criteria=StoppingCriteriaList([_StopOnText(lm.tokenizer, dec.prompt_width, s.stop)]) if s.stop else None,
-        pad_token_id=dec.pad,
-        eos_token_id=dec.eos,
-    )
-    return out[:, dec.prompt_width :].tolist()

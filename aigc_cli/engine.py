@@ -92,7 +92,7 @@ class Engine:
     def _auto_rows(self, rows: Sequence[_Row], settings: GenerationSettings) -> int:
         """How many of these rows (sorted by prompt length) an automatic CPU batch takes: the most
         whose KV cache, at its full length, stays within AUTO_KV_BUDGET (at least one)."""
-        per_position = self._kv_bytes_per_position()
+        per_position = self.lm.model.kv_bytes_per_position()
         if self.lm.device == "cuda" or per_position is None:
             return len(rows)
 
@@ -105,17 +105,6 @@ class Engine:
         while n > 1 and cache_bytes(n) > AUTO_KV_BUDGET:
             n -= 1
         return n
-
-    def _kv_bytes_per_position(self) -> int | None:
-        """Bytes of keys and values one row holds per position (all layers); None if unknown."""
-        import torch
-
-        cfg = getattr(self.lm.model, "cfg", None) or getattr(self.lm.model, "config", None)
-        layers = getattr(cfg, "n_layer", None) or getattr(cfg, "num_hidden_layers", None)
-        width = getattr(cfg, "n_embd", None) or getattr(cfg, "hidden_size", None)
-        if not isinstance(layers, int) or not isinstance(width, int):
-            return None
-        return 2 * layers * width * getattr(torch, self.lm.dtype).itemsize
 
     @property
     def revision(self) -> str:
@@ -158,7 +147,7 @@ class Engine:
         flag = FLAGS[settings.mode.kv_rows or ""]
         from aigc_cli.checkpoint import available_memory
 
-        per_position, free = self._kv_bytes_per_position(), available_memory()
+        per_position, free = self.lm.model.kv_bytes_per_position(), available_memory()
         if per_position is None or free is None:
             return
         need = 2 * rows * positions * per_position
@@ -213,12 +202,12 @@ class Engine:
         """
         if batching not in ("continuous", "static", "grouped"):
             raise ValueError(f"batching: {batching!r}")
-        from aigc_cli.decoding import row_seed, supports_slots
+        from aigc_cli.decoding import row_seed
         from aigc_cli.scheduler import Finished, RowSpec, Scheduler
 
         auto = batch_size is None
         cap = batch_size or (DEFAULT_GPU_BATCH if self.lm.device == "cuda" else DEFAULT_CPU_BATCH)
-        scheduled = processors is None and supports_slots(self.lm.model) and batching != "grouped"
+        scheduled = processors is None and self.lm.model.continuous and batching != "grouped"
         budget = AUTO_KV_BUDGET if auto and self.lm.device != "cuda" else None
         sched = Scheduler(self.lm, cap, budget, refill=batching == "continuous") if scheduled else None
         source = iter(items)

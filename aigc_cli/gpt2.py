@@ -200,7 +200,10 @@ def _use_onednn(weight: torch.Tensor) -> bool:
 
 
 class GPT2:
-    """GPT-2 weights and forward pass; inference only."""
+    """GPT-2 weights and forward pass; inference only. A model backend (backends.Backend) with
+    per-row KV slots for continuous batching."""
+
+    continuous = True
 
     def __init__(
         self,
@@ -322,6 +325,9 @@ class GPT2:
         if cache is not None:
             cache.length = total
         return F.layer_norm(x, (cfg.n_embd,), self.ln_f[0], self.ln_f[1], cfg.eps)
+
+    def kv_bytes_per_position(self) -> int:
+        return 2 * self.cfg.n_layer * self.cfg.n_embd * self.dtype.itemsize
 
     def new_slots(self) -> SlotCache:
         return SlotCache(self.cfg, self.dtype, str(self.device))

@@ -10,12 +10,15 @@ import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from aigc_cli.caches import cache_dir, file_identity
 from aigc_cli.errors import ModelUnavailableError, UsageError
 from aigc_cli.tiny import TINY_MODELS
+
+if TYPE_CHECKING:
+    from aigc_cli.backends import Backend
 
 _LFS_MAGIC = b"version https://git-lfs.github.com/spec"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -34,7 +37,7 @@ class Resolution:
 
 @dataclass
 class LoadedModel:
-    model: Any  # the forward pass used for decoding and scoring: aigc's native GPT-2, or transformers'
+    model: Backend  # the forward pass used for decoding and scoring: aigc's native GPT-2, or a transformers model behind the adapter
     tokenizer: Any
     name: str
     source: Resolution
@@ -46,7 +49,10 @@ class LoadedModel:
 
     @property
     def native(self) -> bool:
-        return self._hf is not self.model
+        """aigc's own GPT-2 forward pass (not a transformers model behind the adapter)."""
+        from aigc_cli.backends import TransformersBackend
+
+        return not isinstance(self.model, TransformersBackend)
 
     @property
     def hf_model(self) -> Any:
@@ -248,6 +254,7 @@ def load(name: str, device: str = "auto", dtype: str = "auto", quantize: str = "
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     _check_quantize(quantize, dev, torch_dtype)
+    from aigc_cli.backends import TransformersBackend
     from aigc_cli.checkpoint import read_config
     from aigc_cli.gpt2 import from_hf_model, load_gpt2
     from aigc_cli.tokenizer import load_fast
@@ -280,7 +287,7 @@ def load(name: str, device: str = "auto", dtype: str = "auto", quantize: str = "
         tokenizer.pad_token = tokenizer.eos_token
     if hf is not None:
         hf = _finish_hf(hf, tokenizer, dev, torch_dtype)
-    model = native if native is not None else hf
+    model: Backend = native if native is not None else TransformersBackend(hf)
     context = native.cfg.n_positions if native is not None else _context_of(hf.config)
     return LoadedModel(
         model=model,

@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
+from aigc_cli.backends import Backend
+
 
 @torch.inference_mode()
 def continuation_logprobs(
-    model: Any,
+    model: Backend,
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     batch_size: int = 16,
     pad_id: int = 0,
@@ -51,58 +53,47 @@ def continuation_logprobs(
 
 
 @torch.inference_mode()
-def prompt_logprobs(model: Any, ids: Sequence[int], top: int) -> list[tuple[float, list[tuple[int, float]]] | None]:
+def prompt_logprobs(model: Backend, ids: Sequence[int], top: int) -> list[tuple[float, list[tuple[int, float]]] | None]:
     """For each token of a prompt, log P(token | the tokens before it) and the `top` most likely
     tokens there with theirs; None for the first token, which nothing predicts (as in OpenAI's
-    `echo` with `logprobs`)."""
+    `echo` with `logprobs`). The LM head runs on _HEAD_ROWS positions at a time."""
     out: list[tuple[float, list[tuple[int, float]]] | None] = [None]
     if len(ids) < 2:
         return out
-    logits = model(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=model.device)).logits[0, :-1].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    chosen = logp.gather(-1, torch.tensor(ids[1:], device=logp.device)[:, None])[:, 0].tolist()
-    if top:
-        values, alternatives = logp.topk(min(top, logp.shape[-1]), dim=-1)
-        tops = [list(zip(a, v)) for a, v in zip(alternatives.tolist(), values.tolist())]
-    else:
-        tops = [[] for _ in chosen]
-    out.extend(zip(chosen, tops))
+    tensor = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
+    hidden = model.forward(tensor, torch.arange(len(ids), device=model.device)[None], torch.ones_like(tensor))[0, :-1]
+    targets = tensor[0, 1:]
+    for start in range(0, hidden.shape[0], _HEAD_ROWS):
+        logp = torch.log_softmax(model.logits(hidden[start : start + _HEAD_ROWS]).float(), dim=-1)
+        chosen = logp.gather(-1, targets[start : start + _HEAD_ROWS, None])[:, 0].tolist()
+        if top:
+            values, alternatives = logp.topk(min(top, logp.shape[-1]), dim=-1)
+            tops = [list(zip(a, v)) for a, v in zip(alternatives.tolist(), values.tolist())]
+        else:
+            tops = [[] for _ in chosen]
+        out.extend(zip(chosen, tops))
     return out
 
 
 _CUT = re.compile(r"\n(?=\S)")
 _HEAD_ROWS = 256  # positions per LM-head chunk: 256 x 50,257 float32 logits = 51 MB
-_LOGITS_BUDGET = 1 << 29  # bytes of whole-sequence logits per forward call (other architectures)
 
 
-def _span_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-    """log P(target) at the positions that predict each continuation, in bounded memory. aigc's
-    native GPT-2 runs its LM head (50,257 x 768) on those positions only, a chunk of positions at
-    a time, not on every context and padding position as a whole-sequence call does: for a poem's
-    rerank that is half the head's work, for recommend's long prompts and short items far more."""
-    from aigc_cli.decoding import is_native
-
+def _span_logprobs(model: Backend, ids: torch.Tensor, mask: torch.Tensor, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """log P(target) at the positions that predict each continuation, in bounded memory: the LM
+    head (50,257 x 768 for GPT-2) runs on those positions only, a chunk of positions at a time,
+    not on every context and padding position as a whole-sequence call does: for a poem's rerank
+    that is half the head's work, for recommend's long prompts and short items far more."""
     targets = [ids[b, first + 1 : first + 1 + cont] for b, first, cont in spans]
-    if is_native(model):
-        hidden = model.forward(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
-        picked = torch.cat([hidden[b, first : first + cont] for b, first, cont in spans])
-        wanted = torch.cat(targets)
-        parts = []
-        for start in range(0, picked.shape[0], _HEAD_ROWS):
-            logits = model.logits(picked[start : start + _HEAD_ROWS]).float()
-            parts.append(logits.gather(-1, wanted[start : start + _HEAD_ROWS, None])[:, 0] - logits.logsumexp(-1))
-        flat = torch.cat(parts) if parts else torch.empty(0)
-        return list(flat.split([cont for _, _, cont in spans]))
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 50257
-    rows_per_call = max(1, _LOGITS_BUDGET // (ids.shape[1] * vocab * 4))
-    out: list[torch.Tensor] = []
-    for start in range(0, ids.shape[0], rows_per_call):
-        logits = model(input_ids=ids[start : start + rows_per_call], attention_mask=mask[start : start + rows_per_call]).logits
-        for (b, first, cont), target in zip(spans, targets):
-            if start <= b < start + rows_per_call:
-                row = logits[b - start, first : first + cont].float()
-                out.append(row.gather(-1, target[:, None])[:, 0] - row.logsumexp(-1))
-    return out
+    hidden = model.forward(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
+    picked = torch.cat([hidden[b, first : first + cont] for b, first, cont in spans])
+    wanted = torch.cat(targets)
+    parts = []
+    for start in range(0, picked.shape[0], _HEAD_ROWS):
+        logits = model.logits(picked[start : start + _HEAD_ROWS]).float()
+        parts.append(logits.gather(-1, wanted[start : start + _HEAD_ROWS, None])[:, 0] - logits.logsumexp(-1))
+    flat = torch.cat(parts) if parts else torch.empty(0)
+    return list(flat.split([cont for _, _, cont in spans]))
 
 
 @dataclass
@@ -133,7 +124,7 @@ def sliding_windows(n: int, context: int, stride: int) -> list[tuple[int, int, i
 
 
 def perplexity(
-    model: Any,
+    model: Backend,
     ids: Sequence[int],
     bos_id: int,
     context: int,

@@ -160,7 +160,7 @@ def test_auto_batches_stay_within_the_kv_budget(tiny_lm, monkeypatch):
     prompts = sorted(_prompts(20), key=len)  # short prompts first: more of them fit
     requests = [Request(i, p, settings, 5) for i, p in enumerate(prompts)]
     longest = max(len(eng.encode(p, settings)) for p in prompts)
-    per_position = eng._kv_bytes_per_position()
+    per_position = eng.lm.model.kv_bytes_per_position()
     budget = per_position * (longest + 6) * 3  # three rows of the longest prompt
     monkeypatch.setattr(engine, "AUTO_KV_BUDGET", budget)
     running = []

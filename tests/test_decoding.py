@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
 
-from aigc_cli.decoding import generate_beam, generate_rows, row_seed
+from aigc_cli.decoding import _BanLogits, _Decoder, generate_beam, generate_rows, row_seed
+from aigc_cli.textrules import find_stop
 from aigc_cli.engine import Engine, Request
 from aigc_cli.settings import Decoding, GenerationSettings as S
 
@@ -398,7 +401,7 @@ def test_the_race_ignores_noise_at_the_level_batch_shapes_cause():
     ids=["early", "lp2-min", "lpneg-rep", "stop", "ngram1"],
 )
 def test_native_beam_search_equals_transformers_beam_search(tiny_lm, extra):
-    from aigc_cli.decoding import _beam_loop, _beam_transformers, _Decoder
+    from aigc_cli.decoding import _beam_loop
 
     kw = {"num_sequences": 3, **extra}
     for prompt in PROMPTS[:3]:
@@ -426,3 +429,44 @@ def test_recorded_logprobs_equal_scoring_the_finished_text(tiny_lm, decoding):
         assert c.logprobs == pytest.approx(ref, abs=1e-4)
     plain = list(engine.generate([Request(0, PROMPTS[0], settings, 2)]))
     assert plain[0].logprobs is None
+
+
+class _StopOnText:
+    """transformers' stopping criterion for stop strings: a beam is done once its text holds one."""
+
+    def __init__(self, tokenizer: Any, prompt_width: int, stops: Sequence[str]) -> None:
+        self.tok, self.width, self.stops = tokenizer, prompt_width, stops
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tok.batch_decode(input_ids[:, self.width :], clean_up_tokenization_spaces=False)
+        done = [find_stop(t, self.stops) is not None for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+
+
+def _beam_transformers(lm: Any, dec: _Decoder) -> list[list[int]]:
+    """The reference: beam search by transformers' `generate` on the same weights and rules."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    s = dec.s
+    extra = LogitsProcessorList([p for p in dec.processors if p in dec.extra or isinstance(p, _BanLogits)])
+    out = lm.hf_model.generate(
+        input_ids=dec.ids,
+        attention_mask=dec.mask,
+        do_sample=False,
+        num_beams=s.num_beams,
+        num_return_sequences=s.num_sequences,
+        length_penalty=s.length_penalty,
+        early_stopping=s.early_stopping,
+        max_new_tokens=s.max_new_tokens,
+        min_new_tokens=s.min_new_tokens or None,
+        repetition_penalty=s.repetition_penalty,
+        no_repeat_ngram_size=s.no_repeat_ngram_size or None,
+        bad_words_ids=dec.ban_token_sequences() or None,
+        logits_processor=extra,
+        stopping_criteria=StoppingCriteriaList([_StopOnText(lm.tokenizer, dec.prompt_width, s.stop)]) if s.stop else None,
+        pad_token_id=dec.pad,
+        eos_token_id=dec.eos,
+    )
+    return out[:, dec.prompt_width :].tolist()

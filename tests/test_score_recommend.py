@@ -121,20 +121,26 @@ def test_shuffling_the_catalog_changes_no_score(tiny_lm):
         assert first[key] == pytest.approx(second[key], abs=1e-5)
 
 
-class _EchoModel(torch.nn.Module):
-    """Raises the probability of tokens already in its input: a user who mentions a word likes items with it."""
+class _EchoModel:
+    """A fake model backend that raises the probability of tokens already in its input: a user who
+    mentions a word likes items with it. Its "hidden states" are already logits."""
+
+    continuous = False
+    device = torch.device("cpu")
 
     def __init__(self, vocab_size):
-        super().__init__()
         self.vocab_size = vocab_size
 
-    def forward(self, input_ids, attention_mask=None, **kwargs):
+    def forward(self, input_ids, positions, key_mask, cache=None):
         bsz, width = input_ids.shape
         logits = torch.zeros(bsz, width, self.vocab_size)
         for b in range(bsz):
             for t in range(width):
                 logits[b, t, input_ids[b, : t + 1]] = 4.0
-        return SimpleNamespace(logits=logits)
+        return logits
+
+    def logits(self, hidden):
+        return hidden
 
 
 @pytest.mark.parametrize("kind", [ScoreKind.pmi, ScoreKind.loglik, ScoreKind.mean])
