@@ -201,8 +201,9 @@ _KEYS = {name: key for key, (name, _) in OVERRIDES.items()}
 
 
 # How sampled tokens are drawn: part of every fingerprint, so that --resume never mixes records of
-# the inverse-CDF draw (before 2026-11-30) with those of the Gumbel race.
-DRAW = "race-1"
+# different draws: the inverse-CDF draw (before 2026-11-30), the one-stage Gumbel race ("race-1"),
+# the race in two stages over more than 1,024 candidates ("race-2").
+DRAW = "race-2"
 
 
 def fingerprint(model: str, revision: str, settings_record: dict[str, Any], seed: int, prompt: str) -> str:

@@ -240,6 +240,40 @@ def gumbel_noise(seeds: torch.Tensor, draws: torch.Tensor, tokens: torch.Tensor)
     return -torch.log(-torch.log(u))
 
 
+_BLOCK = 256  # candidates per block of the two-stage race
+
+
+def _race(vals: torch.Tensor, tokens: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """The Gumbel-max winner's position (B, 1) among the candidates `vals` (-inf: excluded), each
+    candidate's noise keyed by its token id. Over many candidates (plain sampling from 50,257
+    tokens) the race runs in two stages, which samples from exactly the same distribution with
+    noise for ~450 values instead of every token: a race between blocks of _BLOCK consecutive
+    candidates on their log-masses (noise keyed by the block), then a race inside the winning block."""
+    rows, width = vals.shape
+    if width <= 4 * _BLOCK:
+        return (vals.double() + gumbel_noise(seeds, draws, tokens)).argmax(-1, keepdim=True)
+    full = width // _BLOCK
+    masses = [_log_mass(vals[:, : full * _BLOCK].view(rows, full, _BLOCK))]
+    if width > full * _BLOCK:
+        masses.append(_log_mass(vals[:, None, full * _BLOCK :]))
+    mass = torch.cat(masses, dim=1)
+    block_ids = -1 - torch.arange(mass.shape[1], device=vals.device).expand(rows, -1)  # keys apart from token ids
+    b = (mass + gumbel_noise(seeds, draws, block_ids)).argmax(-1)  # every row has a finite candidate
+    where = b[:, None] * _BLOCK + torch.arange(_BLOCK, device=vals.device)
+    inside = where < width
+    where = where.clamp(max=width - 1)
+    race = (vals.gather(1, where).double() + gumbel_noise(seeds, draws, tokens.gather(1, where))).masked_fill(~inside, -float("inf"))
+    return where.gather(1, race.argmax(-1, keepdim=True))
+
+
+def _log_mass(blocks: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp over the last dimension, summed in float64 (agrees with a float64 logsumexp to ~1e-8)."""
+    top = blocks.amax(-1, keepdim=True)
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.exp(blocks - safe).sum(-1, dtype=torch.float64)
+    return safe.squeeze(-1).double() + total.log()
+
+
 _SHORTLIST = 1024  # top-p/typical/min-p without top-k look at the best 1024 tokens when they hold the nucleus
 
 
@@ -273,6 +307,9 @@ class _Sampler:
             vals, idx = scores.sort(dim=-1, descending=True)
         else:
             vals, idx = scores, None  # plain sampling from the whole distribution
+        tokens = idx if idx is not None else torch.arange(vocab, device=scores.device).expand_as(vals)
+        if idx is None:  # nothing filtered: processors' -inf already keeps tokens out of the race
+            return _race(vals, tokens, seeds.to(scores.device), draws.to(scores.device)).squeeze(1)
         keep = torch.isfinite(vals)
         if s.top_p < 1.0:
             probs = torch.softmax(vals, dim=-1)
@@ -284,10 +321,12 @@ class _Sampler:
         if s.typical_p < 1.0:
             keep &= self._typical(vals.masked_fill(~keep, -float("inf")))
         keep[:, 0] |= ~keep.any(-1)  # never an empty row
-        tokens = idx if idx is not None else torch.arange(vocab, device=scores.device).expand_as(vals)
-        race = vals.double() + gumbel_noise(seeds.to(scores.device), draws.to(scores.device), tokens)
-        j = race.masked_fill(~keep, -float("inf")).argmax(-1, keepdim=True)
-        return (idx.gather(1, j) if idx is not None else j).squeeze(1)
+        kept = vals.masked_fill(~keep, -float("inf"))
+        seeds, draws = seeds.to(scores.device), draws.to(scores.device)
+        if kept.shape[-1] > 4 * _BLOCK:  # race in token order, so that blocks never depend on how near-ties sort
+            dense = torch.full_like(scores, -float("inf")).scatter(1, idx, kept)
+            return _race(dense, torch.arange(vocab, device=scores.device).expand_as(dense), seeds, draws).squeeze(1)
+        return idx.gather(1, _race(kept, tokens, seeds, draws)).squeeze(1)
 
     def _holds_nucleus(self, vals: torch.Tensor, scores: torch.Tensor) -> bool:
         """Does the shortlist hold the top-p nucleus (and, for typical/min-p, all the mass that matters)?"""

@@ -369,6 +369,29 @@ def test_the_race_draws_from_the_filtered_distribution():
     assert ((counts / n - probs).abs() <= 4.5 * (probs * (1 - probs) / n).sqrt() + 1e-9).all(), (counts / n, probs)
 
 
+def test_the_two_stage_race_draws_from_the_whole_distribution():
+    """Plain sampling over a large vocabulary races blocks on their masses, then tokens inside the
+    winning block: the same distribution as one race over every token (frequencies within 4.5
+    standard errors of softmax; a banned (-inf) token never drawn)."""
+    from aigc_cli.decoding import _Sampler
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 3001, generator=gen) * 2  # 11 full blocks and a partial one
+    logits[0, 7] = -float("inf")
+    logits[0, 3000] = 4.0  # the partial block holds a likely token
+    probs = torch.softmax(logits, -1)[0]
+    sampler = _Sampler(S(top_k=0).resolved())
+    n, counts = 100_000, torch.zeros(3001)
+    for start in range(0, n, 10_000):
+        rows = logits.expand(10_000, -1)
+        seeds = torch.arange(start, start + 10_000)
+        counts += torch.bincount(sampler(rows, seeds, torch.zeros(10_000, dtype=torch.long)), minlength=3001).float()
+    freq = counts / n
+    assert counts[7] == 0
+    assert ((freq - probs).abs() <= 4.5 * (probs * (1 - probs) / n).sqrt() + 2e-5).all()
+    assert 0.5 * (freq - probs).abs().sum() < 0.06  # total variation: sampling noise alone gives ~0.04 here
+
+
 def test_the_race_ignores_noise_at_the_level_batch_shapes_cause():
     """A nucleus of ~30,000 near-equal tokens (top-p 0.9, top-k off) whose logits move by 3e-6, as a
     different batch shape moves them: the drawn token hardly ever changes (inverse-CDF sampling
@@ -387,6 +410,11 @@ def test_the_race_ignores_noise_at_the_level_batch_shapes_cause():
     assert flips <= 2, flips  # of 512 draws
     other = sampler(logits, seeds + 1, torch.zeros(64, dtype=torch.long))
     assert int((other != sampler(logits, seeds, torch.zeros(64, dtype=torch.long))).sum()) > 60  # seeds matter
+    plain = _Sampler(S(top_k=0).resolved())  # the whole vocabulary: the two-stage race
+    flips = sum(
+        int((plain(logits, seeds, torch.full((64,), step)) != plain(moved, seeds, torch.full((64,), step))).sum()) for step in range(8)
+    )
+    assert flips <= 2, flips
 
 
 @pytest.mark.parametrize(
