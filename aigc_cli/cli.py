@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import secrets
@@ -17,18 +16,8 @@ from typing import Annotated, Any, Optional, TypeVar
 import typer
 
 from aigc_cli import __version__
-from aigc_cli.batch import (
-    BatchJob,
-    InputFormat,
-    count_lines,
-    load_template,
-    parse_shard,
-    read_records,
-    records_from_args,
-    resume_state,
-)
+from aigc_cli.batch import InputFormat, count_lines, load_template, parse_shard, read_records, records_from_args
 from aigc_cli.errors import AigcError, ExitCode, UsageError
-from aigc_cli.outfile import OutputFile
 from aigc_cli.output import (
     Messages,
     OutputFormat,
@@ -37,6 +26,7 @@ from aigc_cli.output import (
     render_poems,
     render_rows,
 )
+from aigc_cli.pipeline import GenerateJob, GeneratePipeline
 from aigc_cli.recommend import Aggregate, ScoreKind
 from aigc_cli.settings import MAX_BATCH, Decoding, GenerationSettings
 from aigc_cli.textrules import unescape
@@ -271,62 +261,49 @@ def generate(
     tmpl = load_template(template) if template is not None else None
     fmt = OutputFormat.jsonl if output is not None or (source.kind != "args" and output_format is OutputFormat.auto) else output_format
 
-    # The output is opened and locked before the model loads (a bad -o fails in a second), and it
-    # is emptied only once the model is there: a run that cannot start loses nothing.
-    inputs: list[str | int] = [source.path or ""] if source.kind == "file" else [0] if source.kind == "stdin" else []
-    out = OutputFile.open(output, resume, inputs + ([template] if template else [])) if output is not None else None
-    state = resume_state(out.read_existing(), output) if resume and out is not None and output is not None else None
     if server is not None and (device, dtype, quantize) != ("auto", "auto", "none"):
         raise UsageError("--device, --dtype and --quantize: set them where the server runs (aigc serve), not with --server")
-    try:
+
+    def load() -> Any:
         if server is not None:
             from aigc_cli.client import RemoteEngine
 
-            engine: Any = RemoteEngine.connect(server, api_key, model)
-        else:
-            engine = _load_engine(model or "gpt2", device, dtype, quantize, messages)
-    except BaseException:
-        if out is not None:
-            out.close()
-        raise
-    if settings.seed is None:
-        known = state.seed if state is not None else None
-        settings = dataclasses.replace(settings, seed=known if known is not None else secrets.randbelow(2**31))
-    if out is not None:
-        out.start()
-    sink: Any = out if out is not None else streams.stdout
-    out_streams = Streams(stdout=sink, stderr=streams.stderr)
-    renderer = SequenceRenderer(out_streams, fmt, multi_prompt=source.many)
-    lone = source.kind == "args" and len(source.prompts) * settings.num_sequences == 1
-    job = BatchJob(
-        engine=engine,
+            return RemoteEngine.connect(server, api_key, model)
+        return _load_engine(model or "gpt2", device, dtype, quantize, messages)
+
+    def make_emit(out: Any, final: GenerationSettings) -> tuple[Any, Any]:
+        out_streams = Streams(stdout=out if out is not None else streams.stdout, stderr=streams.stderr)
+        renderer = SequenceRenderer(out_streams, fmt, multi_prompt=source.many)
+        lone = source.kind == "args" and len(source.prompts) * final.num_sequences == 1
+        on_text = (lambda c, text: renderer.stream(c, text, final.stop)) if lone and renderer.can_stream else None
+        emit = lambda item: renderer.error_record(item, messages) if isinstance(item, dict) else renderer.completion(item)  # noqa: E731
+        return emit, on_text
+
+    job = GenerateJob(
+        records=lambda: source.records(tmpl, input_format),
         settings=settings,
-        provenance=renderer.fmt is OutputFormat.jsonl,
-        emit=lambda item: renderer.error_record(item, messages) if isinstance(item, dict) else renderer.completion(item),
+        output=output,
+        inputs=([source.path or ""] if source.kind == "file" else [0] if source.kind == "stdin" else []) + ([template] if template else []),
+        resume=resume,
+        shard=shard_spec,
         batch_size=batch,
         strict=strict or source.kind == "args",
-        shard=shard_spec,
-        resume=state,
-        output_name=output or "-",
-        on_text=(lambda c, text: renderer.stream(c, text, settings.stop)) if lone and renderer.can_stream else None,
+        provenance=fmt is OutputFormat.jsonl,
     )
+    pipeline = GeneratePipeline(job)
     try:
         # The bar is for file and stdin jobs; prompts given as arguments are shown (or streamed) directly.
         bar = messages.progress(source.total) if source.kind != "args" else nullcontext(lambda done, tokens: None)
         with _terminate_as_interrupt(), bar as update:
-            job.on_progress = lambda summary: update(summary.records, summary.tokens)
-            summary = job.run(source.records(tmpl, input_format))
+            summary = pipeline.run(load, make_emit, on_progress=lambda s: update(s.records, s.tokens))
     except KeyboardInterrupt:
-        done = job.summary.records
+        done = pipeline.summary.records
         if output is not None:
             hint = f"rerun the same command with --resume to continue from {output}"
-            messages.error(f"interrupted after {done} records ({job.summary.sequences} sequences written to {output}); {hint}")
+            messages.error(f"interrupted after {done} records ({pipeline.summary.sequences} sequences written to {output}); {hint}")
         else:
             messages.error(f"interrupted after {done} records")
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
-    finally:
-        if out is not None:
-            out.close()
     if summary.errors:
         messages.warn(f"{summary.errors} of {summary.records} records could not be processed (see their error records)")
         raise typer.Exit(int(ExitCode.PARTIAL))
