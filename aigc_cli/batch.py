@@ -302,6 +302,10 @@ class BatchJob:
             return request if request is not None and request.wanted() else None
 
         for (record, request), completions in self.engine.stream(planned(), request_of, self.batch_size, self.on_text):
+            if isinstance(completions, RecordError):  # the engine refused it while generating (a remote worker)
+                if not completions.message.startswith(record.where):
+                    completions.message = f"{record.where}: {completions.message}"
+                record.error, request, completions = completions, None, []
             if request is None:
                 if self.strict:
                     assert record.error is not None

@@ -90,6 +90,11 @@ class RhymeBook(str, Enum):
     pingshui = "pingshui"
 
 
+class Backend(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class PoemDecoding(str, Enum):
     """The decodings a constrained poem can use (greedy has one answer, contrastive ignores the form's ranking)."""
 
@@ -220,6 +225,15 @@ def generate(
         typer.Option(envvar="AIGC_SERVER", help="Generate on a running 'aigc serve' at this URL instead of loading the model here.", metavar="URL"),
     ] = None,
     api_key: Annotated[Optional[str], typer.Option(envvar="AIGC_API_KEY", help="The server's API key (with --server).", metavar="KEY")] = None,
+    backend: Annotated[
+        Backend, typer.Option(help="local (this process) or ray (actors on a Ray cluster; pip install \"aigc[ray]\").")
+    ] = Backend.local,
+    ray_address: Annotated[
+        Optional[str], typer.Option(help="With --backend ray: the cluster to join (default: RAY_ADDRESS, else a local instance).", metavar="ADDRESS")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="With --backend ray: actors, each loading the model once.")] = 2,
+    worker_cpus: Annotated[float, typer.Option(help="With --backend ray: CPUs per actor.")] = 1.0,
+    worker_gpus: Annotated[float, typer.Option(help="With --backend ray: GPUs per actor.")] = 0.0,
     model: GenerateModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -264,11 +278,27 @@ def generate(
     if server is not None and (device, dtype, quantize) != ("auto", "auto", "none"):
         raise UsageError("--device, --dtype and --quantize: set them where the server runs (aigc serve), not with --server")
 
+    if backend is Backend.ray:
+        if server is not None:
+            raise UsageError("--backend ray: generates on a Ray cluster; --server on a running aigc serve: choose one")
+        if workers < 1 or worker_cpus <= 0 or worker_gpus < 0:
+            raise UsageError(f"--workers must be at least 1 and --worker-cpus above 0 (got {workers}, {worker_cpus})")
+        from aigc_cli.ray_backend import import_ray
+
+        import_ray()  # the missing extra is a usage error before anything is opened
+    elif (ray_address, workers, worker_cpus, worker_gpus) != (None, 2, 1.0, 0.0):
+        raise UsageError("--ray-address, --workers, --worker-cpus and --worker-gpus: only with --backend ray")
+
     def load() -> Any:
         if server is not None:
             from aigc_cli.client import RemoteEngine
 
             return RemoteEngine.connect(server, api_key, model)
+        if backend is Backend.ray:
+            from aigc_cli.ray_backend import RayEngine
+
+            with messages.status(f"Starting {workers} Ray workers with {model or 'gpt2'}..."):
+                return RayEngine(model or "gpt2", device, dtype, quantize, ray_address, workers, worker_cpus, worker_gpus)
         return _load_engine(model or "gpt2", device, dtype, quantize, messages)
 
     def make_emit(out: Any, final: GenerationSettings) -> tuple[Any, Any]:

@@ -302,6 +302,27 @@ def load(name: str, device: str = "auto", dtype: str = "auto", quantize: str = "
     )
 
 
+def load_tokenizer(name: str) -> tuple[Any, str]:
+    """The tokenizer of a model without its weights, and the base of its revision (the weights' hash
+    or Hub commit, no precision suffix): what a driver needs when workers hold the model."""
+    res = resolve(name)
+    if res.kind == "builtin":
+        from aigc_cli.tiny import build
+
+        tokenizer, base = build(name)[1], "builtin"
+    else:
+        if res.kind == "hub":
+            res = Resolution(res.name, "hub-cache", _download(res.name))
+        path = Path(res.path or ".")
+        from aigc_cli.tokenizer import load_fast
+
+        tokenizer = load_fast(path) or _load_tokenizer(res)
+        base = weights_sha256(path) if res.kind == "local" else path.name
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, base
+
+
 def _preflight(path: Path, dtype: Any) -> None:
     """Before transformers builds a model: its config is readable, the weights hold the tensors
     the config implies, and they fit in memory (else exit 3, naming the file)."""

@@ -76,6 +76,7 @@ class GeneratePipeline:
         returns where completions and error records go, and a streaming callback or None."""
         job = self.job
         out = OutputFile.open(job.output, job.resume, job.inputs) if job.output is not None else None
+        engine: Generator | None = None
         try:
             state: ResumeState | None = resume_state(out.read_existing(), job.output or "") if job.resume and out is not None else None
             engine = load()
@@ -101,6 +102,9 @@ class GeneratePipeline:
         finally:
             if out is not None:
                 out.close()
+            close = getattr(engine, "close", None)  # a cluster's workers, a server connection
+            if close is not None:
+                close()
 
 
 def _with_seed(settings: GenerationSettings, state: ResumeState | None) -> GenerationSettings:
