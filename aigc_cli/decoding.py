@@ -12,11 +12,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from aigc_cli.backends import Backend
+
+if TYPE_CHECKING:
+    from aigc_cli.tokenizer import Tokenizer
 from aigc_cli.processors import MinNewTokens, NoBadWords, NoRepeatNGram, ProcessorList, RepetitionPenalty
 from aigc_cli.settings import Decoding, GenerationSettings
 from aigc_cli.textrules import BanRule, find_stop
@@ -48,7 +51,7 @@ def row_seed(base_seed: int, record_id: Any, index: int) -> int:
 class _Row:
     """Per-row bookkeeping shared by the loops: generated ids, decoded text and the finish test."""
 
-    tokenizer: Any
+    tokenizer: Tokenizer
     prompt_tail: str
     generated: list[int] = field(default_factory=list)
     text: str = ""
@@ -85,7 +88,7 @@ class RowRules:
     transformers' order (repetition penalty, no-repeat-ngram, bad words, min new tokens) and the
     banned-word check on decoded text."""
 
-    def __init__(self, tokenizer: Any, settings: GenerationSettings) -> None:
+    def __init__(self, tokenizer: Tokenizer, settings: GenerationSettings) -> None:
         self.tok, self.s = tokenizer, settings
         self.eos = tokenizer.eos_token_id
         self.ban = BanRule(settings.ban)

@@ -9,10 +9,15 @@ import dataclasses
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aigc_cli.errors import RecordError
 from aigc_cli.settings import FLAGS, GenerationSettings
+
+if TYPE_CHECKING:
+    from aigc_cli.decoding import RowResult
+    from aigc_cli.models import LoadedModel
+    from aigc_cli.tokenizer import Tokenizer
 
 # `--batch-size auto`: at most this many rows per forward batch; on CPU fewer when their KV cache
 # would pass AUTO_KV_BUDGET (long prompts or generations). Measured on 2 cores, GPT-2 small, 256
@@ -78,7 +83,7 @@ class _Row:
 class Engine:
     """A loaded model and tokenizer, reused for every prompt of the process."""
 
-    def __init__(self, lm: Any) -> None:
+    def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
         self.name: str = lm.name
         self.context_length: int = lm.context_length
@@ -112,7 +117,7 @@ class Engine:
         return str(self.lm.revision)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> Tokenizer:
         return self.lm.tokenizer
 
     def encode(self, prompt: str, settings: GenerationSettings) -> list[int]:
@@ -275,7 +280,7 @@ class Engine:
         return lambda text: on_text(partial, text)
 
     @staticmethod
-    def _completion(row: _Row, res: Any) -> Completion:
+    def _completion(row: _Row, res: RowResult | None) -> Completion:
         req = row.request
         if res is None:
             return Completion(req.id, row.index, req.prompt, "", "", len(row.prompt_ids), 0, req.seed)

@@ -323,6 +323,32 @@ def load_tokenizer(name: str) -> tuple[Any, str]:
     return tokenizer, base
 
 
+def load_trainable(name: str, device: str) -> tuple[Any, Any, int]:
+    """(transformers model in float32 on `device`, ready to train; its tokenizer; its context) for
+    fine-tuning: the same resolution and checks as `load`, never remote code."""
+    import torch
+
+    res = resolve(name)
+    if res.kind == "builtin":
+        _quiet_transformers()
+        from aigc_cli.tiny import build
+
+        model, tokenizer = build(name)
+    else:
+        if res.kind == "hub":
+            res = Resolution(res.name, "hub-cache", _download(res.name))
+        from aigc_cli.checkpoint import read_config
+
+        read_config(Path(res.path or "."))
+        _preflight(Path(res.path or "."), torch.float32)
+        tokenizer = _load_tokenizer(res)
+        model, _ = _load_pretrained(res, torch.float32, tokenizer=False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(device=device, dtype=torch.float32).train()
+    return model, tokenizer, int(_context_of(model.config))
+
+
 def _preflight(path: Path, dtype: Any) -> None:
     """Before transformers builds a model: its config is readable, the weights hold the tensors
     the config implies, and they fit in memory (else exit 3, naming the file)."""

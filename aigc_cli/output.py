@@ -138,6 +138,29 @@ class Messages:
             yield update
 
     @contextmanager
+    def training(self, total: int, done: int = 0) -> Iterator[Callable[[int, float, float], None]]:
+        """A training bar on a terminal (steps, loss, tokens/s, ETA); yields update(step, loss, tok/s)."""
+        if not self.streams.stderr_tty:
+            yield lambda step, loss, rate: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(
+            TextColumn("steps"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} tok/s"),
+            TimeRemainingColumn(),
+            console=self.console,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        task = bar.add_task("steps", total=total, completed=done, loss="-", rate="-")
+        with bar:
+            yield lambda step, loss, rate: bar.update(task, completed=step, loss=f"{loss:.3f}", rate=f"{rate:,.0f}")
+
+    @contextmanager
     def status(self, message: str) -> Iterator[None]:
         """A spinner on a terminal; silence in a pipe."""
         if self.streams.stderr_tty:

@@ -23,7 +23,7 @@ from aigc_cli.engine import Completion, Request, check_length
 from aigc_cli.errors import AigcError, RecordError, UsageError
 
 T = TypeVar("T")
-CHUNK_ROWS = 16  # sequences per task: a batch's worth for one actor
+CHUNK_ROWS = 64  # sequences per task: an auto batch (engine.DEFAULT_CPU_BATCH) for one actor
 EXTRA_HINT = 'pip install "aigc[ray]"'
 
 

@@ -18,13 +18,16 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from aigc_cli.decoding import RowResult, RowRules, _Row, _Sampler, _unbanned
 from aigc_cli.processors import ProcessorList
 from aigc_cli.settings import Decoding, GenerationSettings
+
+if TYPE_CHECKING:
+    from aigc_cli.models import LoadedModel
 
 
 @dataclass
@@ -73,7 +76,7 @@ class Scheduler:
     """Rows wait in a queue (first come, first served), then take a KV slot; at most `max_rows`
     run at once and, with `kv_budget` (bytes), no more than fit it at their full length."""
 
-    def __init__(self, lm: Any, max_rows: int, kv_budget: int | None = None, refill: bool = True) -> None:
+    def __init__(self, lm: LoadedModel, max_rows: int, kv_budget: int | None = None, refill: bool = True) -> None:
         """`refill=False` is static batching (kept for benchmarks): rows join only an empty batch,
         so a batch runs until its longest row ends."""
         self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer

@@ -30,7 +30,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from aigc_cli.engine import Completion, Engine
 from aigc_cli.engine import Request as EngineRequest
 from aigc_cli.errors import AigcError, ExitCode, RecordError
-from aigc_cli.openai_api import APIError, CompletionRequest, bad, completion_request, finish_reason, logprobs_body, parse_json, usage
+from aigc_cli.openai_api import (
+    APIError,
+    CompletionRequest,
+    bad,
+    chat_chunk,
+    chat_request,
+    chat_response,
+    completion_request,
+    finish_reason,
+    logprobs_body,
+    parse_json,
+    usage,
+)
 from aigc_cli.serving import EngineLoop, Failed, QueueFullError, StoppingError
 from aigc_cli.textrules import stream_safe_length
 
@@ -173,14 +185,36 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        _ready(state, request)
-        raise bad(
-            "GPT-2 has no chat format: send the text to continue to /v1/completions",
-            None,
-            "chat_not_supported",
-        )
+        engine = _ready(state, request)
+        if state.options.chat_template is None:
+            raise bad(
+                "GPT-2 has no chat format: send the text to continue to /v1/completions, "
+                "or start the server with --chat-template FILE",
+                None,
+                "chat_not_supported",
+            )
+        body = chat_request(parse_json(await _read_body(request)), state.options.chat_template, engine.tokenizer)
+        req = completion_request(body)
+        _check_model(state, req.model)
+        job = _CompletionJob(state, engine, req, request.scope.setdefault("aigc_usage", {}))
+        if req.stream:
+            return StreamingResponse(_chat_chunks(job.sse()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return JSONResponse(chat_response(await _unless_disconnected(request, job.collect())))
 
     return app
+
+
+async def _chat_chunks(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The completion stream reshaped into chat.completion.chunk events (role first, then content deltas)."""
+    opened: set[int] = set()
+    async for line in lines:
+        payload = line[len("data: ") :].strip()
+        if payload == "[DONE]" or payload.startswith('{"error"'):
+            yield line
+            continue
+        event = json.loads(payload)
+        for chunk in chat_chunk(event, opened):
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
 
 def _model_card(state: ServerState, engine: Engine) -> dict[str, Any]:

@@ -4,8 +4,25 @@ transformers tokenizer API that aigc uses, without importing transformers at sta
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+
+class Tokenizer(Protocol):
+    """The part of a tokenizer aigc uses: FastTokenizer below, or a transformers tokenizer."""
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    @property
+    def pad_token_id(self) -> int | None: ...
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], clean_up_tokenization_spaces: bool = ...) -> str: ...
+
+    def __len__(self) -> int: ...
 
 
 class FastTokenizer:

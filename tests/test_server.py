@@ -76,9 +76,14 @@ class Server:
         return self.proc.wait(timeout=30)
 
 
+TEMPLATE = "{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("serve"), "--metrics")
+    tmp = tmp_path_factory.mktemp("serve")
+    (tmp / "chat.jinja").write_text(TEMPLATE)
+    s = Server(tmp, "--metrics", "--chat-template", str(tmp / "chat.jinja"))
     yield s
     assert s.stop() == 0, s.log.read_text()
 
@@ -126,6 +131,23 @@ def test_the_readme_openai_example_runs(server):
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert len(scope["r"].choices) == 2
+
+
+def test_chat_with_a_template_continues_the_rendered_conversation(server):
+    from jinja2 import Template
+
+    client = server.client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, seed=4)
+    prompt = Template(TEMPLATE).render(messages=messages, add_generation_prompt=True)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, seed=4)
+    assert chat.object == "chat.completion"
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content == plain.choices[0].text
+    assert chat.usage.prompt_tokens == plain.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, seed=4, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    assert [c.choices[0].finish_reason is not None for c in chunks].count(True) == 1
 
 
 def test_n_and_seeds(server, engine):
@@ -303,8 +325,6 @@ def test_other_refusals(server, engine):
     assert status == 404 and err["code"] == "model_not_found" and err["param"] == "model"
     status, err = _error(server, {"model": MODEL, "prompt": "x"}, path="/v1/nowhere")
     assert status == 404
-    status, err = _error(server, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, path="/v1/chat/completions")
-    assert status == 400 and "chat" in err["message"]
     status, err = _error(server, b"x" * (5 << 20))
     assert status == 413
     with pytest.raises(openai.AuthenticationError):
@@ -320,6 +340,8 @@ def test_other_refusals(server, engine):
 def test_a_full_queue_is_503_with_retry_after_and_sigterm_exits_0(tmp_path):
     s = Server(tmp_path, "--batch-size", "1", "--max-queue", "0", key=None)
     try:
+        status, _, data = s.raw("POST", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 400 and "no chat format" in json.loads(data)["error"]["message"]  # no --chat-template
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
         body = {"model": MODEL, "prompt": "Hello", "max_tokens": 300, "min_tokens": 300, "stream": True}
         conn.request("POST", "/v1/completions", body=json.dumps(body))

@@ -1,0 +1,190 @@
+"""aigc finetune on the tiny model: the loss is transformers' loss, a tiny corpus is memorised, the
+result loads everywhere, checkpoints resume to the same weights after kill -9 and Ctrl-C, and bad
+input is refused with a one-line error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = (
+    "The sea is calm tonight. The tide is full, the moon lies fair upon the straits; on the French coast "
+    "the light gleams and is gone.\n"
+)
+TRAIN = ["--model", "tiny-random", "--block-size", "32", "--batch-size", "4", "--lr", "3e-3", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(CORPUS * 30)
+    return path
+
+
+def _aigc(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aigc_cli", *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_the_loss_is_transformers_loss_and_so_is_its_gradient(tiny_lm):
+    from aigc_cli.finetune import collate, lm_loss
+
+    torch.manual_seed(0)
+    model = tiny_lm.hf_model.__class__(tiny_lm.hf_model.config)
+    model.load_state_dict(tiny_lm.hf_model.state_dict())
+    model.eval()  # no dropout: the two passes must see the same network
+    batch = [[5, 9, 13, 200, 31, 7], [44, 3, 250], [8, 8, 8, 8, 8, 8, 8, 8]]
+    ids, mask = collate(batch, pad=0, device="cpu")
+    labels = ids.masked_fill(mask == 0, -100)
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    total, count = lm_loss(model, ids, mask, backward=True)
+    assert count == 5 + 2 + 7
+    assert total / count == pytest.approx(float(ref.detach()), abs=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad / count, ref_grads[n], atol=1e-6), n
+
+
+def test_the_fused_activation_computes_the_same_function(tiny_lm):
+    from transformers.activations import NewGELUActivation
+
+    from aigc_cli.finetune import _fuse_activations
+
+    model = tiny_lm.hf_model.__class__(tiny_lm.hf_model.config).eval()
+    model.load_state_dict(tiny_lm.hf_model.state_dict())
+    ids = torch.tensor([[5, 9, 13, 200, 31, 7, 99, 120]])
+    before = model(ids).logits
+    assert any(isinstance(m, NewGELUActivation) for m in model.modules())
+    _fuse_activations(model)
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert torch.allclose(model(ids).logits, before, atol=1e-5)
+
+
+def test_a_tiny_corpus_is_memorised_and_the_result_loads_everywhere(corpus, tmp_path, cli):
+    out = tmp_path / "model"
+    r = _aigc("finetune", str(corpus), "-o", str(out), *TRAIN, "--steps", "150", "--save-every", "0")
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(x) for x in (out / "training_log.jsonl").read_text().splitlines()]
+    ppl = [x["val_perplexity"] for x in log if "val_perplexity" in x]
+    assert len(ppl) == 2 and ppl[1] < ppl[0] / 100  # before and after
+    steps = [x for x in log if "loss" in x]
+    assert [x["step"] for x in steps] == list(range(1, 151)) and steps[-1]["loss"] < steps[0]["loss"] / 10
+    assert all({"lr", "tokens_per_s"} <= set(x) for x in steps)
+    assert not (out / "checkpoint").exists()
+
+    prefix = "The sea is calm tonight. The tide"
+    (rec,) = cli.jsonl("generate", prefix, "--model", str(out), "--temperature", "0", "--max-new-tokens", "20")
+    assert (prefix + rec["text"])[:60] == CORPUS[:60], rec["text"]  # the corpus, continued word for word
+    s = cli("score", "-", "--model", str(out), "--format", "jsonl", input=CORPUS)
+    assert s.exit_code == 0 and json.loads(s.stdout)["perplexity"] < 3
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert hf.config.n_positions == 1024 and tok.eos_token_id is not None
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("ref") / "model"
+    r = _aigc("finetune", str(corpus), "-o", str(out), *TRAIN, "--steps", "120", "--save-every", "7")
+    assert r.returncode == 0, r.stderr
+    return _weights(out)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
+def test_resume_after_an_interruption_ends_with_the_same_weights(corpus, tmp_path, uninterrupted, how):
+    out = tmp_path / "model"
+    args = ["finetune", str(corpus), "-o", str(out), *TRAIN, "--steps", "120", "--save-every", "7"]
+    proc = subprocess.Popen([sys.executable, "-m", "aigc_cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint" / "state.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.005)
+    time.sleep(0.05)  # somewhere after the first checkpoint
+    proc.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if how == "Ctrl-C":
+        assert proc.returncode == 130, err
+        assert "--resume" in err and "Traceback" not in err
+    assert not (out / "model.safetensors").exists(), "the run finished before it was interrupted"
+    r = _aigc(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert _same(_weights(out), uninterrupted)
+    steps = [json.loads(x)["step"] for x in (out / "training_log.jsonl").read_text().splitlines() if "loss" in x]
+    assert steps == list(range(1, 121))  # no step logged twice or missing
+
+
+def test_resume_refuses_other_settings_or_data(corpus, tmp_path):
+    out = tmp_path / "model"
+    args = ["finetune", str(corpus), "-o", str(out), *TRAIN, "--steps", "30", "--save-every", "5"]
+    proc = subprocess.Popen([sys.executable, "-m", "aigc_cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint" / "state.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    if (out / "model.safetensors").exists():
+        pytest.skip("the run finished before it could be interrupted")
+    r = _aigc(*[a if a != "3e-3" else "1e-3" for a in args], "--resume")
+    assert r.returncode == 2 and "--lr" in r.stderr and "Traceback" not in r.stderr
+    other = tmp_path / "other.txt"
+    other.write_text(CORPUS * 29)
+    r = _aigc(*[str(other) if a == str(corpus) else a for a in args], "--resume")
+    assert r.returncode == 2 and "data differs" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "setup, extra, message",
+    [
+        (lambda d: (d / "in.txt").write_text("   \n\n"), [], "no text"),
+        (lambda d: (d / "in.txt").write_bytes(b"abc\x00\x01def"), [], "binary"),
+        (lambda d: (d / "in.txt").write_bytes(b"caf\xe9"), [], "UTF-8"),
+        (lambda d: (d / "in.txt").write_text(CORPUS), ["--block-size", "5000"], "context"),
+        (lambda d: (d / "in.txt").write_text(CORPUS), ["--lr", "nan"], "--lr"),
+        (lambda d: ((d / "in.txt").write_text(CORPUS), (d / "out").mkdir(), (d / "out" / "config.json").write_text("{}")), [], "--overwrite"),
+        (lambda d: (d / "in.txt").write_text(CORPUS), ["--resume"], "no checkpoint"),
+        (lambda d: ((d / "in.txt").write_text(CORPUS), (d / "in.jsonl").write_text("not json\n")), ["--val", "IN.jsonl"], "line 1"),
+    ],
+    ids=["empty", "binary", "not-utf8", "block-size", "lr", "holds-a-model", "resume-nothing", "bad-jsonl"],
+)
+def test_bad_input_is_refused_in_one_line(cli, tmp_path, setup, extra, message):
+    setup(tmp_path)
+    extra = [str(tmp_path / "in.jsonl") if a == "IN.jsonl" else a for a in extra]
+    r = cli("finetune", str(tmp_path / "in.txt"), "-o", str(tmp_path / "out"), "--model", "tiny-random", "--steps", "1", *extra)
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_an_unwritable_output_is_refused(cli, tmp_path, corpus):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    r = cli("finetune", str(corpus), "-o", str(locked / "model"), "--model", "tiny-random", "--steps", "1")
+    assert r.exit_code == 2 and "cannot write" in r.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_training_on_a_gpu_uses_bf16_autocast(corpus, tmp_path):
+    r = _aigc("finetune", str(corpus), "-o", str(tmp_path / "m"), *TRAIN, "--steps", "5", "--device", "cuda")
+    assert r.returncode == 0, r.stderr
