@@ -182,27 +182,53 @@ def collate(batch: list[list[int]], pad: int, device: Any) -> tuple[torch.Tensor
 # -- the loss --------------------------------------------------------------------------------------
 
 
-def lm_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, backward: bool = False) -> tuple[float, int]:
+def lm_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, backward: bool = False, scale: float = 1.0) -> tuple[float, int]:
     """(sum of next-token cross-entropies over the real tokens, their count), as transformers'
-    causal-LM loss computes them (its mean is sum / count). With `backward`, the gradient of the
-    sum is accumulated into the model's parameters; the LM head runs on _HEAD_CHUNK positions at a
-    time, its logits freed after each chunk's backward."""
+    causal-LM loss computes them (its mean is sum / count). With `backward`, the gradient of
+    `scale` x the sum is accumulated into the model's parameters.
+
+    The LM head and its loss run _HEAD_CHUNK positions at a time, by hand: logits, log-sum-exp,
+    softmax minus one-hot in place, then the input gradient and the weight gradient (accumulated
+    in place into one buffer), so no chunk's logits outlive it and the head's weight gradient is
+    written once, not added per chunk; the body's backward then starts from the input gradient."""
     hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, E)
     head = model.get_output_embeddings()
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = ids[:, 1:].reshape(-1)
     keep = mask[:, 1:].reshape(-1).bool()
     h, targets = h[keep], targets[keep]
-    detached = h.detach().requires_grad_(backward)
+    weight = head.weight
     total = 0.0
-    for start in range(0, h.shape[0], _HEAD_CHUNK):
-        logits = head(detached[start : start + _HEAD_CHUNK]).float()
-        loss = torch.nn.functional.cross_entropy(logits, targets[start : start + _HEAD_CHUNK], reduction="sum")
+    if not backward or getattr(head, "bias", None) is not None:  # scoring, or a head with a bias: autograd
+        detached = h.detach().requires_grad_(backward)
+        for start in range(0, h.shape[0], _HEAD_CHUNK):
+            logits = head(detached[start : start + _HEAD_CHUNK]).float()
+            loss = torch.nn.functional.cross_entropy(logits, targets[start : start + _HEAD_CHUNK], reduction="sum")
+            if backward:
+                (loss * scale).backward()
+            total += float(loss.detach())
         if backward:
-            loss.backward()
-        total += float(loss.detach())
-    if backward and h.requires_grad:
-        h.backward(detached.grad)
+            h.backward(detached.grad)
+        return total, int(targets.numel())
+    with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+        w, hd = weight.detach(), h.detach().to(weight.dtype)
+        dh, dw = torch.empty_like(hd), torch.zeros_like(w)
+        for start in range(0, hd.shape[0], _HEAD_CHUNK):
+            hc, tc = hd[start : start + _HEAD_CHUNK], targets[start : start + _HEAD_CHUNK]
+            logits = hc @ w.t()  # (k, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += float((lse - logits.gather(1, tc[:, None])[:, 0]).sum())
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            grad[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
+            if scale != 1.0:
+                grad.mul_(scale)
+            torch.mm(grad, w, out=dh[start : start + _HEAD_CHUNK])
+            dw.addmm_(grad.t(), hc)
+    if weight.grad is None:
+        weight.grad = dw
+    else:
+        weight.grad.add_(dw)
+    h.backward(dh.to(h.dtype))
     return total, int(targets.numel())
 
 
@@ -380,20 +406,20 @@ class Trainer:
         while self.state.step < self.total:
             cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
             self._step_start = (dataclasses.replace(self.state), torch.get_rng_state(), cuda_rng)
-            loss_sum, count = 0.0, 0
+            micro = []
             for _ in range(s.grad_accum):
                 if self.state.batch >= len(epoch_batches):
                     self.state.epoch, self.state.batch = self.state.epoch + 1, 0
                     epoch_batches = batches(self.train, s.batch_size, s.seed, self.state.epoch)
-                ids, mask = collate(epoch_batches[self.state.batch], pad, self.device)
+                micro.append(collate(epoch_batches[self.state.batch], pad, self.device))
                 self.state.batch += 1
-                # each micro-batch's gradient is of its sum; scaled below to the mean over all tokens
+            # the gradient of the mean over every target token of the step, micro-batch by micro-batch
+            count = int(sum(int(mask[:, 1:].sum()) for _, mask in micro))
+            loss_sum = 0.0
+            for ids, mask in micro:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                    part, n = lm_loss(self.model, ids, mask, backward=True)
-                loss_sum, count = loss_sum + part, count + n
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.div_(max(count, 1))
+                    part, _ = lm_loss(self.model, ids, mask, backward=True, scale=1.0 / max(count, 1))
+                loss_sum += part
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
