@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from aigc_cli.engine import Completion, Request, check_length
-from aigc_cli.errors import AigcError, ModelUnavailableError, RecordError, UsageError
+from aigc_cli.engine import Completion, Request, check_length, prompt_ids
+from aigc_cli.errors import AigcError, ModelUnavailableError, UsageError
 from aigc_cli.openai_api import request_body
 from aigc_cli.settings import GenerationSettings
 
@@ -56,13 +56,9 @@ class RemoteEngine:
     # -- the engine interface -------------------------------------------------------------------
 
     def encode(self, prompt: str, settings: GenerationSettings) -> list[int]:
-        if prompt == "" or prompt.isspace():
-            raise RecordError("empty_prompt", "the prompt is empty")
-        ids = self._call("POST", "/tokenize", {"model": self.name, "prompt": prompt})["tokens"]
-        if not ids:
-            raise RecordError("empty_prompt", "the prompt has no tokens")
+        ids = prompt_ids(prompt, lambda text: self._call("POST", "/tokenize", {"model": self.name, "prompt": text})["tokens"])
         check_length(len(ids), settings.max_new_tokens, self.context_length)
-        return list(ids)
+        return ids
 
     def stream(
         self,

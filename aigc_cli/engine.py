@@ -29,6 +29,17 @@ T = TypeVar("T")
 _END = object()
 
 
+def prompt_ids(prompt: str, tokenize: Callable[[str], Sequence[int]]) -> list[int]:
+    """A prompt's token ids (by the local tokenizer, a server's /tokenize, the driver's tokenizer);
+    RecordError when the prompt is empty or has no tokens."""
+    if prompt == "" or prompt.isspace():
+        raise RecordError("empty_prompt", "the prompt is empty")
+    ids = list(tokenize(prompt))
+    if not ids:
+        raise RecordError("empty_prompt", "the prompt has no tokens")
+    return ids
+
+
 def check_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
     """RecordError when a prompt and its new tokens do not fit the model's context (shared with the
     CLI's server client, which checks before it sends)."""
@@ -122,9 +133,7 @@ class Engine:
 
     def encode(self, prompt: str, settings: GenerationSettings) -> list[int]:
         """Token ids of a prompt; RecordError when it is empty or does not fit the context."""
-        if prompt == "" or prompt.isspace():
-            raise RecordError("empty_prompt", "the prompt is empty")
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = prompt_ids(prompt, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         self.check_ids(ids, settings)
         return ids
 

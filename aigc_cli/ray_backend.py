@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from aigc_cli.engine import Completion, Request, check_length
+from aigc_cli.engine import Completion, Request, check_length, prompt_ids
 from aigc_cli.errors import AigcError, RecordError, UsageError
 
 T = TypeVar("T")
@@ -116,13 +116,9 @@ class RayEngine:
             self._ray.shutdown()
 
     def encode(self, prompt: str, settings: Any) -> list[int]:
-        if prompt == "" or prompt.isspace():
-            raise RecordError("empty_prompt", "the prompt is empty")
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        if not ids:
-            raise RecordError("empty_prompt", "the prompt has no tokens")
+        ids = prompt_ids(prompt, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         check_length(len(ids), settings.max_new_tokens, self.context_length)
-        return list(ids)
+        return ids
 
     def stream(
         self,
