@@ -293,6 +293,12 @@ class _Sampler:
     def __init__(self, s: GenerationSettings) -> None:
         self.s = s
 
+    @staticmethod
+    def key(s: GenerationSettings) -> tuple[object, ...]:
+        """What a draw depends on: rows whose settings differ only elsewhere (lengths, stop strings,
+        penalties applied before the draw) are drawn together."""
+        return (s.decoding, s.temperature, s.top_k, s.top_p, s.min_p, s.typical_p)
+
     def __call__(self, scores: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         """`seeds` (B,) int64 row seeds, `draws` (B,) the row's draw number (its step)."""
         s = self.s

@@ -257,6 +257,8 @@ class Engine:
         def fill() -> bool:  # keep about two batches of rows ready behind the running ones
             while (sched is None or sched.pending < 2 * cap) and len(ahead) < 4 * cap:
                 if not read_one():
+                    if sched is not None:
+                        sched.last_rows_submitted()
                     return False
             return True
 

@@ -101,6 +101,29 @@ class KVCache:
         self.select(torch.arange(self.k.shape[1], device=self.k.device).repeat_interleave(times))
 
 
+ATTENTION_BLOCK = 8  # running rows whose decode attention runs together, at most
+_CALL_COST = 384  # one more attention call costs about as much as reading this many row-positions (CPU, measured)
+_SWAP_GAIN = 8  # `SlotCache.tidy` swaps two rows only if the later one is longer by this many positions
+
+
+def attention_blocks(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Contiguous blocks of slots (lo, hi, longest) for a decode step's attention: each block reads
+    its rows' keys up to its own longest row, not the batch's. Neighbouring blocks of
+    `ATTENTION_BLOCK` rows merge while one call over both costs less than two (rows of equal
+    lengths stay one call)."""
+    blocks: list[tuple[int, int, int]] = []
+    for lo in range(0, len(lengths), ATTENTION_BLOCK):
+        hi = min(lo + ATTENTION_BLOCK, len(lengths))
+        top = max(lengths[lo:hi])
+        if blocks:
+            first, _, prev = blocks[-1]
+            if (hi - first) * max(prev, top) <= (lo - first) * prev + (hi - lo) * top + _CALL_COST:
+                blocks[-1] = (first, hi, max(prev, top))
+                continue
+        blocks.append((lo, hi, top))
+    return blocks
+
+
 class SlotCache:
     """Keys and values for continuous batching: one slot per running row, each row with its own
     length. Running rows occupy slots 0..rows-1 (a finished row's slot is refilled by the last
@@ -146,6 +169,33 @@ class SlotCache:
             k[:, :n, :, :filled] = self.k[:, :n, :, :filled]
             v[:, :n, :, :filled] = self.v[:, :n, :, :filled]
         self.k, self.v = k, v
+
+    def tidy(self, swaps: int = 2) -> list[tuple[int, int]]:
+        """Move the running rows a little towards longest-first order, so that each block of
+        neighbouring slots (see `attention_blocks`) holds rows of similar lengths: up to `swaps`
+        times, the shortest row of the first block that has a clearly longer row after it trades
+        places with the longest such row. Returns the swapped slot pairs (the caller's rows follow).
+        Rows grow together, so an order lasts; a step frays it only where rows finished (the last
+        row fills each freed slot) or joined. Two row copies per step keep it near sorted, where
+        a full sort copies the whole cache."""
+        done: list[tuple[int, int]] = []
+        lengths = self.lengths
+        for _ in range(swaps):
+            for lo in range(0, self.rows - ATTENTION_BLOCK, ATTENTION_BLOCK):
+                i = min(range(lo, lo + ATTENTION_BLOCK), key=lengths.__getitem__)
+                j = max(range(lo + ATTENTION_BLOCK, self.rows), key=lengths.__getitem__)
+                if lengths[j] >= lengths[i] + _SWAP_GAIN:
+                    break
+            else:
+                return done
+            short, long = lengths[i], lengths[j]
+            for cache in (self.k, self.v):
+                kept = cache[:, i, :, :short].clone()
+                cache[:, i, :, :long] = cache[:, j, :, :long]
+                cache[:, j, :, :short] = kept
+            lengths[i], lengths[j] = long, short
+            done.append((i, j))
+        return done
 
     def remove(self, slot: int) -> None:
         """Free a row's slot; the last row moves into it."""
@@ -346,13 +396,15 @@ class GPT2:
         parts = []
         if bsz:
             pos = torch.tensor(slots.lengths[:bsz], dtype=torch.long, device=dev)
-            total = max(slots.lengths[:bsz]) + 1
             rows = torch.arange(bsz, device=dev)
-            dec_mask = None
-            if min(slots.lengths[:bsz]) + 1 != total:  # rows of different lengths: hide each row's unused positions
-                keys = torch.arange(total, device=dev)
-                dec_mask = torch.zeros((bsz, 1, 1, total), dtype=self.dtype, device=dev)
-                dec_mask.masked_fill_((keys[None, :] > pos[:, None])[:, None, None, :], float("-inf"))
+            blocks = []  # (lo, hi, positions attended, mask hiding each shorter row's unused positions)
+            for lo, hi, top in attention_blocks(slots.lengths[:bsz]):
+                mask = None
+                if min(slots.lengths[lo:hi]) != top:
+                    keys = torch.arange(top + 1, device=dev)
+                    mask = torch.zeros((hi - lo, 1, 1, top + 1), dtype=self.dtype, device=dev)
+                    mask.masked_fill_((keys[None, :] > pos[lo:hi, None])[:, None, None, :], float("-inf"))
+                blocks.append((lo, hi, top + 1, mask))
             parts.append(self.embed(tokens) + F.embedding(pos, self.wpe))
         # New rows' prompts are packed end to end, without padding: the matmuls do not care where a
         # row starts, and attention runs on each prompt's own span.
@@ -372,10 +424,11 @@ class GPT2:
                 q, k, v = qkv[:bsz].view(bsz, 3, heads, head_dim).unbind(1)  # each (B, H, D)
                 slots.k[i, rows, :, pos] = k
                 slots.v[i, rows, :, pos] = v
-                a = F.scaled_dot_product_attention(
-                    q[:, :, None, :], slots.k[i, :bsz, :, :total], slots.v[i, :bsz, :, :total], attn_mask=dec_mask
-                )
-                outs.append(a.reshape(bsz, e))
+                for lo, hi, total, mask in blocks:
+                    a = F.scaled_dot_product_attention(
+                        q[lo:hi, :, None, :], slots.k[i, lo:hi, :, :total], slots.v[i, lo:hi, :, :total], attn_mask=mask
+                    )
+                    outs.append(a.reshape(hi - lo, e))
             for j, (first, n) in enumerate(spans):
                 q, k, v = qkv[first : first + n].view(n, 3, heads, head_dim).permute(1, 2, 0, 3).unbind(0)  # (H, n, D)
                 slots.k[i, bsz + j, :, :n] = k

@@ -101,6 +101,12 @@ class Scheduler:
             raise ValueError(f"the scheduler runs greedy and sampled rows, not {spec.settings.decoding.value}")
         self.queue.append(spec)
 
+    def last_rows_submitted(self) -> None:
+        """No more rows will come (the end of a batch file): the waiting rows start longest first,
+        so that the run does not end with a long row decoding alone (a step costs nearly as much
+        for one row as for dozens). Each row's tokens do not depend on when it starts."""
+        self.queue = deque(sorted(self.queue, key=lambda spec: -len(spec.prompt_ids) - spec.settings.max_new_tokens))
+
     def cancel(self, key: Hashable) -> None:
         """Drop a row: a queued one at once, a running one (and its slot) at the next step."""
         self._cancel.add(key)
@@ -133,6 +139,9 @@ class Scheduler:
                     result = RowResult(r.generated, r.text, r.finish_reason, r.logprobs if live.spec.logprobs else None, live.top)
                     events.append(Finished(live.spec.key, result))
             tokens = [picked[i] for i in self._remove(done)]
+            for i, j in self.slots.tidy():  # the cache reordered its slots: the rows follow
+                self.live[i], self.live[j] = self.live[j], self.live[i]
+                tokens[i], tokens[j] = tokens[j], tokens[i]
         joining = self._admit()
         if not self.live and not joining:
             self.logits = None
@@ -232,13 +241,14 @@ class Scheduler:
     def _pick(self, logits: torch.Tensor) -> list[int]:
         """One token per live row: rows that share settings are processed and drawn together."""
         tokens = [0] * len(self.live)
-        groups: dict[GenerationSettings, list[int]] = {}
+        groups: dict[tuple[object, ...], list[int]] = {}
         for b, live in enumerate(self.live):
-            groups.setdefault(live.spec.settings, []).append(b)
-        for settings, rows in groups.items():
+            groups.setdefault(_Sampler.key(live.spec.settings), []).append(b)
+        for rows in groups.values():
+            settings = self.live[rows[0]].spec.settings
             index = torch.tensor(rows, dtype=torch.long, device=logits.device)
             scores = logits if len(rows) == len(self.live) else logits[index]
-            if self.live[rows[0]].processors:  # history-based: each row on its own sequence
+            if any(self.live[b].processors for b in rows):  # history-based: each row on its own sequence
                 scores = torch.cat([self._processed(self.live[b], scores[i : i + 1]) for i, b in enumerate(rows)])
             sampling = settings.decoding is Decoding.sample
             sampler = _Sampler(settings)
@@ -258,5 +268,7 @@ class Scheduler:
         return tokens
 
     def _processed(self, live: _Live, scores: torch.Tensor) -> torch.Tensor:
+        if not live.processors:
+            return scores
         ids = torch.tensor([live.spec.prompt_ids + live.row.generated], dtype=torch.long, device=scores.device)
         return live.processors(ids, scores)

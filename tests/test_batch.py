@@ -180,7 +180,8 @@ def test_auto_batches_stay_within_the_kv_budget(tiny_lm, monkeypatch):
     auto = [(c.id, c.text) for c in eng.generate(requests)]
     assert all(rows * reserve * per_position <= budget for rows, reserve, _ in running), running
     assert all(allocated * per_position <= budget for *_, allocated in running), running
-    assert running[0][0] > 3 >= running[-1][0], running
+    assert max(rows for rows, *_ in running) > 3, running  # short rows: more of them at once
+    assert min(rows for rows, reserve, _ in running if reserve == longest + 6) <= 3, running
     running.clear()
     fixed = [(c.id, c.text) for c in eng.generate(requests, batch_size=4)]
     assert max(rows for rows, *_ in running) == 4

@@ -161,3 +161,45 @@ def test_rows_stream_their_text_and_logprobs(tiny_lm):
     start = len(spec.prompt_ids) - 1
     expected = [float(logp[start + i, t]) for i, t in enumerate(result.token_ids)]
     assert result.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_rows_of_very_different_lengths_attend_in_blocks_and_keep_their_tokens(tiny_lm, monkeypatch):
+    """Long prompts beside short ones, joining at random steps: the decode step's attention runs
+    per block of slots, each up to its own longest row, and every row still gets exactly the
+    tokens it gets alone."""
+    from aigc_cli import gpt2
+
+    split = []
+    blocks = gpt2.attention_blocks
+
+    def counted(lengths):
+        found = blocks(lengths)
+        split.append(len(found) > 1 and any(min(lengths[lo:hi]) != top for lo, hi, top in found))
+        return found
+
+    monkeypatch.setattr(gpt2, "attention_blocks", counted)
+    rng = random.Random(21)
+    specs = []
+    for i in range(40):
+        words = rng.choice([2, 5, 60, 120])
+        prompt = " ".join(rng.choice(WORDS) for _ in range(words))
+        settings = GenerationSettings(decoding="greedy", max_new_tokens=rng.randint(4, 40)).resolved()
+        specs.append(_spec(tiny_lm, i, prompt, settings))
+    together = _drain(Scheduler(tiny_lm, max_rows=24), _arrivals(specs, rng))
+    assert any(split), "no step split its attention into blocks of rows of different lengths"
+    alone = {s.key: _alone(tiny_lm, s) for s in specs}
+    assert {k: r.token_ids for k, r in together.items()} == {k: r.token_ids for k, r in alone.items()}
+
+
+def test_attention_blocks_cover_every_slot_once_and_merge_equal_rows():
+    from aigc_cli.gpt2 import ATTENTION_BLOCK, attention_blocks
+
+    assert attention_blocks([50] * 40) == [(0, 40, 50)]  # equal lengths: one call, as a static batch
+    lengths = [300] * ATTENTION_BLOCK + [10] * ATTENTION_BLOCK * 3
+    blocks = attention_blocks(lengths)
+    assert blocks == [(0, ATTENTION_BLOCK, 300), (ATTENTION_BLOCK, 4 * ATTENTION_BLOCK, 10)]
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 900) for _ in range(61)]
+    blocks = attention_blocks(lengths)
+    assert [lo for lo, _, _ in blocks] == [0] + [hi for _, hi, _ in blocks[:-1]] and blocks[-1][1] == 61
+    assert all(top == max(lengths[lo:hi]) for lo, hi, top in blocks)
