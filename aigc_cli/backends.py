@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from aigc_cli.gpt2 import SlotCache
+    from aigc_cli.gpt2 import SlotCache, Stepped
 
 
 class Cache(Protocol):
@@ -51,8 +51,11 @@ class Backend(Protocol):
     def new_slots(self) -> SlotCache:
         """An empty per-row cache for the scheduler (only when `continuous`)."""
 
-    def step(self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]]) -> torch.Tensor:
-        """One continuous-batching step: running rows' next tokens and new rows' prompts -> next logits."""
+    def step(
+        self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False
+    ) -> torch.Tensor | Stepped:
+        """One continuous-batching step: running rows' next tokens and new rows' prompts -> next
+        logits (with `states`, also the last-layer hidden states: `gpt2.Stepped`)."""
 
 
 class _DynamicCache:
@@ -125,7 +128,9 @@ class TransformersBackend:
     def new_slots(self) -> SlotCache:
         raise NotImplementedError("transformers models run in static batches (continuous is False)")
 
-    def step(self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]]) -> torch.Tensor:
+    def step(
+        self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False
+    ) -> torch.Tensor | Stepped:
         raise NotImplementedError("transformers models run in static batches (continuous is False)")
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> Any:

@@ -204,11 +204,11 @@ class Engine:
         """Each item with its request's completions, in input order, as soon as they are done;
         items without a request (error records) pass through in their place.
 
-        Greedy and sampled rows of the native model run on the continuous-batching scheduler: the
-        items are read ahead lazily (about two batches of rows), and a row starts as soon as a slot
-        is free. Beam search runs one request at a time; contrastive search, poem forms
-        (`processors`) and models without the native forward pass run in static batches of the
-        requests read ahead (`_static`).
+        Greedy, sampled and contrastive rows of the native model run on the continuous-batching
+        scheduler: the items are read ahead lazily (about two batches of rows), and a row starts as
+        soon as a slot is free. Beam search runs one request at a time; poem forms (`processors`)
+        and models without the native forward pass run in static batches of the requests read
+        ahead (`_static`).
 
         `batching` (benchmarks): "continuous" (the default), "static" (the scheduler without refill:
         rows of any settings share a batch that runs until its longest row ends) or "grouped" (every

@@ -124,6 +124,15 @@ def attention_blocks(lengths: list[int]) -> list[tuple[int, int, int]]:
     return blocks
 
 
+@dataclass
+class Stepped:
+    """What `GPT2.step(..., states=True)` returns."""
+
+    logits: torch.Tensor  # (rows, V) float32: running rows, then new ones
+    hidden: torch.Tensor  # (rows, E) float32: the last layer's (normalised) state at each row's last position
+    prompts: list[torch.Tensor]  # per new row, (prompt length, E): its state at every prompt position
+
+
 class SlotCache:
     """Keys and values for continuous batching: one slot per running row, each row with its own
     length. Running rows occupy slots 0..rows-1 (a finished row's slot is refilled by the last
@@ -196,6 +205,21 @@ class SlotCache:
             lengths[i], lengths[j] = long, short
             done.append((i, j))
         return done
+
+    def fork(self, slot: int, times: int) -> None:
+        """`times` more rows after the last, each a copy of `slot`'s (contrastive search's branches;
+        the caller reserved room)."""
+        n, filled = self.rows, self.lengths[slot]
+        for cache in (self.k, self.v):
+            cache[:, n : n + times, :, :filled] = cache[:, slot : slot + 1, :, :filled]
+        self.lengths += [filled] * times
+
+    def copy_position(self, source: int, targets: list[int], position: int) -> None:
+        """One position's keys and values from `source` into each target row (branches that share
+        every earlier position take the chosen branch's newest one)."""
+        index = torch.tensor(targets, dtype=torch.long, device=self.k.device)
+        for cache in (self.k, self.v):
+            cache[:, index, :, position] = cache[:, source, None, :, position]
 
     def remove(self, slot: int) -> None:
         """Free a row's slot; the last row moves into it."""
@@ -382,13 +406,16 @@ class GPT2:
     def new_slots(self) -> SlotCache:
         return SlotCache(self.cfg, self.dtype, str(self.device))
 
-    def step(self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]]) -> torch.Tensor:
+    def step(
+        self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False
+    ) -> torch.Tensor | Stepped:
         """One continuous-batching step in one pass over the weights: `tokens` (B,), the next token of
         each running row, are written at each row's own position, and new rows' `prompts` (left-padded
         together) are prefilled into the slots after them. The matmuls run on all the step's tokens
         at once; attention runs apart for the running rows (on the slots) and the new ones (causal
         over their prompts). Returns next-token logits (B + len(prompts), V) in float32, running
-        rows first. `slots` must have room (`reserve`) for every row."""
+        rows first. `slots` must have room (`reserve`) for every row. With `states`, a `Stepped`:
+        the logits and the last-layer hidden states (contrastive search's context)."""
         cfg = self.cfg
         heads, head_dim, e = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd
         dev = self.device
@@ -441,7 +468,11 @@ class GPT2:
         last = torch.tensor([*range(bsz), *(first + n - 1 for first, n in spans)], dtype=torch.long, device=dev)
         slots.lengths = [n + 1 for n in slots.lengths[:bsz]] + [len(p) for p in prompts]
         h = F.layer_norm(x[last], (e,), self.ln_f[0], self.ln_f[1], cfg.eps)
-        return self.logits(h).float()
+        logits = self.logits(h).float()
+        if not states:
+            return logits
+        spans_h = [F.layer_norm(x[first : first + n], (e,), self.ln_f[0], self.ln_f[1], cfg.eps).float() for first, n in spans]
+        return Stepped(logits, h.float(), spans_h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)

@@ -7,10 +7,13 @@ leave it when they finish; one decode step is one forward pass over every runnin
         for event in sched.step():   # Token and Finished events, as they happen
             ...
 
-Greedy and sampled rows run here (beam and contrastive search keep their own loops, see
-`engine.py`). A row's tokens depend only on its prompt, settings and seed: sampling draws with
-noise keyed by (row seed, step, token), and the batch around a row moves its logits by ~1e-6 at
-most, which a Gumbel race does not notice.
+Greedy, sampled and contrastive-search rows run here (beam search keeps its own loop per request,
+see `engine.py`). A contrastive row holds one slot per branch (its top-k candidates), all sharing
+every earlier position: each step evaluates the k candidates as k ordinary decode rows, the row
+keeps the best by Su et al.'s score, and the chosen branch's newest keys and values are copied into
+the others. A row's tokens depend only on its prompt, settings and seed: sampling draws with noise
+keyed by (row seed, step, token), and the batch around a row moves its logits by ~1e-6 at most,
+which a Gumbel race does not notice.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from aigc_cli.decoding import RowResult, RowRules, _Row, _Sampler, _unbanned
+from aigc_cli.decoding import RowResult, RowRules, _mask_banned_top, _Row, _Sampler, _unbanned
 from aigc_cli.processors import ProcessorList
 from aigc_cli.settings import Decoding, GenerationSettings
 
@@ -36,7 +39,7 @@ class RowSpec:
 
     key: Hashable  # the caller's handle for this row
     prompt_ids: list[int]
-    settings: GenerationSettings  # resolved; greedy or sample
+    settings: GenerationSettings  # resolved; greedy, sample or contrastive
     seed: int  # the row's own seed (decoding.row_seed)
     on_text: Callable[[str], None] | None = None  # called with the row's whole text as it grows
     logprobs: bool = False  # record each token's log-probability under the unprocessed model
@@ -66,10 +69,19 @@ class _Live:
     processors: ProcessorList
     step: int = 0
     top: list[list[tuple[int, float]]] | None = None
+    # contrastive search: the candidates that the last forward pass evaluated, one per slot
+    branches: list[int] | None = None  # their tokens, most likely first
+    branch_p: torch.Tensor | None = None  # (k,) their probabilities
+    parent: torch.Tensor | None = None  # (V,) the raw logits they were taken from
+    context: torch.Tensor | None = None  # (positions, E) last-layer states of the sequence so far
 
     @property
     def reserve(self) -> int:  # positions this row may fill
         return len(self.spec.prompt_ids) + self.spec.settings.max_new_tokens
+
+    @property
+    def contrastive(self) -> bool:
+        return self.spec.settings.decoding is Decoding.contrastive
 
 
 class Scheduler:
@@ -82,9 +94,11 @@ class Scheduler:
         self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
         self.max_rows, self.kv_budget, self.refill = max(1, max_rows), kv_budget, refill
         self.queue: deque[RowSpec] = deque()
-        self.live: list[_Live] = []
+        self.live: list[_Live] = []  # per slot (a contrastive row is in one slot per branch)
+        self.branch: list[int] = []  # per slot: which of its row's candidates it holds (0 for others)
         self.slots = self.model.new_slots()
-        self.logits: torch.Tensor | None = None  # (rows, V): what each live row samples from next
+        self.logits: torch.Tensor | None = None  # (slots, V): what each slot's row chooses from next
+        self.hidden: torch.Tensor | None = None  # (slots, E) last-layer states, while contrastive rows run
         self._rules: dict[GenerationSettings, RowRules] = {}
         self._cancel: set[Hashable] = set()
 
@@ -98,7 +112,7 @@ class Scheduler:
 
     def submit(self, spec: RowSpec) -> None:
         if spec.settings.mode.runs_on != "scheduler":
-            raise ValueError(f"the scheduler runs greedy and sampled rows, not {spec.settings.decoding.value}")
+            raise ValueError(f"the scheduler runs greedy, sampled and contrastive rows, not {spec.settings.decoding.value}")
         self.queue.append(spec)
 
     def last_rows_submitted(self) -> None:
@@ -114,7 +128,7 @@ class Scheduler:
     def step(self) -> list[Token | Finished]:
         """Pick one token for every running row, free the slots of rows that finished, admit what
         fits into the free slots, then one forward pass: the running rows' new tokens and the new
-        rows' prompts together. Returns what happened, in slot order."""
+        rows' prompts together. Returns what happened, in slot order (contrastive rows last)."""
         self._drop_cancelled()
         events: list[Token | Finished] = []
         tokens: list[int] = []
@@ -123,44 +137,123 @@ class Scheduler:
             picked = self._pick(self.logits)
             done = []
             for b, (live, token) in enumerate(zip(self.live, picked)):
-                raw, top = self._raw_logprobs(b, token, live) if live.spec.logprobs else (None, None)
-                grew = live.row.push(token, live.step, live.rules.eos, live.spec.settings, raw)
-                live.step += 1
-                if grew:
-                    if top is not None:
-                        live.top = live.top if live.top is not None else []
-                        live.top.append(top)
-                    events.append(Token(live.spec.key, token, live.row.text, raw, top))
-                    if live.spec.on_text is not None:
-                        live.spec.on_text(live.row.text)
-                if live.row.finish_reason is not None:
+                if live.contrastive:
+                    continue
+                raw, top = self._raw_logprobs(self.logits[b], token, live) if live.spec.logprobs else (None, None)
+                if self._accept(live, token, raw, top, events):
                     done.append(b)
-                    r = live.row
-                    result = RowResult(r.generated, r.text, r.finish_reason, r.logprobs if live.spec.logprobs else None, live.top)
-                    events.append(Finished(live.spec.key, result))
+            forks = []
+            for live, slots in self._branches():
+                if self._contrastive_step(live, slots, events):
+                    done.extend(slots)
+                    continue
+                assert live.branches is not None
+                for b in slots:
+                    picked[b] = live.branches[self.branch[b]]
+                if len(slots) < len(live.branches):  # just prefilled: its branches take their slots
+                    forks.append(live)
             tokens = [picked[i] for i in self._remove(done)]
+            for live in forks:
+                assert live.branches is not None
+                more = len(live.branches) - 1
+                self.slots.fork(next(b for b, x in enumerate(self.live) if x is live), more)
+                self.live += [live] * more
+                self.branch += list(range(1, more + 1))
+                tokens += live.branches[1:]
             for i, j in self.slots.tidy():  # the cache reordered its slots: the rows follow
                 self.live[i], self.live[j] = self.live[j], self.live[i]
+                self.branch[i], self.branch[j] = self.branch[j], self.branch[i]
                 tokens[i], tokens[j] = tokens[j], tokens[i]
         joining = self._admit()
         if not self.live and not joining:
-            self.logits = None
+            self.logits = self.hidden = None
             self.slots = self.model.new_slots()  # idle: give the cache's memory back
             return events
         token_t = torch.tensor(tokens, dtype=torch.long, device=self.model.device) if tokens else None
-        self.logits = self.model.step(token_t, self.slots, [spec.prompt_ids for spec in joining])
-        for spec in joining:
-            self.live.append(self._start(spec))
+        prompts = [spec.prompt_ids for spec in joining]
+        states = any(x.contrastive for x in self.live) or any(spec.settings.decoding is Decoding.contrastive for spec in joining)
+        out = self.model.step(token_t, self.slots, prompts, states=states)
+        if isinstance(out, torch.Tensor):
+            self.logits, self.hidden = out, None
+        else:
+            self.logits, self.hidden = out.logits, out.hidden
+        for j, spec in enumerate(joining):
+            live = self._start(spec)
+            if live.contrastive and not isinstance(out, torch.Tensor):
+                live.context = out.prompts[j]
+            self.live.append(live)
+            self.branch.append(0)
         return events
+
+    def _accept(
+        self, live: _Live, token: int, raw: float | None, top: list[tuple[int, float]] | None, events: list[Token | Finished]
+    ) -> bool:
+        """Append a row's token and report it; returns whether the row finished."""
+        grew = live.row.push(token, live.step, live.rules.eos, live.spec.settings, raw)
+        live.step += 1
+        if grew:
+            if top is not None:
+                live.top = live.top if live.top is not None else []
+                live.top.append(top)
+            events.append(Token(live.spec.key, token, live.row.text, raw, top))
+            if live.spec.on_text is not None:
+                live.spec.on_text(live.row.text)
+        if live.row.finish_reason is None:
+            return False
+        r = live.row
+        result = RowResult(r.generated, r.text, r.finish_reason, r.logprobs if live.spec.logprobs else None, live.top)
+        events.append(Finished(live.spec.key, result))
+        return True
+
+    # -- contrastive search ---------------------------------------------------------------------
+
+    def _branches(self) -> list[tuple[_Live, list[int]]]:
+        """Each contrastive row with its slots, in the order of its candidates."""
+        rows: dict[int, tuple[_Live, list[int]]] = {}
+        for b, live in enumerate(self.live):
+            if live.contrastive:
+                rows.setdefault(id(live), (live, []))[1].append(b)
+        for _, slots in rows.values():
+            slots.sort(key=self.branch.__getitem__)
+        return list(rows.values())
+
+    def _contrastive_step(self, live: _Live, slots: list[int], events: list[Token | Finished]) -> bool:
+        """Choose among the candidates the last pass evaluated (Su et al. 2022: the most likely
+        penalised by its closest likeness to the context), then take the next candidates from the
+        chosen one's logits. A row just prefilled only takes its first candidates. Returns whether
+        the row finished."""
+        assert self.logits is not None
+        s = live.spec.settings
+        parent = self.logits[slots[0]]
+        if live.branches is not None:
+            assert self.hidden is not None and live.context is not None and live.branch_p is not None
+            h = self.hidden[slots]  # (k, E)
+            likeness = torch.nn.functional.cosine_similarity(live.context[None, :, :], h[:, None, :], dim=-1)
+            scores = (1.0 - s.penalty_alpha) * live.branch_p - s.penalty_alpha * likeness.max(dim=-1).values
+            c = int(scores.masked_fill(live.branch_p <= 0, -float("inf")).argmax())
+            token = live.branches[c]
+            raw, top = self._raw_logprobs(live.parent, token, live) if live.spec.logprobs else (None, None)
+            if self._accept(live, token, raw, top, events):
+                return True
+            live.context = torch.cat([live.context, h[c : c + 1]])
+            self.slots.copy_position(slots[c], [b for b in slots if b != slots[c]], self.slots.lengths[slots[c]] - 1)
+            parent = self.logits[slots[c]]
+        scores = self._processed(live, parent[None].float()).clone()
+        _mask_banned_top(live.rules, live.row, scores[0], s.top_k)  # banned candidates leave before the top-k is taken
+        live.branch_p, top_ids = torch.softmax(scores[0], dim=-1).topk(s.top_k)
+        live.branches, live.parent = top_ids.tolist(), parent
+        return False
 
     # -- admission and removal -------------------------------------------------------------
 
-    def _fits(self, rows: int, longest: int) -> bool:
+    def _fits(self, rows: int, slots: int, longest: int) -> bool:
+        """Can `rows` sequences holding `slots` KV slots run at once (a contrastive row holds one
+        per branch)? One sequence always may."""
+        if rows == 1:
+            return True
         if rows > self.max_rows:
             return False
-        if self.kv_budget is None or rows == 1:
-            return True
-        return rows * longest * self.slots.bytes_per_position <= self.kv_budget
+        return self.kv_budget is None or slots * longest * self.slots.bytes_per_position <= self.kv_budget
 
     def _admit(self) -> list[RowSpec]:
         """Queued rows that fit now, first come first served; their slots are reserved."""
@@ -168,6 +261,8 @@ class Scheduler:
             return []
         joining: list[RowSpec] = []
         longest = max((x.reserve for x in self.live), default=0)
+        heads = [x for b, x in enumerate(self.live) if self.branch[b] == 0]
+        rows, slots = len(heads), sum(x.spec.settings.kv_rows() for x in heads)
         while self.queue:
             spec = self.queue[0]
             if spec.key in self._cancel:
@@ -175,22 +270,21 @@ class Scheduler:
                 self.queue.popleft()
                 continue
             need = max(longest, len(spec.prompt_ids) + spec.settings.max_new_tokens)
-            if not self._fits(len(self.live) + len(joining) + 1, need):
+            if not self._fits(rows + 1, slots + spec.settings.kv_rows(), need):
                 break
             joining.append(self.queue.popleft())
-            longest = need
+            rows, slots, longest = rows + 1, slots + spec.settings.kv_rows(), need
         if joining:
             have_slots, have_pos = self.slots.capacity
-            rows = len(self.live) + len(joining)
             # grow in steps so that a stream of arrivals does not copy the cache at every step
-            slots = rows if rows <= have_slots else min(self.max_rows, max(rows, 2 * have_slots, 8))
+            want = slots if slots <= have_slots else max(slots, min(self.max_rows, max(2 * have_slots, 8)))
             if self.kv_budget is None:
-                self.slots.reserve(slots, longest)
-            elif rows <= have_slots and longest <= have_pos and have_slots * have_pos * self.slots.bytes_per_position <= self.kv_budget:
+                self.slots.reserve(want, longest)
+            elif slots <= have_slots and longest <= have_pos and have_slots * have_pos * self.slots.bytes_per_position <= self.kv_budget:
                 pass  # the cache already holds them, within the budget
             else:  # exactly what the budget holds at this length (earlier, longer rows may have left)
                 fit = self.kv_budget // (longest * self.slots.bytes_per_position)
-                self.slots.resize(max(rows, min(slots, fit)), max(longest, max(self.slots.lengths, default=0)))
+                self.slots.resize(max(slots, min(want, fit)), max(longest, max(self.slots.lengths, default=0)))
         return joining
 
     def _start(self, spec: RowSpec) -> _Live:
@@ -210,6 +304,8 @@ class Scheduler:
         order = self._remove(gone)
         if self.logits is not None:
             self.logits = self.logits[torch.tensor(order, dtype=torch.long, device=self.logits.device)] if order else None
+        if self.hidden is not None:
+            self.hidden = self.hidden[torch.tensor(order, dtype=torch.long, device=self.hidden.device)] if order else None
         if not self.live:
             self.slots = self.model.new_slots()
 
@@ -224,14 +320,15 @@ class Scheduler:
             order.pop()
             self.live[slot] = self.live[last]
             self.live.pop()
+            self.branch[slot] = self.branch[last]
+            self.branch.pop()
         return order
 
     # -- choosing tokens -----------------------------------------------------------------------
 
-    def _raw_logprobs(self, b: int, token: int, live: _Live) -> tuple[float, list[tuple[int, float]] | None]:
+    def _raw_logprobs(self, logits: torch.Tensor, token: int, live: _Live) -> tuple[float, list[tuple[int, float]] | None]:
         """The token's log-probability under the unprocessed model, and the top alternatives' when asked."""
-        assert self.logits is not None
-        logp = torch.log_softmax(self.logits[b].float(), dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         k = live.spec.top_logprobs
         if not k:
             return float(logp[token]), None
@@ -243,7 +340,8 @@ class Scheduler:
         tokens = [0] * len(self.live)
         groups: dict[tuple[object, ...], list[int]] = {}
         for b, live in enumerate(self.live):
-            groups.setdefault(_Sampler.key(live.spec.settings), []).append(b)
+            if not live.contrastive:  # contrastive rows choose among their branches (_contrastive_step)
+                groups.setdefault(_Sampler.key(live.spec.settings), []).append(b)
         for rows in groups.values():
             settings = self.live[rows[0]].spec.settings
             index = torch.tensor(rows, dtype=torch.long, device=logits.device)

@@ -399,7 +399,7 @@ class _CompletionJob:
         return result
 
     def _static(self) -> list[Completion]:
-        """Beam and contrastive search, on the engine thread."""
+        """Beam search, on the engine thread."""
         requests = [
             EngineRequest(
                 id=p,

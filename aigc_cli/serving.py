@@ -7,7 +7,7 @@ get their events back; no HTTP here.
     loop.cancel(keys)                            # rows leave at the next step
     loop.stop()                                  # after the running rows finish
 
-Greedy and sampled rows share forward passes on the scheduler; other work (beam and contrastive
+Greedy, sampled and contrastive rows share forward passes on the scheduler; other work (beam
 search, prompt scoring) runs on the same thread between two steps, so it never races the scheduler
 for the model, and the running rows wait while it runs.
 """

@@ -32,7 +32,7 @@ MODES = {
     Decoding.sample: Mode("scheduler", None, None, default_top_k=50),
     Decoding.greedy: Mode("scheduler", "greedy decoding has one answer per prompt", None),
     Decoding.beam: Mode("beam", None, "num_beams"),
-    Decoding.contrastive: Mode("static", "contrastive search is deterministic", "top_k", default_top_k=4),
+    Decoding.contrastive: Mode("scheduler", "contrastive search is deterministic", "top_k", default_top_k=4),
 }
 DEFAULT_TOP_K = {d: m.default_top_k for d, m in MODES.items() if m.default_top_k is not None}
 DEFAULT_NUM_BEAMS = 4

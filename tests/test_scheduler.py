@@ -203,3 +203,43 @@ def test_attention_blocks_cover_every_slot_once_and_merge_equal_rows():
     blocks = attention_blocks(lengths)
     assert [lo for lo, _, _ in blocks] == [0] + [hi for _, hi, _ in blocks[:-1]] and blocks[-1][1] == 61
     assert all(top == max(lengths[lo:hi]) for lo, hi, top in blocks)
+
+
+def test_contrastive_rows_share_the_scheduler_and_equal_the_static_loop(tiny_lm):
+    """Contrastive-search rows (top-k 2..5, penalties, bans, stop strings) join a running batch of
+    greedy and sampled rows at random steps, in a batch small enough that slots are refilled: each
+    gives exactly the static loop's tokens for its prompt alone, and the others theirs."""
+    from aigc_cli.decoding import generate_rows
+
+    rng = random.Random(13)
+    specs = _mixed_specs(tiny_lm, 40, rng, sampled=True)[:20]
+    for i in range(20, 44):
+        kwargs = dict(decoding="contrastive", top_k=rng.randint(2, 5), penalty_alpha=rng.choice([0.3, 0.6, 0.9]))
+        kwargs["max_new_tokens"] = rng.randint(1, 16)
+        if rng.random() < 0.3:
+            kwargs["repetition_penalty"] = 1.3
+        if rng.random() < 0.2:
+            kwargs["ban"] = ("the",)
+        if rng.random() < 0.2:
+            kwargs["stop"] = ("e",)
+        specs.append(_spec(tiny_lm, i, _prompt(rng), GenerationSettings(**kwargs).resolved()))
+    together = _drain(Scheduler(tiny_lm, max_rows=12), _arrivals(specs, rng))
+    for spec in specs:
+        if spec.settings.decoding.value == "contrastive":
+            static = generate_rows(tiny_lm, [spec.prompt_ids], spec.settings, [spec.seed])[0]
+            assert (together[spec.key].token_ids, together[spec.key].text) == (static.token_ids, static.text), spec
+        else:
+            assert together[spec.key].token_ids == _alone(tiny_lm, spec).token_ids
+
+
+def test_contrastive_on_the_scheduler_equals_the_naive_reference(tiny_lm):
+    from tests.test_decoding import _naive_contrastive
+
+    settings = GenerationSettings(decoding="contrastive", penalty_alpha=0.6, top_k=4, max_new_tokens=12).resolved()
+    greedy = GenerationSettings(decoding="greedy", max_new_tokens=12).resolved()
+    specs = [_spec(tiny_lm, i, p, settings) for i, p in enumerate(["Hello there", "the of and to in", "A"])]
+    beside = [_spec(tiny_lm, 10 + i, p, greedy) for i, p in enumerate(["was he for it", "Hello"])]
+    got = _drain(Scheduler(tiny_lm, max_rows=8), {0: specs[:1] + beside, 2: specs[1:]})
+    for spec in specs:
+        assert got[spec.key].token_ids == _naive_contrastive(tiny_lm, spec.prompt_ids, 4, 0.6, 12)
+    assert got[0].token_ids != _alone(tiny_lm, _spec(tiny_lm, 0, "Hello there", greedy)).token_ids  # the penalty is live

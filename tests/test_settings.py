@@ -74,4 +74,4 @@ def test_every_decoding_mode_is_described_once():
     beam = S(decoding="beam", num_beams=6).resolved()
     contrastive = S(decoding="contrastive", top_k=5).resolved()
     assert (beam.kv_rows(), contrastive.kv_rows(), S().resolved().kv_rows()) == (6, 5, 1)
-    assert S().resolved().top_k == 50 and contrastive.mode.runs_on == "static"
+    assert S().resolved().top_k == 50 and contrastive.mode.runs_on == "scheduler" and beam.mode.runs_on == "beam"
