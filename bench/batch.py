@@ -5,6 +5,7 @@ on the same model and settings; writes bench/RESULTS-batch.md.
     .venv/bin/python bench/batch.py                     # 1,000 prompts
     .venv/bin/python bench/batch.py --prompts 200       # quicker
     .venv/bin/python bench/batch.py --mixed 512         # records of mixed lengths (its own section)
+    .venv/bin/python bench/batch.py --contrastive 32    # contrastive search, scheduler vs static (its own section)
 
 Every case samples (top-k 50) exactly --new-tokens tokens per prompt. (a) and (b) are rates, so
 they are measured on the first --per-process and --reference prompts and reported as tokens/s.
@@ -108,6 +109,63 @@ def mixed(args: argparse.Namespace, path: str) -> list[str]:
     ]
 
 
+def contrastive(args: argparse.Namespace, path: str) -> list[str]:
+    """Contrastive search (top-k 4, alpha 0.6, 48 new tokens) on the scheduler, where each row holds
+    one slot per candidate and shares the batch, against the static loop of the engine before it."""
+    import torch
+
+    from aigc_cli.engine import Engine, Request
+    from aigc_cli.settings import GenerationSettings
+
+    engine = Engine.load(path)
+    settings = GenerationSettings(decoding="contrastive", max_new_tokens=48, min_new_tokens=48).resolved()
+    records = [Request(i, p, settings, 1) for i, p in enumerate(make_prompts(args.contrastive))]
+    batch = None if args.batch_size == "auto" else int(args.batch_size)
+    list(engine.generate(records[:4], batch_size=batch))  # warm-up
+    rows, texts = [], {}
+    for batching, label in (("continuous", "scheduler (default)"), ("grouped", "static batches (the engine before)")):
+        started = time.perf_counter()
+        done = list(engine.generate(records, batch_size=batch, batching=batching))
+        took = time.perf_counter() - started
+        tokens = sum(c.completion_tokens for c in done)
+        texts[batching] = [c.text for c in done]
+        print(f"contrastive, {label}: {took:.1f} s, {tokens / took:.1f} tok/s", flush=True)
+        rows.append(f"| {label} | {took:.1f} s | {tokens / took:.1f} |")
+    same = sum(a == b for a, b in zip(texts["continuous"], texts["grouped"]))
+    machine = f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return [
+        "## Contrastive search",
+        "",
+        f"Run on {datetime.date.today().isoformat()}: {machine}. GPT-2-small shape, random weights, real tokenizer; "
+        f"{len(records)} prompts of 3-40 words, top-k 4, alpha 0.6, 48 new tokens each, batch size {args.batch_size}.",
+        "",
+        "| batching | time | tokens/s |",
+        "|---|---|---|",
+        *rows,
+        "",
+        f"Identical texts: {same} of {len(records)}.",
+        "",
+        f"Rerun: `.venv/bin/python bench/batch.py --contrastive {args.contrastive}`.",
+        "",
+    ]
+
+
+def _write_section(out: Path, section: list[str]) -> None:
+    """Replace the section with this title (up to the next `## `), or append it."""
+    old = out.read_text() if out.exists() else ""
+    title = section[0]
+    parts = old.split("\n## ")
+    kept = [p if i == 0 else "## " + p for i, p in enumerate(parts)]
+    new = "\n".join(section).rstrip("\n") + "\n"
+    for i, part in enumerate(kept):
+        if part.startswith(title + "\n"):
+            kept[i] = new
+            break
+    else:
+        kept.append(new)
+    out.write_text("\n".join(p.rstrip("\n") + "\n" for p in kept))
+
+
 def _cpu_name() -> str:
     from run import _cpu
 
@@ -117,6 +175,7 @@ def _cpu_name() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mixed", type=int, default=0, help="run only the mixed-length case with this many records")
+    parser.add_argument("--contrastive", type=int, default=0, help="run only the contrastive-search case with this many prompts")
     parser.add_argument("--prompts", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--per-process", type=int, default=8, help="prompts timed for (a)")
@@ -130,12 +189,9 @@ def main() -> None:
     from run import _cpu
 
     path = str(build())
-    if args.mixed:
-        section = mixed(args, path)
+    if args.mixed or args.contrastive:
         out = Path(args.out)
-        old = out.read_text() if out.exists() else ""
-        keep = old.split("## Mixed lengths")[0].rstrip("\n")
-        out.write_text((keep + "\n\n" if keep else "") + "\n".join(section))
+        _write_section(out, mixed(args, path) if args.mixed else contrastive(args, path))
         print(f"wrote {out}")
         return
     exe = str(Path(sys.executable).with_name("aigc"))
