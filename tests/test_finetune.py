@@ -39,9 +39,12 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-def test_the_loss_is_transformers_loss_and_so_is_its_gradient(tiny_lm):
+@pytest.mark.parametrize("chunk", [256, 4])  # the head in one chunk, and in four (the gradient buffer written, then added to)
+def test_the_loss_is_transformers_loss_and_so_is_its_gradient(tiny_lm, monkeypatch, chunk):
+    from aigc_cli import finetune
     from aigc_cli.finetune import collate, lm_loss
 
+    monkeypatch.setattr(finetune, "_HEAD_CHUNK", chunk)
     torch.manual_seed(0)
     model = tiny_lm.hf_model.__class__(tiny_lm.hf_model.config)
     model.load_state_dict(tiny_lm.hf_model.state_dict())
@@ -53,11 +56,11 @@ def test_the_loss_is_transformers_loss_and_so_is_its_gradient(tiny_lm):
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    total, count = lm_loss(model, ids, mask, backward=True)
+    total, count = lm_loss(model, ids, mask, backward=True, scale=1 / 14)  # the step's mean, as training asks
     assert count == 5 + 2 + 7
     assert total / count == pytest.approx(float(ref.detach()), abs=1e-5)
     for n, p in model.named_parameters():
-        assert torch.allclose(p.grad / count, ref_grads[n], atol=1e-6), n
+        assert torch.allclose(p.grad, ref_grads[n], atol=1e-6), n
 
 
 def test_the_fused_activation_computes_the_same_function(tiny_lm):
@@ -72,7 +75,23 @@ def test_the_fused_activation_computes_the_same_function(tiny_lm):
     assert any(isinstance(m, NewGELUActivation) for m in model.modules())
     _fuse_activations(model)
     assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
-    assert torch.allclose(model(ids).logits, before, atol=1e-5)
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    assert torch.allclose(model(ids).logits, before, atol=1e-5)  # eval mode: the dropouts stay off
+
+
+def test_the_faster_dropout_drops_p_of_the_values_and_scales_the_rest():
+    from aigc_cli.finetune import _Dropout
+
+    x = torch.ones(400_000, requires_grad=True)
+    drop = _Dropout(0.1).train()
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the same mask and scale
+    assert not torch.equal(drop(x), y)  # a fresh mask each call
+    assert torch.equal(drop.eval()(x), x)
 
 
 def test_a_tiny_corpus_is_memorised_and_the_result_loads_everywhere(corpus, tmp_path, cli):
