@@ -452,7 +452,7 @@ def _contrastive_loop(dec: _Decoder) -> None:
             active = [active[b] for b in keep]
 
 
-def _mask_banned_top(dec: _Decoder, row: _Row, scores: torch.Tensor, width: int) -> None:
+def _mask_banned_top(dec: _Decoder | RowRules, row: _Row, scores: torch.Tensor, width: int) -> None:
     """Mask banned tokens in place until the `width` best candidates of a row are all allowed."""
     if not dec.ban:
         return

@@ -224,9 +224,10 @@ class Scheduler:
         the row finished."""
         assert self.logits is not None
         s = live.spec.settings
+        k = s.top_k or 1  # resolved contrastive settings always have it
         parent = self.logits[slots[0]]
         if live.branches is not None:
-            assert self.hidden is not None and live.context is not None and live.branch_p is not None
+            assert self.hidden is not None and live.context is not None and live.branch_p is not None and live.parent is not None
             h = self.hidden[slots]  # (k, E)
             likeness = torch.nn.functional.cosine_similarity(live.context[None, :, :], h[:, None, :], dim=-1)
             scores = (1.0 - s.penalty_alpha) * live.branch_p - s.penalty_alpha * likeness.max(dim=-1).values
@@ -239,8 +240,8 @@ class Scheduler:
             self.slots.copy_position(slots[c], [b for b in slots if b != slots[c]], self.slots.lengths[slots[c]] - 1)
             parent = self.logits[slots[c]]
         scores = self._processed(live, parent[None].float()).clone()
-        _mask_banned_top(live.rules, live.row, scores[0], s.top_k)  # banned candidates leave before the top-k is taken
-        live.branch_p, top_ids = torch.softmax(scores[0], dim=-1).topk(s.top_k)
+        _mask_banned_top(live.rules, live.row, scores[0], k)  # banned candidates leave before the top-k is taken
+        live.branch_p, top_ids = torch.softmax(scores[0], dim=-1).topk(k)
         live.branches, live.parent = top_ids.tolist(), parent
         return False
 
