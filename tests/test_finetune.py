@@ -111,6 +111,11 @@ def test_a_tiny_corpus_is_memorised_and_the_result_loads_everywhere(corpus, tmp_
     assert (prefix + rec["text"])[:60] == CORPUS[:60], rec["text"]  # the corpus, continued word for word
     s = cli("score", "-", "--model", str(out), "--format", "jsonl", input=CORPUS)
     assert s.exit_code == 0 and json.loads(s.stdout)["perplexity"] < 3
+    p = cli("poem", "the sea", "--form", "haiku", "--seed", "3", "--model", str(out), "--format", "jsonl")
+    assert p.exit_code == 0, p.stderr
+    poem = tmp_path / "poem.txt"
+    poem.write_text(json.loads(p.stdout)["text"])
+    assert cli("poem", "--check", str(poem), "--form", "haiku").exit_code == 0  # the form holds on the tuned model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf = AutoModelForCausalLM.from_pretrained(out)
