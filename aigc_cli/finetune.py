@@ -504,7 +504,7 @@ class _DropoutFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
-        keep = torch.rand(x.shape, device=x.device, dtype=torch.float32).ge_(p)
+        keep = torch.rand(x.shape, device=x.device, dtype=torch.float32).ge(p)  # bool: a byte per value
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
         return x * keep * ctx.scale
