@@ -248,6 +248,15 @@ def test_beam_and_contrastive_requests(server, engine):
     assert [c.text for c in r.choices] == local(engine, "Hello", 0, n=2, max_new_tokens=6, decoding="beam", num_beams=3, top_k=None)
     r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, extra_body={"decoding": "contrastive", "penalty_alpha": 0.6})
     assert [c.text for c in r.choices] == local(engine, "Hello", 0, max_new_tokens=6, decoding="contrastive", top_k=None)
+    # contrastive rows run on the scheduler: they stream token by token, with logprobs
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="Hello", max_tokens=6, stream=True, logprobs=1, extra_body={"decoding": "contrastive", "penalty_alpha": 0.6}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 1
+    assert all(c.choices[0].logprobs.token_logprobs[0] <= 0 for c in chunks if c.choices and c.choices[0].text)
 
 
 def test_a_client_that_goes_away_mid_stream_frees_its_rows(server):
