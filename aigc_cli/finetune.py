@@ -16,7 +16,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from aigc_cli import jsondata
 from aigc_cli.errors import UsageError
 
 CHECKPOINT = "checkpoint"  # DIR/checkpoint/state.pt
@@ -124,7 +127,7 @@ def _jsonl_texts(text: str, name: str) -> Iterator[str]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = jsondata.loads(line)
             value = record["text"]
         except (ValueError, KeyError, TypeError):
             raise UsageError(f"{name} line {number}: not a JSON object with a \"text\" field") from None
@@ -425,19 +428,19 @@ class Trainer:
                     part, _ = lm_loss(self.model, ids, mask, backward=True, scale=1.0 / max(count, 1))
                 loss_sum += part
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.step += 1
-            self._step_start = None
             tokens_seen += count
             rate = tokens_seen / max(time.perf_counter() - started, 1e-9)
             loss = loss_sum / max(count, 1)
-            record: dict[str, Any] = {"step": self.state.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": rate}
+            with _uninterrupted():  # the update, the step count and its log line: all or nothing
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.step += 1
+                self._step_start = None
+                self._log({"step": self.state.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": rate})
             every = self.schedule
             if every.eval_every and self.state.step % every.eval_every == 0 and self.state.step < self.total:
-                record["val_perplexity"] = self.val_perplexity()
-            self._log(record)
+                self._log({"step": self.state.step, "val_perplexity": self.val_perplexity()})
             progress(self.state.step, loss, rate)
             if every.sample_every and self.state.step % every.sample_every == 0:
                 self.say(f"sample at step {self.state.step}: {self.sample()!r}")
@@ -551,6 +554,28 @@ def _fused(device: str) -> dict[str, Any]:
     except (RuntimeError, TypeError, ValueError):
         return {}
     return {"fused": True}
+
+
+class _uninterrupted:
+    """A block that Ctrl-C or SIGTERM cannot split (in the main thread): a signal that arrives
+    inside it raises KeyboardInterrupt as the block ends. An interruption inside an optimizer step,
+    or between a step and its log line, would save a checkpoint that no longer matches the weights
+    or the log."""
+
+    def __enter__(self) -> None:
+        self.caught, self.saved = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._hold)
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.caught = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        if self.caught and exc[0] is None:
+            raise KeyboardInterrupt
 
 
 class _rng_kept:

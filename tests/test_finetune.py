@@ -158,6 +158,48 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(corpus, tmp_pat
     assert steps == list(range(1, 121))  # no step logged twice or missing
 
 
+@pytest.mark.parametrize("where", ["optimizer step", "log line"])
+def test_an_interruption_cannot_split_a_step_from_its_log_line(cli, corpus, tmp_path, uninterrupted, monkeypatch, where):
+    """Ctrl-C at the worst moments, on purpose: inside the optimizer's update (weights half
+    changed, the step not counted) and between a counted step and its log line. The step finishes
+    and is logged, then the run stops; the resumed run ends where an uninterrupted one does."""
+    from aigc_cli import finetune
+
+    out = tmp_path / "model"
+    args = ["finetune", str(corpus), "-o", str(out), *TRAIN, "--steps", "120", "--save-every", "7"]
+    real_log, real_adamw = finetune.Trainer._log, torch.optim.AdamW.step
+
+    def log(self, record):
+        if where == "log line" and record.get("step") == 16 and "loss" in record:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_log(self, record)
+
+    def step(self, *a, **kw):
+        result = real_adamw(self, *a, **kw)
+        if where == "optimizer step" and finetune_state["trainer"].state.step == 15:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    finetune_state = {}
+    real_init = finetune.Trainer.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        finetune_state["trainer"] = self
+
+    monkeypatch.setattr(finetune.Trainer, "_log", log)
+    monkeypatch.setattr(finetune.Trainer, "__init__", init)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    r = cli(*args)
+    assert r.exit_code == 130 and "interrupted at step 16" in r.stderr, r.stderr
+    monkeypatch.undo()
+    r = _aigc(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    steps = [json.loads(x)["step"] for x in (out / "training_log.jsonl").read_text().splitlines() if "loss" in x]
+    assert steps == list(range(1, 121))
+    assert _same(_weights(out), uninterrupted)
+
+
 def test_resume_refuses_other_settings_or_data(corpus, tmp_path):
     out = tmp_path / "model"
     args = ["finetune", str(corpus), "-o", str(out), *TRAIN, "--steps", "30", "--save-every", "5"]
