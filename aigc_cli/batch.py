@@ -18,6 +18,7 @@ from pathlib import Path
 from string import Template
 from typing import IO, Any
 
+from aigc_cli import jsondata
 from aigc_cli.errors import RecordError, UsageError
 from aigc_cli.settings import FLAGS, GenerationSettings, SettingsError
 
@@ -120,7 +121,7 @@ def _chain(head: list[tuple[int, bytes]], rest: Iterator[tuple[int, bytes]]) -> 
 
 def _is_json_object(data: bytes) -> bool:
     try:
-        return isinstance(json.loads(data), dict)
+        return isinstance(jsondata.loads(data), dict)
     except ValueError:
         return False
 
@@ -140,9 +141,9 @@ def _parse_line(number: int, data: bytes, fmt: InputFormat, template: Template |
         fields: dict[str, Any] = {"prompt": text}
     else:
         try:
-            fields = json.loads(text)
+            fields = jsondata.loads(text)
         except ValueError as exc:
-            record.error = RecordError("malformed_json", f"line {number} is not valid JSON ({exc.msg})")
+            record.error = RecordError("malformed_json", f"line {number} is not valid JSON ({jsondata.reason(exc)})")
             return record
         if not isinstance(fields, dict):
             record.error = RecordError("malformed_json", f"line {number} is not a JSON object")
@@ -242,7 +243,7 @@ def resume_state(data: bytes, path: str) -> ResumeState:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = jsondata.loads(line)
             if "error" in rec:
                 state.error_lines.add(int(rec["line"]))
                 state.records += 1

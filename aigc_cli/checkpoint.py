@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from aigc_cli import jsondata
 from aigc_cli.errors import ModelUnavailableError
 
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -22,7 +23,7 @@ def read_config(path: Path) -> dict[str, Any]:
     """config.json as a dict; ModelUnavailableError naming the file when it is not one."""
     f = path / "config.json"
     try:
-        config = json.loads(f.read_text(encoding="utf-8"))
+        config = jsondata.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ModelUnavailableError(f"{f}: not a readable JSON config ({exc})") from None
     if not isinstance(config, dict):

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from aigc_cli import jsondata
 from aigc_cli.engine import Completion, Request, check_length, prompt_ids
 from aigc_cli.errors import AigcError, ModelUnavailableError, UsageError
 from aigc_cli.openai_api import request_body
@@ -167,7 +168,7 @@ class RemoteEngine:
         if response.status != 200:
             self._refused(response.status, data)
         try:
-            return json.loads(data)
+            return jsondata.loads(data)
         except ValueError:
             raise AigcError(f"--server {self.url}: {path} answered something that is not JSON") from None
 
@@ -182,14 +183,19 @@ class RemoteEngine:
             payload = line[5:].strip()
             if payload == "[DONE]":
                 return
-            event = json.loads(payload)
+            try:
+                event = jsondata.loads(payload)
+            except ValueError:
+                raise AigcError(f"--server {self.url}: {path} streamed an event that is not JSON") from None
+            if not isinstance(event, dict):
+                raise AigcError(f"--server {self.url}: {path} streamed an event that is not a JSON object")
             if "error" in event:
                 raise AigcError(f"--server {self.url}: {event['error'].get('message')}")
             yield event
 
     def _refused(self, status: int, data: bytes) -> None:
         try:
-            message = json.loads(data)["error"]["message"]
+            message = jsondata.loads(data)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = data[:200].decode("utf-8", "replace") or f"HTTP {status}"
         if status == 401:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from aigc_cli import jsondata
 from aigc_cli.caches import cache_dir, file_identity
 from aigc_cli.errors import ModelUnavailableError, UsageError
 from aigc_cli.tiny import TINY_MODELS
@@ -87,7 +88,7 @@ def weights_sha256(path: Path) -> str:
     key = json.dumps([file_identity(f) for f in files])
     cache = cache_dir() / "weights-sha256.json"
     try:
-        known = json.loads(cache.read_text())
+        known = jsondata.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
     if key in known:
@@ -144,7 +145,7 @@ def check_local_dir(path: Path) -> None:
     files = [first]
     if first.name.endswith(".index.json"):
         try:
-            index = json.loads(first.read_text())
+            index = jsondata.loads(first.read_text())
             files = [path / f for f in sorted(set(index["weight_map"].values()))]
         except (OSError, ValueError, KeyError) as exc:
             raise ModelUnavailableError(f"{first}: unreadable weights index ({exc})") from None
@@ -172,7 +173,7 @@ def _check_weights_file(f: Path) -> None:
         if 8 + header_len > size:
             raise ModelUnavailableError(f"{f}: truncated safetensors file (header says {header_len} bytes, file has {size})")
         try:
-            header = json.loads(fh.read(header_len))
+            header = jsondata.loads(fh.read(header_len))
         except ValueError:
             raise ModelUnavailableError(f"{f}: corrupt safetensors header") from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)

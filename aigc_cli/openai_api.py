@@ -4,12 +4,12 @@ framework and no torch here (server.py serves it, client.py speaks it)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aigc_cli import jsondata
 from aigc_cli.settings import Decoding, GenerationSettings, SettingsError
 
 DEFAULT_MAX_TOKENS = 16  # as in the OpenAI API
@@ -102,9 +102,9 @@ class CompletionRequest:
 
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad(f"the request body is not valid JSON ({exc})") from None
+        body = jsondata.loads(raw)
+    except ValueError as exc:
+        raise bad(f"the request body is not valid JSON ({jsondata.reason(exc)})") from None
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     return body

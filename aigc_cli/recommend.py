@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import random
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from aigc_cli import jsondata
 from aigc_cli.errors import UsageError
 
 SAMPLE = "sample"  # --catalog sample / --eval sample: the small data shipped with aigc
@@ -108,9 +108,9 @@ def _rows(text: str, suffix: str, what: str) -> list[dict[str, Any]]:
         rows = []
         for n, line in enumerate(lines, start=1):
             try:
-                row = json.loads(line)
+                row = jsondata.loads(line)
             except ValueError as exc:
-                raise UsageError(f"{what}: line {n} is not valid JSON ({exc.msg})") from None
+                raise UsageError(f"{what}: line {n} is not valid JSON ({jsondata.reason(exc)})") from None
             if not isinstance(row, dict):
                 raise UsageError(f"{what}: line {n} is not a JSON object")
             rows.append(row)
@@ -151,7 +151,7 @@ def _need_title(columns: Any, what: str) -> None:
 
 def load_profile(path: str) -> Profile:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = jsondata.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"--profile {path}: cannot read a JSON object ({exc})") from None
     if not isinstance(data, dict):
@@ -275,7 +275,7 @@ def load_eval(path: str) -> list[EvalUser]:
     for n, line in enumerate(lines, start=1):
         if line.lstrip().startswith("{"):
             try:
-                row = json.loads(line)
+                row = jsondata.loads(line)
                 profile = Profile(interests=list(row.get("interests", [])), liked=list(row.get("liked", [])))
                 users.append(EvalUser(profile, [str(c) for c in row["candidates"]], {str(c) for c in row["positives"]}))
             except (ValueError, KeyError, TypeError) as exc:

@@ -3,10 +3,12 @@ transformers tokenizer API that aigc uses, without importing transformers at sta
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from aigc_cli import jsondata
+from aigc_cli.errors import ModelUnavailableError
 
 
 class Tokenizer(Protocol):
@@ -31,8 +33,14 @@ class FastTokenizer:
 
         self._tok = tok if tok is not None else Tokenizer.from_file(str(path / "tokenizer.json"))
         config: dict[str, Any] = {}
-        if (path / "tokenizer_config.json").is_file():
-            config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        file = path / "tokenizer_config.json"
+        if file.is_file():
+            try:
+                config = jsondata.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ModelUnavailableError(f"{file}: not a readable JSON file ({jsondata.reason(exc)})") from None
+            if not isinstance(config, dict):
+                raise ModelUnavailableError(f"{file}: not a JSON object")
         special = {k: _content(config.get(k)) for k in ("eos_token", "bos_token", "pad_token", "sep_token", "unk_token")}
         self.eos_token = special["eos_token"]
         self.bos_token = special["bos_token"]

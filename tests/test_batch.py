@@ -86,6 +86,7 @@ def test_error_records_for_every_bad_kind_and_the_job_goes_on(cli, tmp_path):
                 json.dumps({"prompt": "p", "n": "two"}).encode(),
                 json.dumps({"no_prompt": 1}).encode(),
                 json.dumps([1, 2]).encode(),
+                b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # too deep for the JSON parser
                 good,
             ]
         )
@@ -105,16 +106,18 @@ def test_error_records_for_every_bad_kind_and_the_job_goes_on(cli, tmp_path):
         "bad_override",
         "missing_prompt",
         "malformed_json",
+        "malformed_json",
         None,
     ]
     # the id is the record's own (its line number when it has none), null when it cannot be read
-    assert [x["id"] for x in recs] == [1, 2, 3, None, None, 6, 7, 8, None, 10]
+    assert [x["id"] for x in recs] == [1, 2, 3, None, None, 6, 7, 8, None, None, 11]
     for x in recs:
         if "error" in x:
             assert x["error"]["message"].startswith(f"line {x['line']}")
     assert "40 tokens" in recs[2]["error"]["message"] and "1024" in recs[2]["error"]["message"]
     assert "'top_p'" in recs[5]["error"]["message"]
-    assert "8 of 10 records" in r.stderr
+    assert "nested too deeply" in recs[9]["error"]["message"]
+    assert "9 of 11 records" in r.stderr
 
 
 def test_strict_stops_at_the_first_bad_record_keeping_what_is_done(cli, tmp_path):

@@ -211,6 +211,14 @@ def test_a_broken_config_is_named_as_such(cli, tiny_dir, tmp_path):
     assert r.exit_code == 3 and "config.json" in r.stderr and "tokenizer" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("text", ['{"eos_token": ', "[1, 2]", "[" * 100_000])
+def test_a_broken_tokenizer_config_is_named_as_such(cli, tiny_dir, tmp_path, text):
+    model = _model_variant(tiny_dir, tmp_path, lambda c: None)
+    (model / "tokenizer_config.json").write_text(text)
+    r = cli("generate", "hi", "--model", str(model), "--max-new-tokens", "2")
+    assert r.exit_code == 3 and "tokenizer_config.json" in r.stderr and "Error" not in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("kind", ["native", "transformers"])
 def test_weights_larger_than_memory_are_refused(cli, tiny_dir, tmp_path, monkeypatch, kind):
     from aigc_cli import checkpoint

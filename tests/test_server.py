@@ -325,6 +325,8 @@ def test_client_mistakes_are_400_naming_the_parameter(server, body, param):
 def test_other_refusals(server, engine):
     status, err = _error(server, b"{not json")
     assert status == 400
+    status, err = _error(server, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")  # too deep for the parser
+    assert status == 400 and "nested too deeply" in err["message"]
     long = "word " * 1020
     count = len(engine.tokenizer.encode(long))
     status, err = _error(server, {"model": MODEL, "prompt": long, "max_tokens": 16})
