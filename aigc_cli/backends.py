@@ -119,7 +119,7 @@ class TransformersBackend:
         layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)
         width = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None)
         heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None)
-        if not all(isinstance(v, int) for v in (layers, width, heads)):
+        if not (isinstance(layers, int) and isinstance(width, int) and isinstance(heads, int)):
             return None
         kv_heads = getattr(c, "num_key_value_heads", None) or heads
         head_dim = getattr(c, "head_dim", None) or width // heads

@@ -313,7 +313,7 @@ def generate(
         records=lambda: source.records(tmpl, input_format),
         settings=settings,
         output=output,
-        inputs=([source.path or ""] if source.kind == "file" else [0] if source.kind == "stdin" else []) + ([template] if template else []),
+        inputs=[*([source.path or ""] if source.kind == "file" else [0] if source.kind == "stdin" else []), *([template] if template else [])],
         resume=resume,
         shard=shard_spec,
         batch_size=batch,
@@ -351,7 +351,7 @@ class _Source:
 
     @property
     def total(self) -> int | None:
-        return count_lines(self.path) if self.kind == "file" else None
+        return count_lines(self.path) if self.kind == "file" and self.path is not None else None
 
     def records(self, template: Any, input_format: InputFormat) -> Iterator[Any]:
         if self.kind == "args":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 
@@ -61,7 +61,7 @@ class _Row:
     def text_with(self, token: int) -> str:
         return self.tokenizer.decode(self.generated + [token], clean_up_tokenization_spaces=False)
 
-    def push(self, token: int, step: int, eos: int, s: GenerationSettings, logprob: float | None = None) -> bool:
+    def push(self, token: int, step: int, eos: int | None, s: GenerationSettings, logprob: float | None = None) -> bool:
         """Append one token (step counts from 0); returns whether the text grew."""
         if token == eos:
             self.finish_reason = "eos"
@@ -104,7 +104,7 @@ class RowRules:
             procs.append(NoRepeatNGram(s.no_repeat_ngram_size))
         if self.ban_sequences:
             procs.append(NoBadWords(self.ban_sequences))
-        if s.min_new_tokens > 0:
+        if s.min_new_tokens > 0 and self.eos is not None:  # without an EOS token there is nothing to hold back
             procs.append(MinNewTokens(prompt_width, s.min_new_tokens, self.eos))
         return procs
 
@@ -181,6 +181,16 @@ class _Runner:
     def __init__(self, model: Backend, batch: int, capacity: int) -> None:
         self.model = model
         self.cache = model.new_cache(batch, capacity)
+
+    @overload
+    def __call__(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, hidden: Literal[False] = ...
+    ) -> tuple[torch.Tensor, None]: ...
+
+    @overload
+    def __call__(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, hidden: Literal[True]
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, hidden: bool = False
@@ -407,7 +417,7 @@ def _unbanned(dec: Any, row: _Row, row_scores: torch.Tensor, token: int, draw: t
 def _contrastive_loop(dec: _Decoder) -> None:
     """Contrastive search (Su et al. 2022): among the top-k tokens pick the one maximising
     (1 - alpha) * p(v) - alpha * max_j cos(h_v, h_j) over the context's last-layer states."""
-    k, alpha = dec.s.top_k, dec.s.penalty_alpha
+    k, alpha = dec.s.k, dec.s.penalty_alpha
     active = list(range(len(dec.rows)))
     ids, mask = dec.ids, dec.mask
     run = _Runner(dec.model, len(dec.rows), dec.prompt_width + dec.s.max_new_tokens + 1)
@@ -495,7 +505,7 @@ def generate_beam(
     s = settings
     dec = _Decoder(lm, [prompt], s, None, extra_processors)
     if dec.ban:
-        dec.processors.append(_BanLogits(dec, 2 * s.num_beams))
+        dec.processors.append(_BanLogits(dec, 2 * s.beams))
     sequences = _beam_loop(dec, lm.model)
     results = []
     for seq in sequences:
@@ -511,7 +521,7 @@ def generate_beam(
 def _beam_loop(dec: _Decoder, model: Backend) -> list[list[int]]:
     """transformers' `_beam_search` for one prompt (batch size 1), on any backend: same scores,
     length penalty, early-stop heuristic and finished-beam bookkeeping (tested against `generate`)."""
-    s, nb, eos = dec.s, dec.s.num_beams, dec.eos
+    s, nb, eos = dec.s, dec.s.beams, dec.eos
     length_penalty, early_stopping = s.length_penalty, s.early_stopping
     prompt = dec.ids  # (1, P): one prompt, no padding
     width = prompt.shape[1]

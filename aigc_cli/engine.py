@@ -9,7 +9,7 @@ import dataclasses
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from aigc_cli.errors import RecordError
 from aigc_cli.settings import FLAGS, GenerationSettings
@@ -26,7 +26,6 @@ DEFAULT_CPU_BATCH = 64
 DEFAULT_GPU_BATCH = 64
 AUTO_KV_BUDGET = 1 << 30  # bytes
 T = TypeVar("T")
-_END = object()
 
 
 def prompt_ids(prompt: str, tokenize: Callable[[str], Sequence[int]]) -> list[int]:
@@ -235,8 +234,9 @@ class Engine:
 
         def read_one() -> bool:
             nonlocal count
-            item = next(source, _END)
-            if item is _END:
+            try:
+                item = next(source)
+            except StopIteration:
                 return False
             req = request_of(item)
             if req is not None and req.prompt_ids is None:
@@ -274,9 +274,10 @@ class Engine:
                         assert sched is not None
                         for event in sched.step():
                             if isinstance(event, Finished):
-                                owner = owners[event.key[0]]
-                                row = _Row(owner, event.key[1], list(owner.prompt_ids or ()))
-                                results[event.key] = self._completion(row, event.result)
+                                key = cast(tuple[int, int], event.key)  # (read number, sequence index), as submitted
+                                owner = owners[key[0]]
+                                row = _Row(owner, key[1], list(owner.prompt_ids or ()))
+                                results[key] = self._completion(row, event.result)
                         more = more and fill()
                     else:
                         pending = [(m, q) for m, _, q in ahead if q is not None and not on_scheduler(q)]

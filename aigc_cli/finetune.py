@@ -289,7 +289,7 @@ class Trainer:
         per_epoch = math.ceil(len(self.train) / settings.batch_size)
         self.per_epoch = per_epoch
         self.total = settings.steps or max(1, math.ceil(settings.epochs * per_epoch / settings.grad_accum))
-        self.fingerprint = {"data": data_hash, "settings": dataclasses.asdict(settings)}
+        self.fingerprint: dict[str, Any] = {"data": data_hash, "settings": dataclasses.asdict(settings)}
         torch.manual_seed(settings.seed)
         self.optimizer = torch.optim.AdamW(self._groups(), lr=settings.lr, **_fused(self.device))
         from transformers import get_linear_schedule_with_warmup
@@ -300,7 +300,8 @@ class Trainer:
 
     def _groups(self) -> list[dict[str, Any]]:
         """Weight decay on matrices, not on biases and norms (as transformers' Trainer does)."""
-        decay, plain = [], []
+        decay: list[torch.nn.Parameter] = []
+        plain: list[torch.nn.Parameter] = []
         for name, p in self.model.named_parameters():
             (plain if p.ndim < 2 or "norm" in name or name.endswith(".bias") else decay).append(p)
         return [{"params": decay, "weight_decay": self.s.weight_decay}, {"params": plain, "weight_decay": 0.0}]

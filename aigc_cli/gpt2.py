@@ -241,9 +241,13 @@ class _Linear:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.weight, self.bias, self.packed = weight, bias, None
+        self.weight: torch.Tensor | None = weight  # None once packed
+        self.bias = bias
+        self.packed: torch.Tensor | None = None  # oneDNN's layout of the weight
+        self.zero_bias: torch.Tensor | None = None  # the bias for the packed call (zeros when there is none)
 
     def to(self, device: str | None, dtype: torch.dtype | None) -> _Linear:
+        assert self.weight is not None, "a packed _Linear is not moved again"
         weight = self.weight.to(device=device, dtype=dtype)
         bias = self.bias.to(device=device, dtype=dtype) if self.bias is not None else None
         out = _Linear(weight, bias)
@@ -256,6 +260,7 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.zero_bias, "none", [], "")
+        assert self.weight is not None
         if self.bias is None:
             return x @ self.weight
         return torch.addmm(self.bias, x, self.weight)

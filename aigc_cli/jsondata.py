@@ -17,6 +17,6 @@ def loads(data: str | bytes) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-def reason(exc: ValueError) -> str:
+def reason(exc: Exception) -> str:
     """Why `loads` failed, in a few words (without the text itself)."""
     return getattr(exc, "msg", None) or str(exc)

@@ -288,8 +288,12 @@ def load(name: str, device: str = "auto", dtype: str = "auto", quantize: str = "
         tokenizer.pad_token = tokenizer.eos_token
     if hf is not None:
         hf = _finish_hf(hf, tokenizer, dev, torch_dtype)
-    model: Backend = native if native is not None else TransformersBackend(hf)
-    context = native.cfg.n_positions if native is not None else _context_of(hf.config)
+    model: Backend
+    if native is not None:
+        model, context = native, native.cfg.n_positions
+    else:
+        assert hf is not None  # one of the two loaded
+        model, context = TransformersBackend(hf), _context_of(hf.config)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -418,7 +422,7 @@ def _load_pretrained(res: Resolution, torch_dtype: Any, tokenizer: bool = True) 
     _quiet_transformers()
     from transformers import AutoModelForCausalLM
 
-    source = res.path if res.kind in ("local", "hub-cache") else res.name
+    source = res.path if res.kind in ("local", "hub-cache") and res.path is not None else res.name
     local_only = res.kind != "hub"
     tok = _load_tokenizer(res) if tokenizer else None
     try:

@@ -100,6 +100,12 @@ class CompletionRequest:
     return_token_ids: bool = False
 
 
+def _given(body: dict[str, Any], key: str, default: float) -> Any:
+    """The body's value for `key`, or `default` where it is absent or null."""
+    value = body.get(key)
+    return default if value is None else value
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         body = jsondata.loads(raw)
@@ -197,9 +203,9 @@ def completion_request(body: dict[str, Any]) -> CompletionRequest:
         typical_p=float(body.get("typical_p") or 1.0),
         min_p=float(body["min_p"]) if body.get("min_p") else None,
         num_beams=body.get("num_beams"),
-        length_penalty=float(body.get("length_penalty") if body.get("length_penalty") is not None else 1.0),
+        length_penalty=float(_given(body, "length_penalty", 1.0)),
         early_stopping=bool(body.get("early_stopping")),
-        penalty_alpha=float(body.get("penalty_alpha") if body.get("penalty_alpha") is not None else 0.6),
+        penalty_alpha=float(_given(body, "penalty_alpha", 0.6)),
         repetition_penalty=float(body.get("repetition_penalty") or 1.0),
         no_repeat_ngram_size=body.get("no_repeat_ngram_size") or 0,
         stop=tuple(stops),

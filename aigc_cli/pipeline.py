@@ -17,7 +17,7 @@ import dataclasses
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aigc_cli.batch import BatchJob, InputRecord, ResumeState, Summary, resume_state
 from aigc_cli.outfile import OutputFile
@@ -67,7 +67,7 @@ class GeneratePipeline:
     def run(
         self,
         load: Callable[[], Generator],
-        make_emit: Callable[[IO[str] | None, GenerationSettings], tuple[Emit, OnText | None]],
+        make_emit: Callable[[OutputFile | None, GenerationSettings], tuple[Emit, OnText | None]],
         on_progress: Callable[[Summary], None] | None = None,
     ) -> Summary:
         """Open and lock the output, read its resume state, `load()` the engine, choose the seed,

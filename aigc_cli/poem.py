@@ -227,7 +227,8 @@ class FormConstraint:
         st = _english_state(self.tok.decode([t for t in row if t != v.eos], clean_up_tokenization_spaces=False))
         if st.index >= form.lines or st.ended:
             key: tuple[Any, ...] = (st.index, st.ended)
-            earlier, final_ok, shortest, may_end = (), None, 0, False
+            earlier: tuple[str, ...] = ()
+            final_ok, shortest, may_end = None, 0, False
         else:
             lo, hi = form.lengths[st.index]
             earlier, final_ok, shortest = self._requirement(st.index, st.finals)

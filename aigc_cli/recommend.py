@@ -371,7 +371,8 @@ def ideas(engine: Any, interests: list[str], per_interest: int, seed: int | None
     ).resolved()
     base = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
     requests = [Request(i, template.safe_substitute(interests=x), settings, base) for i, x in enumerate(interests)]
-    rows, seen = [], set()
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[Any, str]] = set()
     for c in engine.generate(requests):
         idea = c.text.strip().strip(".-*").strip()
         key = (c.id, idea.lower())

@@ -198,9 +198,9 @@ class Scheduler:
             events.append(Token(live.spec.key, token, live.row.text, raw, top))
             if live.spec.on_text is not None:
                 live.spec.on_text(live.row.text)
-        if live.row.finish_reason is None:
-            return False
         r = live.row
+        if r.finish_reason is None:
+            return False
         result = RowResult(r.generated, r.text, r.finish_reason, r.logprobs if live.spec.logprobs else None, live.top)
         events.append(Finished(live.spec.key, result))
         return True
@@ -224,7 +224,7 @@ class Scheduler:
         the row finished."""
         assert self.logits is not None
         s = live.spec.settings
-        k = s.top_k or 1  # resolved contrastive settings always have it
+        k = s.k
         parent = self.logits[slots[0]]
         if live.branches is not None:
             assert self.hidden is not None and live.context is not None and live.branch_p is not None and live.parent is not None

@@ -125,7 +125,7 @@ def sliding_windows(n: int, context: int, stride: int) -> list[tuple[int, int, i
 
 def perplexity(
     model: Backend,
-    ids: Sequence[int],
+    ids: Sequence[int] | torch.Tensor,
     bos_id: int,
     context: int,
     stride: int | None = None,

@@ -143,11 +143,25 @@ class GenerationSettings:
         top_k = s.top_k if s.top_k is not None else MODES[decoding].default_top_k
         if decoding is Decoding.contrastive:
             _check(
-                1 <= top_k <= MAX_CONTRASTIVE_K,
+                top_k is not None and 1 <= top_k <= MAX_CONTRASTIVE_K,
                 "top_k",
                 f"must be from 1 to {MAX_CONTRASTIVE_K} for contrastive search (got {top_k})",
             )
         return dataclasses.replace(s, decoding=decoding, num_beams=num_beams, top_k=top_k)
+
+    @property
+    def k(self) -> int:
+        """top_k of resolved sampling or contrastive settings (0: no limit, for sampling)."""
+        if self.top_k is None:
+            raise ValueError(f"top_k is not set for {self.decoding.value} decoding (resolve the settings first)")
+        return self.top_k
+
+    @property
+    def beams(self) -> int:
+        """num_beams of resolved beam-search settings."""
+        if self.num_beams is None:
+            raise ValueError(f"num_beams is not set for {self.decoding.value} decoding (resolve the settings first)")
+        return self.num_beams
 
     @property
     def mode(self) -> Mode:

@@ -79,7 +79,7 @@ def build_tiny(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions:
     from transformers import GPT2Tokenizer
 
     vocab, merges, words = english_vocab()
-    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]  # typed list[str]; BPE wants (a, b) pairs
     favoured = [i for t, i in vocab.items() if t in words] + list(range(32, 127)) + [10]
     model = _random_gpt2(len(vocab), tokenizer.eos_token_id, favoured, n_layer, n_embd, n_head, n_positions)
     return model, tokenizer
