@@ -74,8 +74,25 @@ def load_template(path: str) -> Template:
         raise UsageError(f"--template {path}: cannot read ({exc})") from None
 
 
+# A longer input line is an error record, read past in chunks and never held whole: no prompt that
+# fits a model's context comes near it (GPT-2: 1,024 tokens of at most 128 bytes), and a file that is
+# one endless line (a binary, a log without newlines) must not fill the memory.
+MAX_LINE_BYTES = 64 << 20
+TOO_LONG = b"\0line too long\0"  # stands for such a line (a real line has its newline stripped, never this)
+
+
 def _numbered_lines(raw: IO[bytes]) -> Iterator[tuple[int, bytes]]:
-    for number, data in enumerate(raw, start=1):
+    number = 0
+    while True:
+        data = raw.readline(MAX_LINE_BYTES + 1)
+        if not data:
+            return
+        number += 1
+        if len(data) > MAX_LINE_BYTES and not data.endswith(b"\n"):
+            while data and not data.endswith(b"\n"):  # the rest of the line, a chunk at a time
+                data = raw.readline(1 << 20)
+            yield number, TOO_LONG
+            continue
         if number == 1 and data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark is not text
             data = data[3:]
         yield number, data.rstrip(b"\n").rstrip(b"\r")
@@ -89,7 +106,7 @@ def read_records(raw: IO[bytes], fmt: InputFormat, template: Template | None = N
         fmt = InputFormat.lines
         for number, data in lines:
             head.append((number, data))
-            if data.strip():
+            if data is not TOO_LONG and data.strip():
                 fmt = InputFormat.jsonl if _is_json_object(data) else InputFormat.lines
                 break
     ordinal = 0
@@ -132,6 +149,9 @@ def _parse_line(number: int, data: bytes, fmt: InputFormat, template: Template |
     record = InputRecord(ordinal=0, line=number, id=number, where=f"line {number}")
     if fmt is InputFormat.jsonl:
         record.id = None
+    if data is TOO_LONG:
+        record.error = RecordError("line_too_long", f"line {number} is longer than {MAX_LINE_BYTES >> 20} MiB")
+        return record
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -130,8 +131,23 @@ class Engine:
     def tokenizer(self) -> Tokenizer:
         return self.lm.tokenizer
 
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """Characters in the vocabulary's longest token string (byte-level BPE writes one character
+        per byte): no token of any text stands for more characters than this."""
+        return max(map(len, self.tokenizer.get_vocab()), default=1)
+
     def encode(self, prompt: str, settings: GenerationSettings) -> list[int]:
-        """Token ids of a prompt; RecordError when it is empty or does not fit the context."""
+        """Token ids of a prompt; RecordError when it is empty or does not fit the context. A prompt
+        with more characters than the context's tokens could ever hold is refused before it is
+        tokenized (a 100 MB line took minutes and 17 GB to count)."""
+        limit = self.context_length * self.longest_token
+        if len(prompt) > limit:
+            raise RecordError(
+                "prompt_too_long",
+                f"the prompt has {len(prompt):,} characters: more than the model's context of {self.context_length} "
+                f"tokens can hold (its longest token has {self.longest_token} characters)",
+            )
         ids = prompt_ids(prompt, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         self.check_ids(ids, settings)
         return ids

@@ -26,6 +26,8 @@ class Tokenizer(Protocol):
 
     def __len__(self) -> int: ...
 
+    def get_vocab(self) -> dict[str, int]: ...
+
 
 class FastTokenizer:
     def __init__(self, path: Path, tok: Any = None) -> None:
@@ -69,6 +71,9 @@ class FastTokenizer:
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

@@ -396,3 +396,47 @@ def test_a_well_formed_csv_with_quotes_and_blank_lines_loads(tmp_path):
     f.write_text('\ufeffid,title,description\n1,"A, with a comma",x\n\n2,"Say ""hi""",y\n')
     items = load_catalog(str(f))
     assert [(i.id, i.title) for i in items] == [("1", "A, with a comma"), ("2", 'Say "hi"')]
+
+
+# --- inputs larger than memory -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", ["jsonl", "too long"])
+def test_a_line_too_long_to_hold_is_an_error_record_and_is_never_read_whole(cli, tmp_path, monkeypatch, first):
+    from aigc_cli import batch
+
+    monkeypatch.setattr(batch, "MAX_LINE_BYTES", 256)
+    long = "x" * 5000  # read past in 1 MiB chunks; the limit is 64 MiB for real
+    lines = [json.dumps({"prompt": "one"}), json.dumps({"prompt": long}), json.dumps({"prompt": "three"})]
+    if first == "too long":  # JSONL is still recognised behind it
+        lines = [json.dumps({"prompt": long}), *lines]
+    f = _write(tmp_path / "p.jsonl", lines)
+    r = cli("generate", "-f", str(f), "--max-new-tokens", "2", *TINY)
+    assert r.exit_code == 4, r.stderr
+    recs = _records(r.stdout)
+    bad = [x for x in recs if "error" in x]
+    assert [x["prompt"] for x in recs if "error" not in x] == ["one", "three"]
+    assert [x["error"]["code"] for x in bad] == ["line_too_long"] * len(bad) and bad[-1]["line"] == len(lines) - 1
+    assert "longer than" in bad[-1]["error"]["message"]
+
+
+def test_a_prompt_longer_than_any_context_is_refused_before_it_is_tokenized(tiny_lm, monkeypatch):
+    from aigc_cli.engine import Engine
+    from aigc_cli.errors import RecordError
+    from aigc_cli.settings import GenerationSettings
+
+    engine = Engine(tiny_lm)
+    settings = GenerationSettings(max_new_tokens=2).resolved()
+    longest = engine.longest_token
+    assert longest == max(len(t) for t in tiny_lm.tokenizer.get_vocab())
+    fits = "word " * 200  # far fewer characters than the bound: tokenized and accepted
+    assert engine.encode(fits, settings)
+    tokenized: list[int] = []
+    real = tiny_lm.tokenizer.encode
+    monkeypatch.setattr(tiny_lm.tokenizer, "encode", lambda text, **kw: tokenized.append(len(text)) or real(text, **kw))
+    with pytest.raises(RecordError) as err:
+        engine.encode("a" * (engine.context_length * longest + 1), settings)
+    assert err.value.code == "prompt_too_long" and "characters" in str(err.value) and tokenized == []
+    with pytest.raises(RecordError) as err:  # at the bound it is tokenized, and the count decides
+        engine.encode("a " * (engine.context_length * longest // 2), settings)
+    assert err.value.code == "prompt_too_long" and "tokens" in str(err.value) and tokenized
