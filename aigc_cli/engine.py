@@ -141,16 +141,20 @@ class Engine:
         """Token ids of a prompt; RecordError when it is empty or does not fit the context. A prompt
         with more characters than the context's tokens could ever hold is refused before it is
         tokenized (a 100 MB line took minutes and 17 GB to count)."""
-        limit = self.context_length * self.longest_token
-        if len(prompt) > limit:
+        self.check_characters(prompt)
+        ids = prompt_ids(prompt, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
+        self.check_ids(ids, settings)
+        return ids
+
+    def check_characters(self, prompt: str) -> None:
+        """RecordError when a prompt has more characters than the context could hold as tokens:
+        checked before tokenizing, which costs time and memory in proportion to the text."""
+        if len(prompt) > self.context_length * self.longest_token:
             raise RecordError(
                 "prompt_too_long",
                 f"the prompt has {len(prompt):,} characters: more than the model's context of {self.context_length} "
                 f"tokens can hold (its longest token has {self.longest_token} characters)",
             )
-        ids = prompt_ids(prompt, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
-        self.check_ids(ids, settings)
-        return ids
 
     def check_ids(self, ids: Sequence[int], settings: GenerationSettings) -> None:
         """RecordError unless these prompt ids and settings can be generated from: not empty, in the

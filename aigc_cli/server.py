@@ -170,7 +170,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise bad("'prompt' must be a string", "prompt")
         if "model" in body:
             _check_model(state, body["model"])
-        ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = await asyncio.to_thread(engine.tokenizer.encode, prompt, add_special_tokens=False)  # the streams go on meanwhile
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.context_length})
 
     @app.post("/v1/completions")
@@ -304,6 +304,12 @@ class _CompletionJob:
         self.prompt_ids: list[list[int]] = []
         self.prompt_texts: list[str] = []
         for p, prompt in enumerate(req.prompts):
+            if isinstance(prompt, str):
+                try:  # before tokenizing, which holds up every stream of the server while it runs
+                    engine.check_characters(prompt)
+                except RecordError as exc:
+                    where = f"prompt {p}: " if len(req.prompts) > 1 else ""
+                    raise bad(f"{where}{exc.message}", "prompt", "context_length_exceeded") from None
             ids = tok.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else prompt
             self._check(p, ids, prompt)
             self.prompt_ids.append(ids)

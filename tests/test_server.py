@@ -322,6 +322,14 @@ def test_client_mistakes_are_400_naming_the_parameter(server, body, param):
     assert status == 400 and err["param"] == param and err["type"] == "invalid_request_error"
 
 
+def test_tokenize_gives_the_engines_tokens(server, engine):
+    text = "Hello there, friend " * 50
+    status, _, data = server.raw("POST", "/tokenize", {"model": MODEL, "prompt": text})
+    body = json.loads(data)
+    assert status == 200 and body["tokens"] == engine.tokenizer.encode(text) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == engine.context_length
+
+
 def test_other_refusals(server, engine):
     status, err = _error(server, b"{not json")
     assert status == 400
@@ -332,6 +340,9 @@ def test_other_refusals(server, engine):
     status, err = _error(server, {"model": MODEL, "prompt": long, "max_tokens": 16})
     assert status == 400 and err["code"] == "context_length_exceeded"
     assert "1024" in err["message"] and f"{count} in the prompt" in err["message"] and "16 to generate" in err["message"]
+    huge = "a" * (engine.context_length * engine.longest_token + 1)  # refused before it is tokenized
+    status, err = _error(server, {"model": MODEL, "prompt": huge, "max_tokens": 16})
+    assert status == 400 and err["code"] == "context_length_exceeded" and "characters" in err["message"], err
     status, err = _error(server, {"model": "gpt-4", "prompt": "x"})
     assert status == 404 and err["code"] == "model_not_found" and err["param"] == "model"
     status, err = _error(server, {"model": MODEL, "prompt": "x"}, path="/v1/nowhere")
