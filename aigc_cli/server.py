@@ -308,8 +308,7 @@ class _CompletionJob:
                 try:  # before tokenizing, which holds up every stream of the server while it runs
                     engine.check_characters(prompt)
                 except RecordError as exc:
-                    where = f"prompt {p}: " if len(req.prompts) > 1 else ""
-                    raise bad(f"{where}{exc.message}", "prompt", "context_length_exceeded") from None
+                    raise bad(f"{self._where(p)}{exc.message}", "prompt", "context_length_exceeded") from None
             ids = tok.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else prompt
             self._check(p, ids, prompt)
             self.prompt_ids.append(ids)
@@ -318,8 +317,12 @@ class _CompletionJob:
         self.choices = {(p, i): _Choice(p, i) for p in range(len(req.prompts)) for i in wanted}
         self.echo_logprobs: list[list[Any]] = []
 
+    def _where(self, p: int) -> str:
+        """How messages name prompt p: only when the request has more than one."""
+        return f"prompt {p}: " if len(self.req.prompts) > 1 else ""
+
     def _check(self, p: int, ids: list[int], prompt: str | list[int]) -> None:
-        where = f"prompt {p}: " if len(self.req.prompts) > 1 else ""
+        where = self._where(p)
         if isinstance(prompt, str) and (prompt == "" or prompt.isspace()) or not ids:
             raise bad(f"{where}the prompt is empty", "prompt", "empty_prompt")
         wanted = 0 if self.req.score_only else self.req.settings.max_new_tokens
