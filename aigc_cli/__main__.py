@@ -1,6 +1,6 @@
 """Entry point for `python -m aigc_cli`."""
 
-from aigc_cli.cli import main
+from aigc_cli.frontends.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -46,8 +46,8 @@ def mixed(args: argparse.Namespace, path: str) -> list[str]:
     was before the scheduler (static batches of identical settings, sorted by prompt length)."""
     import torch
 
-    from aigc_cli.engine import Engine, Request
-    from aigc_cli.settings import GenerationSettings
+    from aigc_cli.engine.engine import Engine, Request
+    from aigc_cli.core.settings import GenerationSettings
 
     engine = Engine.load(path)
     base = GenerationSettings(decoding="greedy").resolved()
@@ -134,8 +134,8 @@ def contrastive(args: argparse.Namespace, path: str) -> list[str]:
     one slot per candidate and shares the batch, against the static loop of the engine before it."""
     import torch
 
-    from aigc_cli.engine import Engine, Request
-    from aigc_cli.settings import GenerationSettings
+    from aigc_cli.engine.engine import Engine, Request
+    from aigc_cli.core.settings import GenerationSettings
 
     engine = Engine.load(path)
     settings = GenerationSettings(decoding="contrastive", max_new_tokens=48, min_new_tokens=48).resolved()

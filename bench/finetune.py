@@ -31,8 +31,8 @@ TRAINER = r"""
 import json, sys, time
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-from aigc_cli.finetune import make_examples
-from aigc_cli.models import load_trainable
+from aigc_cli.apps.finetune import make_examples
+from aigc_cli.models.loading import load_trainable
 
 model_dir, data, steps, block, batch, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 torch.manual_seed(0)

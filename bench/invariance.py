@@ -26,8 +26,8 @@ def main() -> None:
     from make_model import build
     from run import _cpu
 
-    from aigc_cli.engine import Engine, Request
-    from aigc_cli.settings import GenerationSettings
+    from aigc_cli.engine.engine import Engine, Request
+    from aigc_cli.core.settings import GenerationSettings
 
     engine = Engine.load(str(build()))
     prompts = make_prompts(24)

@@ -24,7 +24,7 @@ def build(target: Path = TARGET) -> Path:
             tok = GPT2Tokenizer(vocab=str(SHARED / "vocab.json"), merges=str(SHARED / "merges.txt"))
     else:
         print("warning: ../shared/gpt2-tokenizer not found; using the tiny byte-level tokenizer", file=sys.stderr)
-        from aigc_cli.tiny import build_tiny
+        from aigc_cli.models.tiny import build_tiny
 
         _, tok = build_tiny()
     torch.manual_seed(0)

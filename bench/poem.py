@@ -24,11 +24,11 @@ def main() -> None:
 
     import torch
 
-    from aigc_cli.engine import Engine, Request
-    from aigc_cli.poem import write_poems
-    from aigc_cli.poetics import FORMS
-    from aigc_cli.prompts import load_prompt
-    from aigc_cli.settings import GenerationSettings as S
+    from aigc_cli.engine.engine import Engine, Request
+    from aigc_cli.apps.poem import write_poems
+    from aigc_cli.apps.poetics import FORMS
+    from aigc_cli.apps.prompts import load_prompt
+    from aigc_cli.core.settings import GenerationSettings as S
 
     template = load_prompt("poem-en.txt", "-")
     rows = []

@@ -53,10 +53,10 @@ def main() -> None:
 
     import torch
 
-    from aigc_cli.engine import Engine, Request
-    from aigc_cli.scoring import perplexity
-    from aigc_cli.settings import Decoding
-    from aigc_cli.settings import GenerationSettings as S
+    from aigc_cli.engine.engine import Engine, Request
+    from aigc_cli.engine.scoring import perplexity
+    from aigc_cli.core.settings import Decoding
+    from aigc_cli.core.settings import GenerationSettings as S
 
     if args.model is None:
         from make_model import build

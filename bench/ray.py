@@ -49,12 +49,12 @@ def startup(model: Path, workers: int) -> float:
 def driver_rate(model: Path, n: int) -> float:
     """Records/s through the driver's side of the pipeline (parse, tokenize, fingerprint, write) with
     an engine that returns a fixed text at once."""
-    from aigc_cli.batch import InputFormat, read_records
-    from aigc_cli.engine import Completion
-    from aigc_cli.models import load_tokenizer
-    from aigc_cli.output import json_line
-    from aigc_cli.pipeline import GenerateJob, GeneratePipeline
-    from aigc_cli.settings import GenerationSettings
+    from aigc_cli.jobs.records import InputFormat, read_records
+    from aigc_cli.engine.engine import Completion
+    from aigc_cli.models.loading import load_tokenizer
+    from aigc_cli.frontends.cli.render import json_line
+    from aigc_cli.jobs.pipeline import GenerateJob, GeneratePipeline
+    from aigc_cli.core.settings import GenerationSettings
 
     tokenizer, _ = load_tokenizer(str(model))
 

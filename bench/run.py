@@ -147,9 +147,9 @@ def _worker(kind: str, path: str, ct2_dir: str, conn: Any) -> None:
             return out[0, batch["input_ids"].shape[1] :].tolist()
 
     else:
-        from aigc_cli.engine import Engine, Request
-        from aigc_cli.settings import Decoding
-        from aigc_cli.settings import GenerationSettings as S
+        from aigc_cli.engine.engine import Engine, Request
+        from aigc_cli.core.settings import Decoding
+        from aigc_cli.core.settings import GenerationSettings as S
 
         engine = Engine.load(path, quantize=kind)
         settings = {
@@ -227,7 +227,7 @@ def main() -> None:
         args.repeat,
     )
     report("whole process: 1 prompt, 44 greedy tokens, exit", times["aigc"], times["ref"], "s")
-    from aigc_cli.quantize import int8_cache_dir
+    from aigc_cli.models.quantize import int8_cache_dir
 
     readme = [*cli, "-n", "5", "--max-new-tokens", "44", "--min-new-tokens", "44"]
     shutil.rmtree(int8_cache_dir(), ignore_errors=True)  # the first int8 run quantizes and fills the cache

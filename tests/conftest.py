@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from aigc_cli.cli import app
+from aigc_cli.frontends.cli.app import app
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
 
 @pytest.fixture(scope="session")
 def tiny_lm():
-    from aigc_cli.models import load
+    from aigc_cli.models.loading import load
 
     return load("tiny-random")
 
@@ -31,7 +31,7 @@ def tiny_lm():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model saved as a local model directory (config, safetensors, tokenizer files)."""
-    from aigc_cli.tiny import build_tiny
+    from aigc_cli.models.tiny import build_tiny
 
     model, tokenizer = build_tiny()
     path = tmp_path_factory.mktemp("tiny-model")

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aigc_cli.engine import Engine, Request
-from aigc_cli.settings import Decoding, GenerationSettings as S
+from aigc_cli.engine.engine import Engine, Request
+from aigc_cli.core.settings import Decoding, GenerationSettings as S
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aigc_cli.tiny import build_tiny
+    from aigc_cli.models.tiny import build_tiny
 
     _, tokenizer = build_tiny()
     config = LlamaConfig(
@@ -38,7 +38,7 @@ def llama(llama_dir):
 
 
 def test_the_adapter_runs_what_the_native_pass_cannot(llama):
-    from aigc_cli.backends import TransformersBackend
+    from aigc_cli.models.backends import TransformersBackend
 
     assert isinstance(llama.lm.model, TransformersBackend) and not llama.lm.native
     assert llama.lm.model.continuous is False
@@ -80,7 +80,7 @@ def test_batched_rows_equal_rows_alone_and_sampling_is_seeded(llama):
 
 
 def test_scoring_equals_transformers_logits(llama):
-    from aigc_cli.scoring import continuation_logprobs, prompt_logprobs
+    from aigc_cli.engine.scoring import continuation_logprobs, prompt_logprobs
 
     ids = llama.tokenizer.encode("The sea at night is", add_special_tokens=False)
     logits = llama.lm.hf_model(torch.tensor([ids])).logits[0].float()

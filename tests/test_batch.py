@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from aigc_cli.batch import BatchJob, InputFormat, read_records
-from aigc_cli.output import Messages, Streams
-from aigc_cli.settings import GenerationSettings
+from aigc_cli.jobs.records import BatchJob, InputFormat, read_records
+from aigc_cli.frontends.cli.render import Messages, Streams
+from aigc_cli.core.settings import GenerationSettings
 
 TINY = ("--model", "tiny-random")
 WORDS = "the of and to in is was he for it with as his on be at by had are but from or have an they".split()
@@ -154,9 +154,9 @@ def test_batch_size_does_not_change_any_record(cli, tmp_path, decoding):
 def test_auto_batches_stay_within_the_kv_budget(tiny_lm, monkeypatch):
     """`--batch-size auto` runs up to 64 rows, fewer when their KV cache at full length would pass
     the budget (the KV slots allocated stay within it too); the records are those of fixed-size batches."""
-    from aigc_cli import engine
-    from aigc_cli.engine import Engine, Request
-    from aigc_cli.scheduler import Scheduler
+    from aigc_cli.engine import engine
+    from aigc_cli.engine.engine import Engine, Request
+    from aigc_cli.engine.scheduler import Scheduler
 
     eng = Engine(tiny_lm)
     settings = GenerationSettings(max_new_tokens=6, seed=5).resolved()
@@ -239,7 +239,7 @@ def test_bad_batch_flags(cli, args, message):
 
 def test_reading_is_lazy_and_memory_bounded(tiny_lm):
     """An endless input: the job reads it a few batches ahead of what is written, never whole."""
-    from aigc_cli.engine import Engine
+    from aigc_cli.engine.engine import Engine
 
     class Endless(io.RawIOBase):
         def __init__(self):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from aigc_cli.errors import ModelUnavailableError
-from aigc_cli.output import OutputFormat, SequenceRenderer, Streams
+from aigc_cli.core.errors import ModelUnavailableError
+from aigc_cli.frontends.cli.render import OutputFormat, SequenceRenderer, Streams
 from tests.conftest import ANSI
 
 TINY = ("--model", "tiny-random")
@@ -153,7 +153,7 @@ def test_bad_input(cli, args, code, message):
 
 
 def test_no_prompt_on_a_terminal_is_a_usage_error(cli, monkeypatch):
-    monkeypatch.setattr("aigc_cli.cli._stdin_is_terminal", lambda: True)
+    monkeypatch.setattr("aigc_cli.frontends.cli.app._stdin_is_terminal", lambda: True)
     r = cli("generate", *TINY)
     assert r.exit_code == 2 and "no prompt given" in r.stderr
 
@@ -298,7 +298,7 @@ def test_hub_download_flow_with_a_fake_hub(cli, tiny_dir, monkeypatch, files, wa
         asked["repo"], asked["patterns"] = repo_id, allow_patterns
         return str(tiny_dir)
 
-    monkeypatch.setattr("aigc_cli.models._hub_reachable", lambda: True)
+    monkeypatch.setattr("aigc_cli.models.loading._hub_reachable", lambda: True)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id: files)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     r = cli("generate", "hi", "--model", "some-org/some-gpt2", "--decoding", "greedy", "--max-new-tokens", "3")

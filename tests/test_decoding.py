@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from aigc_cli.decoding import _BanLogits, _Decoder, generate_beam, generate_rows, row_seed
-from aigc_cli.textrules import find_stop
-from aigc_cli.engine import Engine, Request
-from aigc_cli.settings import Decoding, GenerationSettings as S
+from aigc_cli.engine.decoding import _BanLogits, _Decoder, generate_beam, generate_rows, row_seed
+from aigc_cli.core.textrules import find_stop
+from aigc_cli.engine.engine import Engine, Request
+from aigc_cli.core.settings import Decoding, GenerationSettings as S
 
 PROMPTS = ["Hello, how are you?", "The", "Once upon a time, in a land far away", "x = 1;"]
 
@@ -194,7 +194,7 @@ def test_ban_holds_on_every_output(tiny_lm, decoding):
 
 def test_native_forward_equals_transformers(tiny_lm, tiny_dir):
     """aigc's own GPT-2 forward pass (used for decoding and scoring) against transformers' on the same weights."""
-    from aigc_cli.gpt2 import load_gpt2
+    from aigc_cli.models.gpt2 import load_gpt2
 
     assert tiny_lm.native
     ids = torch.tensor([_ids(tiny_lm, "Hello, how are you? The night is dark and full of stars")])
@@ -215,7 +215,7 @@ def test_native_forward_equals_transformers(tiny_lm, tiny_dir):
 def test_kv_cache_select_keeps_the_chosen_rows():
     """Reordering, shrinking and branching the cache (beam, finished rows, contrastive search) through
     its reused buffers keeps exactly the chosen rows' filled positions, as plain indexing would."""
-    from aigc_cli.gpt2 import Config, KVCache
+    from aigc_cli.models.gpt2 import Config, KVCache
 
     cfg = Config(n_layer=2, n_head=2, n_embd=8, n_positions=16, vocab_size=10, eps=1e-5, tied=True)
     cache = KVCache(cfg, 4, 16, torch.float32, "cpu")
@@ -243,7 +243,7 @@ def test_native_load_maps_the_token_table(tmp_path, tied):
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from aigc_cli.gpt2 import load_gpt2
+    from aigc_cli.models.gpt2 import load_gpt2
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=tied)
@@ -264,8 +264,8 @@ def test_native_load_maps_the_token_table(tmp_path, tied):
 
 def test_native_load_without_memory_maps(tiny_lm, tiny_dir, monkeypatch):
     """Where the weights file cannot be mapped, the token table is read into memory instead."""
-    from aigc_cli.gpt2 import load_gpt2
-    from aigc_cli.weights import SafetensorsReader
+    from aigc_cli.models.gpt2 import load_gpt2
+    from aigc_cli.models.weights import SafetensorsReader
 
     def refuse(self, name):
         raise OSError("no mmap here")
@@ -286,7 +286,7 @@ def test_processors_equal_transformers():
         RepetitionPenaltyLogitsProcessor,
     )
 
-    from aigc_cli.processors import MinNewTokens, NoBadWords, NoRepeatNGram, RepetitionPenalty
+    from aigc_cli.engine.processors import MinNewTokens, NoBadWords, NoRepeatNGram, RepetitionPenalty
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 12, (4, 9), generator=gen)
@@ -316,7 +316,7 @@ def test_sampler_filters_equal_transformers_warpers():
         TypicalLogitsWarper,
     )
 
-    from aigc_cli.decoding import _Sampler
+    from aigc_cli.engine.decoding import _Sampler
 
     gen = torch.Generator().manual_seed(1)
     scores = torch.randn(6, 300, generator=gen) * 3
@@ -356,7 +356,7 @@ def test_sampler_filters_equal_transformers_warpers():
 
 def test_the_race_draws_from_the_filtered_distribution():
     """Gumbel-max with counter-based noise: frequencies over many draws match the probabilities."""
-    from aigc_cli.decoding import _Sampler
+    from aigc_cli.engine.decoding import _Sampler
 
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -30.0]])
     probs = torch.softmax(logits, -1)[0]
@@ -373,7 +373,7 @@ def test_the_two_stage_race_draws_from_the_whole_distribution():
     """Plain sampling over a large vocabulary races blocks on their masses, then tokens inside the
     winning block: the same distribution as one race over every token (frequencies within 4.5
     standard errors of softmax; a banned (-inf) token never drawn)."""
-    from aigc_cli.decoding import _Sampler
+    from aigc_cli.engine.decoding import _Sampler
 
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(1, 3001, generator=gen) * 2  # 11 full blocks and a partial one
@@ -396,7 +396,7 @@ def test_the_race_ignores_noise_at_the_level_batch_shapes_cause():
     """A nucleus of ~30,000 near-equal tokens (top-p 0.9, top-k off) whose logits move by 3e-6, as a
     different batch shape moves them: the drawn token hardly ever changes (inverse-CDF sampling
     over the same nucleus and noise changes 302 of these 512 draws)."""
-    from aigc_cli.decoding import _Sampler
+    from aigc_cli.engine.decoding import _Sampler
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 50257, generator=gen) * 0.05
@@ -429,7 +429,7 @@ def test_the_race_ignores_noise_at_the_level_batch_shapes_cause():
     ids=["early", "lp2-min", "lpneg-rep", "stop", "ngram1"],
 )
 def test_native_beam_search_equals_transformers_beam_search(tiny_lm, extra):
-    from aigc_cli.decoding import _beam_loop
+    from aigc_cli.engine.decoding import _beam_loop
 
     kw = {"num_sequences": 3, **extra}
     for prompt in PROMPTS[:3]:
@@ -445,7 +445,7 @@ def test_native_beam_search_equals_transformers_beam_search(tiny_lm, extra):
 def test_recorded_logprobs_equal_scoring_the_finished_text(tiny_lm, decoding):
     """Log-probabilities recorded while decoding (poem reranking uses them) are the unprocessed
     model's: equal to scoring the generated tokens afterwards, even under a repetition penalty."""
-    from aigc_cli.scoring import continuation_logprobs
+    from aigc_cli.engine.scoring import continuation_logprobs
 
     n = 3 if decoding == "sample" else 1
     settings = S(decoding=Decoding(decoding), num_sequences=n, max_new_tokens=16, repetition_penalty=1.5, seed=2).resolved()

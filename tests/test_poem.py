@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from aigc_cli.decoding import generate_rows
-from aigc_cli.engine import Engine
-from aigc_cli.errors import UsageError
-from aigc_cli.poem import FormConstraint, token_budget, write_poems
-from aigc_cli.poetics import FORMS, check, hanzi_rhyme, resolve_form, rhyme_key, syllables
-from aigc_cli.prompts import load_prompt
-from aigc_cli.settings import Decoding, GenerationSettings as S
+from aigc_cli.engine.decoding import generate_rows
+from aigc_cli.engine.engine import Engine
+from aigc_cli.core.errors import UsageError
+from aigc_cli.apps.poem import FormConstraint, token_budget, write_poems
+from aigc_cli.apps.poetics import FORMS, check, hanzi_rhyme, resolve_form, rhyme_key, syllables
+from aigc_cli.apps.prompts import load_prompt
+from aigc_cli.core.settings import Decoding, GenerationSettings as S
 
 EN_FORMS = ["free", "haiku", "tanka", "limerick", "couplet", "quatrain", "sonnet"]
 ZH_FORMS = ["wujue", "qijue", "wulv", "qilv"]
@@ -86,7 +86,7 @@ def test_control_without_the_constraint_fails_the_form(en, zh, name):
     prompt = engine.encode(load_prompt(f"poem-{form.language}.txt", "-").replace("$topic", "the sea"), S().resolved())
     settings = S(num_sequences=1, max_new_tokens=token_budget(form), seed=0).resolved()
     results = generate_rows(engine.lm, [prompt] * 8, settings, list(range(8)))
-    from aigc_cli.poem import poem_text
+    from aigc_cli.apps.poem import poem_text
 
     texts = [poem_text(engine.tokenizer, form, r.token_ids) for r in results]
     assert not any(check(t, form).ok for t in texts)

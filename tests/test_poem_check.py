@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aigc_cli.poetics import check, resolve_form, verse_lines
+from aigc_cli.apps.poetics import check, resolve_form, verse_lines
 
 BASHO = """An old silent pond
 A frog jumps into the pond

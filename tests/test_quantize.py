@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from aigc_cli.gpt2 import from_hf_model
-from aigc_cli.poetics import FORMS, check
-from aigc_cli.quantize import Fp16Linear, Int8Linear, int8_rows
-from aigc_cli.settings import Decoding
-from aigc_cli.settings import GenerationSettings as S
+from aigc_cli.models.gpt2 import from_hf_model
+from aigc_cli.apps.poetics import FORMS, check
+from aigc_cli.models.quantize import Fp16Linear, Int8Linear, int8_rows
+from aigc_cli.core.settings import Decoding
+from aigc_cli.core.settings import GenerationSettings as S
 
 
 def test_int8_linear_equals_a_naive_dequantized_computation():
@@ -67,14 +67,14 @@ def test_quantized_models_keep_no_float32_token_table(models):
 
 @pytest.fixture(scope="module")
 def int8_engine():
-    from aigc_cli.engine import Engine
+    from aigc_cli.engine.engine import Engine
 
     return Engine.load("tiny-random", quantize="int8")
 
 
 @pytest.mark.parametrize("decoding", ["greedy", "sample", "beam", "contrastive"])
 def test_every_decoding_mode_runs_quantized(int8_engine, decoding):
-    from aigc_cli.engine import Request
+    from aigc_cli.engine.engine import Request
 
     n = 1 if decoding in ("greedy", "contrastive") else 2
     beams = {"num_beams": 3} if decoding == "beam" else {}
@@ -111,9 +111,9 @@ def test_greedy_agreement_and_perplexity_against_float32(cli, tiny_dir):
 
 @pytest.mark.parametrize("model, form", [("tiny-random", "limerick"), ("tiny-random-zh", "wujue")])
 def test_poem_form_holds_quantized(model, form):
-    from aigc_cli.engine import Engine
-    from aigc_cli.poem import write_poems
-    from aigc_cli.prompts import load_prompt
+    from aigc_cli.engine.engine import Engine
+    from aigc_cli.apps.poem import write_poems
+    from aigc_cli.apps.prompts import load_prompt
 
     engine = Engine.load(model, quantize="int8")
     settings = S(num_sequences=2, seed=5).resolved()
@@ -148,8 +148,8 @@ def test_int8_weights_are_cached_for_the_next_run(tiny_dir, monkeypatch, tmp_pat
     """The first int8 load stores its int8 weights; the next one reads them and quantizes nothing."""
     import os
 
-    from aigc_cli import quantize as q8
-    from aigc_cli.gpt2 import load_gpt2
+    from aigc_cli.models import quantize as q8
+    from aigc_cli.models.gpt2 import load_gpt2
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     ids = torch.tensor([[5, 17, 42, 99, 3]])

@@ -80,9 +80,9 @@ def test_ray_records_equal_the_local_backend(tmp_path, no_stray_ray):
 
 
 def test_a_worker_killed_mid_job_is_restarted_and_the_records_are_identical(tiny_lm, no_stray_ray):
-    from aigc_cli.engine import Engine, Request
-    from aigc_cli.ray_backend import RayEngine
-    from aigc_cli.settings import GenerationSettings
+    from aigc_cli.engine.engine import Engine, Request
+    from aigc_cli.frontends.ray_backend import RayEngine
+    from aigc_cli.core.settings import GenerationSettings
 
     settings = GenerationSettings(num_sequences=2, max_new_tokens=24, top_p=0.9, seed=2).resolved()
     engine = Engine(tiny_lm)

@@ -76,7 +76,7 @@ def test_a_full_disk_names_the_file_without_a_traceback(cli, tmp_path):
 
 def test_a_full_disk_keeps_what_was_written_and_hints_resume(cli, tmp_path, monkeypatch):
     """The disk fills after the first record: exit 1, the file keeps that record, --resume completes it."""
-    from aigc_cli import outfile
+    from aigc_cli.jobs import outfile
 
     f = _write(tmp_path / "p.txt", ["one", "two", "three"])
     out = tmp_path / "out.jsonl"
@@ -221,7 +221,7 @@ def test_a_broken_tokenizer_config_is_named_as_such(cli, tiny_dir, tmp_path, tex
 
 @pytest.mark.parametrize("kind", ["native", "transformers"])
 def test_weights_larger_than_memory_are_refused(cli, tiny_dir, tmp_path, monkeypatch, kind):
-    from aigc_cli import checkpoint
+    from aigc_cli.models import checkpoint
 
     edit = (lambda c: None) if kind == "native" else (lambda c: c.update(scale_attn_by_inverse_layer_idx=True))
     model = _model_variant(tiny_dir, tmp_path, edit)
@@ -260,7 +260,7 @@ def test_jsonl_overrides_are_bounded_and_finite(cli, tmp_path):
 
 
 def test_beams_that_memory_cannot_hold_are_refused(cli, monkeypatch):
-    from aigc_cli import checkpoint
+    from aigc_cli.models import checkpoint
 
     monkeypatch.setattr(checkpoint, "available_memory", lambda: 1 << 16)
     r = cli("generate", "hi", *TINY, "--decoding", "beam", "--num-beams", "8")
@@ -269,7 +269,7 @@ def test_beams_that_memory_cannot_hold_are_refused(cli, monkeypatch):
 
 def test_score_holds_a_bounded_slice_of_the_logits(tiny_lm, monkeypatch):
     """The LM head runs on a bounded number of positions at a time, whatever the text's length."""
-    from aigc_cli import scoring
+    from aigc_cli.engine import scoring
 
     sizes = []
     real = tiny_lm.model.logits
@@ -286,7 +286,7 @@ def test_score_holds_a_bounded_slice_of_the_logits(tiny_lm, monkeypatch):
 
 
 def test_long_texts_are_tokenized_in_pieces_with_the_same_ids(tiny_lm, monkeypatch):
-    from aigc_cli import scoring
+    from aigc_cli.engine import scoring
 
     text = "".join(f"line {i} of the text,  with  spaces\n\n  indented {i}\n" for i in range(400))
     monkeypatch.setattr(scoring, "_PIECE", 500)
@@ -314,7 +314,7 @@ def test_control_characters_are_escaped_for_a_screen_and_kept_in_data(cli):
 
 
 def test_visible_shows_every_control_character_and_keeps_text():
-    from aigc_cli.output import visible
+    from aigc_cli.frontends.cli.render import visible
 
     assert visible("a\tb\nc") == "a\tb\nc"
     assert visible("\x1b\x00\x7f\x9b") == "^[^@^?M-^["
@@ -324,7 +324,7 @@ def test_visible_shows_every_control_character_and_keeps_text():
 def test_error_messages_on_a_terminal_are_escaped(monkeypatch):
     import io
 
-    from aigc_cli.output import Messages, Streams
+    from aigc_cli.frontends.cli.render import Messages, Streams
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -339,7 +339,7 @@ def test_error_messages_on_a_terminal_are_escaped(monkeypatch):
 
 
 def test_stop_takes_backslash_escapes_as_the_help_shows(cli):
-    from aigc_cli.textrules import unescape
+    from aigc_cli.core.textrules import unescape
 
     assert unescape(r"\n") == "\n" and unescape(r"a\tb\\n") == "a\tb\\n" and unescape(r"\u00e9\x41") == "éA"
     assert unescape(r"\d") == r"\d"
@@ -390,7 +390,7 @@ def test_malformed_catalog_rows_are_errors_naming_the_row(cli, tmp_path, text, m
 
 
 def test_a_well_formed_csv_with_quotes_and_blank_lines_loads(tmp_path):
-    from aigc_cli.recommend import load_catalog
+    from aigc_cli.apps.recommend import load_catalog
 
     f = tmp_path / "catalog.csv"
     f.write_text('\ufeffid,title,description\n1,"A, with a comma",x\n\n2,"Say ""hi""",y\n')
@@ -403,7 +403,7 @@ def test_a_well_formed_csv_with_quotes_and_blank_lines_loads(tmp_path):
 
 @pytest.mark.parametrize("first", ["jsonl", "too long"])
 def test_a_line_too_long_to_hold_is_an_error_record_and_is_never_read_whole(cli, tmp_path, monkeypatch, first):
-    from aigc_cli import batch
+    from aigc_cli.jobs import records as batch
 
     monkeypatch.setattr(batch, "MAX_LINE_BYTES", 256)
     long = "x" * 5000  # read past in 1 MiB chunks; the limit is 64 MiB for real
@@ -421,9 +421,9 @@ def test_a_line_too_long_to_hold_is_an_error_record_and_is_never_read_whole(cli,
 
 
 def test_a_prompt_longer_than_any_context_is_refused_before_it_is_tokenized(tiny_lm, monkeypatch):
-    from aigc_cli.engine import Engine
-    from aigc_cli.errors import RecordError
-    from aigc_cli.settings import GenerationSettings
+    from aigc_cli.engine.engine import Engine
+    from aigc_cli.core.errors import RecordError
+    from aigc_cli.core.settings import GenerationSettings
 
     engine = Engine(tiny_lm)
     settings = GenerationSettings(max_new_tokens=2).resolved()

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from aigc_cli.decoding import row_seed
-from aigc_cli.scheduler import Finished, RowSpec, Scheduler, Token
-from aigc_cli.settings import GenerationSettings
+from aigc_cli.engine.decoding import row_seed
+from aigc_cli.engine.scheduler import Finished, RowSpec, Scheduler, Token
+from aigc_cli.core.settings import GenerationSettings
 
 WORDS = "the of and to in is was he for it with as his on be at by had are but from or have an they".split()
 
@@ -167,7 +167,7 @@ def test_rows_of_very_different_lengths_attend_in_blocks_and_keep_their_tokens(t
     """Long prompts beside short ones, joining at random steps: the decode step's attention runs
     per block of slots, each up to its own longest row, and every row still gets exactly the
     tokens it gets alone."""
-    from aigc_cli import gpt2
+    from aigc_cli.models import gpt2
 
     split = []
     blocks = gpt2.attention_blocks
@@ -192,7 +192,7 @@ def test_rows_of_very_different_lengths_attend_in_blocks_and_keep_their_tokens(t
 
 
 def test_attention_blocks_cover_every_slot_once_and_merge_equal_rows():
-    from aigc_cli.gpt2 import ATTENTION_BLOCK, attention_blocks
+    from aigc_cli.models.gpt2 import ATTENTION_BLOCK, attention_blocks
 
     assert attention_blocks([50] * 40) == [(0, 40, 50)]  # equal lengths: one call, as a static batch
     lengths = [300] * ATTENTION_BLOCK + [10] * ATTENTION_BLOCK * 3
@@ -209,7 +209,7 @@ def test_contrastive_rows_share_the_scheduler_and_equal_the_static_loop(tiny_lm)
     """Contrastive-search rows (top-k 2..5, penalties, bans, stop strings) join a running batch of
     greedy and sampled rows at random steps, in a batch small enough that slots are refilled: each
     gives exactly the static loop's tokens for its prompt alone, and the others theirs."""
-    from aigc_cli.decoding import generate_rows
+    from aigc_cli.engine.decoding import generate_rows
 
     rng = random.Random(13)
     specs = _mixed_specs(tiny_lm, 40, rng, sampled=True)[:20]

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from aigc_cli.engine import Engine
-from aigc_cli.errors import UsageError
-from aigc_cli.recommend import Item, Profile, Prompts, ScoreKind, load_catalog, load_eval, metrics, rank
-from aigc_cli.scoring import continuation_logprobs, perplexity, sliding_windows
+from aigc_cli.engine.engine import Engine
+from aigc_cli.core.errors import UsageError
+from aigc_cli.apps.recommend import Item, Profile, Prompts, ScoreKind, load_catalog, load_eval, metrics, rank
+from aigc_cli.engine.scoring import continuation_logprobs, perplexity, sliding_windows
 
 TINY = ("--model", "tiny-random")
 

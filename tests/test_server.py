@@ -90,15 +90,15 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine():
-    from aigc_cli.engine import Engine
+    from aigc_cli.engine.engine import Engine
 
     return Engine.load(MODEL)
 
 
 def local(engine, prompt: str, seed: int, n: int = 1, prompt_id=0, **settings):
     """What the engine in this process generates for the server's defaults (no top-k)."""
-    from aigc_cli.engine import Request
-    from aigc_cli.settings import GenerationSettings
+    from aigc_cli.engine.engine import Request
+    from aigc_cli.core.settings import GenerationSettings
 
     s = GenerationSettings(num_sequences=n, top_k=settings.pop("top_k", 0), seed=seed, **settings).resolved()
     return [c.text for c in engine.generate([Request(prompt_id, prompt, s, seed)])]
@@ -192,7 +192,7 @@ def test_stop_strings_are_never_streamed_in_part(server, engine):
 
 def test_logprobs_are_the_models(server, engine):
     """The chosen tokens' log-probabilities equal a whole-sequence forward pass over prompt + text."""
-    from aigc_cli.scoring import prompt_logprobs
+    from aigc_cli.engine.scoring import prompt_logprobs
 
     client = server.client()
     r = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=8, seed=2, logprobs=3, extra_body={"return_token_ids": True})
@@ -392,7 +392,7 @@ def test_a_model_that_cannot_load_stops_the_server_with_exit_3(tmp_path):
 
 def test_serve_without_the_extra_names_it(cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)
-    monkeypatch.delitem(sys.modules, "aigc_cli.server", raising=False)
+    monkeypatch.delitem(sys.modules, "aigc_cli.frontends.server.app", raising=False)
     result = cli("serve", "--model", MODEL)
     assert result.exit_code == 2
     assert 'pip install "aigc[serve]"' in result.stderr
@@ -450,10 +450,10 @@ def test_the_cli_client_fails_fast_and_clearly(cli, server):
 
 def test_the_cli_client_does_not_import_torch(server, tmp_path):
     code = (
-        "import sys; from aigc_cli.cli import main; sys.argv = ['aigc', 'generate', 'Hi', '--max-new-tokens', '3'];\n"
+        "import sys; from aigc_cli.frontends.cli.app import main; sys.argv = ['aigc', 'generate', 'Hi', '--max-new-tokens', '3'];\n"
         "import atexit, os\n"
         "atexit.register(lambda: None)\n"
-        "try:\n    from aigc_cli.cli import app; app(prog_name='aigc')\nexcept SystemExit as e:\n    code = e.code\n"
+        "try:\n    from aigc_cli.frontends.cli.app import app; app(prog_name='aigc')\nexcept SystemExit as e:\n    code = e.code\n"
         "print('torch' in sys.modules, file=sys.stderr)\nsys.exit(code)\n"
     )
     env = {**os.environ, "AIGC_SERVER": server.url, "AIGC_API_KEY": KEY}

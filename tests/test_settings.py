@@ -2,8 +2,8 @@
 
 import pytest
 
-from aigc_cli.errors import UsageError
-from aigc_cli.settings import Decoding, GenerationSettings as S
+from aigc_cli.core.errors import UsageError
+from aigc_cli.core.settings import Decoding, GenerationSettings as S
 
 
 @pytest.mark.parametrize(
@@ -57,7 +57,7 @@ def test_settings_are_hashable_and_frozen():
 
 
 def test_settings_errors_are_keyed_by_field_and_rendered_as_flags():
-    from aigc_cli.settings import SettingsError
+    from aigc_cli.core.settings import SettingsError
 
     with pytest.raises(SettingsError) as err:
         S(top_p=2.0).resolved()
@@ -68,7 +68,7 @@ def test_settings_errors_are_keyed_by_field_and_rendered_as_flags():
 
 
 def test_every_decoding_mode_is_described_once():
-    from aigc_cli.settings import MODES, Decoding
+    from aigc_cli.core.settings import MODES, Decoding
 
     assert set(MODES) == set(Decoding)
     beam = S(decoding="beam", num_beams=6).resolved()

@@ -1,6 +1,6 @@
 """Stop strings, stream hold-back and banned-word detection on plain text."""
 
-from aigc_cli.textrules import BanRule, find_stop, stream_safe_length
+from aigc_cli.core.textrules import BanRule, find_stop, stream_safe_length
 
 
 def test_find_stop_earliest():

@@ -1,0 +1,1 @@
+"""Applications over the engine: poems and poetics, recommendations, fine-tuning, prompt templates."""

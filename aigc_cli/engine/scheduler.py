@@ -1,0 +1,373 @@
+"""Continuous batching: rows with their own settings join a running decode batch at any step and
+leave it when they finish; one decode step is one forward pass over every running row.
+
+    sched = Scheduler(lm, max_rows=64)
+    sched.submit(RowSpec(key="a", prompt_ids=ids, settings=settings, seed=row_seed(7, "a", 0)))
+    while sched.busy:
+        for event in sched.step():   # Token and Finished events, as they happen
+            ...
+
+Greedy, sampled and contrastive-search rows run here (beam search keeps its own loop per request,
+see `engine.py`). A contrastive row holds one slot per branch (its top-k candidates), all sharing
+every earlier position: each step evaluates the k candidates as k ordinary decode rows, the row
+keeps the best by Su et al.'s score, and the chosen branch's newest keys and values are copied into
+the others. A row's tokens depend only on its prompt, settings and seed: sampling draws with noise
+keyed by (row seed, step, token), and the batch around a row moves its logits by ~1e-6 at most,
+which a Gumbel race does not notice.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from aigc_cli.engine.decoding import RowResult, RowRules, _mask_banned_top, _Row, _Sampler, _unbanned
+from aigc_cli.engine.processors import ProcessorList
+from aigc_cli.core.settings import Decoding, GenerationSettings
+
+if TYPE_CHECKING:
+    from aigc_cli.models.loading import LoadedModel
+
+
+@dataclass
+class RowSpec:
+    """One sequence to generate."""
+
+    key: Hashable  # the caller's handle for this row
+    prompt_ids: list[int]
+    settings: GenerationSettings  # resolved; greedy, sample or contrastive
+    seed: int  # the row's own seed (decoding.row_seed)
+    on_text: Callable[[str], None] | None = None  # called with the row's whole text as it grows
+    logprobs: bool = False  # record each token's log-probability under the unprocessed model
+    top_logprobs: int = 0  # and this many of the most likely tokens at each step, with theirs
+
+
+@dataclass
+class Token:
+    key: Hashable
+    token: int
+    text: str  # the row's whole text so far (stop strings cut)
+    logprob: float | None = None  # with RowSpec.logprobs
+    top: list[tuple[int, float]] | None = None  # with RowSpec.top_logprobs
+
+
+@dataclass
+class Finished:
+    key: Hashable
+    result: RowResult
+
+
+@dataclass
+class _Live:
+    spec: RowSpec
+    row: _Row
+    rules: RowRules
+    processors: ProcessorList
+    step: int = 0
+    top: list[list[tuple[int, float]]] | None = None
+    # contrastive search: the candidates that the last forward pass evaluated, one per slot
+    branches: list[int] | None = None  # their tokens, most likely first
+    branch_p: torch.Tensor | None = None  # (k,) their probabilities
+    parent: torch.Tensor | None = None  # (V,) the raw logits they were taken from
+    context: torch.Tensor | None = None  # (positions, E) last-layer states of the sequence so far
+
+    @property
+    def reserve(self) -> int:  # positions this row may fill
+        return len(self.spec.prompt_ids) + self.spec.settings.max_new_tokens
+
+    @property
+    def contrastive(self) -> bool:
+        return self.spec.settings.decoding is Decoding.contrastive
+
+
+class Scheduler:
+    """Rows wait in a queue (first come, first served), then take a KV slot; at most `max_rows`
+    run at once and, with `kv_budget` (bytes), no more than fit it at their full length."""
+
+    def __init__(self, lm: LoadedModel, max_rows: int, kv_budget: int | None = None, refill: bool = True) -> None:
+        """`refill=False` is static batching (kept for benchmarks): rows join only an empty batch,
+        so a batch runs until its longest row ends."""
+        self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
+        self.max_rows, self.kv_budget, self.refill = max(1, max_rows), kv_budget, refill
+        self.queue: deque[RowSpec] = deque()
+        self.live: list[_Live] = []  # per slot (a contrastive row is in one slot per branch)
+        self.branch: list[int] = []  # per slot: which of its row's candidates it holds (0 for others)
+        self.slots = self.model.new_slots()
+        self.logits: torch.Tensor | None = None  # (slots, V): what each slot's row chooses from next
+        self.hidden: torch.Tensor | None = None  # (slots, E) last-layer states, while contrastive rows run
+        self._rules: dict[GenerationSettings, RowRules] = {}
+        self._cancel: set[Hashable] = set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.live)
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue) + len(self.live)
+
+    def submit(self, spec: RowSpec) -> None:
+        if spec.settings.mode.runs_on != "scheduler":
+            raise ValueError(f"the scheduler runs greedy, sampled and contrastive rows, not {spec.settings.decoding.value}")
+        self.queue.append(spec)
+
+    def last_rows_submitted(self) -> None:
+        """No more rows will come (the end of a batch file): the waiting rows start longest first,
+        so that the run does not end with a long row decoding alone (a step costs nearly as much
+        for one row as for dozens). Each row's tokens do not depend on when it starts."""
+        self.queue = deque(sorted(self.queue, key=lambda spec: -len(spec.prompt_ids) - spec.settings.max_new_tokens))
+
+    def cancel(self, key: Hashable) -> None:
+        """Drop a row: a queued one at once, a running one (and its slot) at the next step."""
+        self._cancel.add(key)
+
+    def step(self) -> list[Token | Finished]:
+        """Pick one token for every running row, free the slots of rows that finished, admit what
+        fits into the free slots, then one forward pass: the running rows' new tokens and the new
+        rows' prompts together. Returns what happened, in slot order (contrastive rows last)."""
+        self._drop_cancelled()
+        events: list[Token | Finished] = []
+        tokens: list[int] = []
+        if self.live:
+            assert self.logits is not None
+            picked = self._pick(self.logits)
+            done = []
+            for b, (live, token) in enumerate(zip(self.live, picked)):
+                if live.contrastive:
+                    continue
+                raw, top = self._raw_logprobs(self.logits[b], token, live) if live.spec.logprobs else (None, None)
+                if self._accept(live, token, raw, top, events):
+                    done.append(b)
+            forks = []
+            for live, slots in self._branches():
+                if self._contrastive_step(live, slots, events):
+                    done.extend(slots)
+                    continue
+                assert live.branches is not None
+                for b in slots:
+                    picked[b] = live.branches[self.branch[b]]
+                if len(slots) < len(live.branches):  # just prefilled: its branches take their slots
+                    forks.append(live)
+            tokens = [picked[i] for i in self._remove(done)]
+            for live in forks:
+                assert live.branches is not None
+                more = len(live.branches) - 1
+                self.slots.fork(next(b for b, x in enumerate(self.live) if x is live), more)
+                self.live += [live] * more
+                self.branch += list(range(1, more + 1))
+                tokens += live.branches[1:]
+            for i, j in self.slots.tidy():  # the cache reordered its slots: the rows follow
+                self.live[i], self.live[j] = self.live[j], self.live[i]
+                self.branch[i], self.branch[j] = self.branch[j], self.branch[i]
+                tokens[i], tokens[j] = tokens[j], tokens[i]
+        joining = self._admit()
+        if not self.live and not joining:
+            self.logits = self.hidden = None
+            self.slots = self.model.new_slots()  # idle: give the cache's memory back
+            return events
+        token_t = torch.tensor(tokens, dtype=torch.long, device=self.model.device) if tokens else None
+        prompts = [spec.prompt_ids for spec in joining]
+        states = any(x.contrastive for x in self.live) or any(spec.settings.decoding is Decoding.contrastive for spec in joining)
+        out = self.model.step(token_t, self.slots, prompts, states=states)
+        if isinstance(out, torch.Tensor):
+            self.logits, self.hidden = out, None
+        else:
+            self.logits, self.hidden = out.logits, out.hidden
+        for j, spec in enumerate(joining):
+            live = self._start(spec)
+            if live.contrastive and not isinstance(out, torch.Tensor):
+                live.context = out.prompts[j]
+            self.live.append(live)
+            self.branch.append(0)
+        return events
+
+    def _accept(
+        self, live: _Live, token: int, raw: float | None, top: list[tuple[int, float]] | None, events: list[Token | Finished]
+    ) -> bool:
+        """Append a row's token and report it; returns whether the row finished."""
+        grew = live.row.push(token, live.step, live.rules.eos, live.spec.settings, raw)
+        live.step += 1
+        if grew:
+            if top is not None:
+                live.top = live.top if live.top is not None else []
+                live.top.append(top)
+            events.append(Token(live.spec.key, token, live.row.text, raw, top))
+            if live.spec.on_text is not None:
+                live.spec.on_text(live.row.text)
+        r = live.row
+        if r.finish_reason is None:
+            return False
+        result = RowResult(r.generated, r.text, r.finish_reason, r.logprobs if live.spec.logprobs else None, live.top)
+        events.append(Finished(live.spec.key, result))
+        return True
+
+    # -- contrastive search ---------------------------------------------------------------------
+
+    def _branches(self) -> list[tuple[_Live, list[int]]]:
+        """Each contrastive row with its slots, in the order of its candidates."""
+        rows: dict[int, tuple[_Live, list[int]]] = {}
+        for b, live in enumerate(self.live):
+            if live.contrastive:
+                rows.setdefault(id(live), (live, []))[1].append(b)
+        for _, slots in rows.values():
+            slots.sort(key=self.branch.__getitem__)
+        return list(rows.values())
+
+    def _contrastive_step(self, live: _Live, slots: list[int], events: list[Token | Finished]) -> bool:
+        """Choose among the candidates the last pass evaluated (Su et al. 2022: the most likely
+        penalised by its closest likeness to the context), then take the next candidates from the
+        chosen one's logits. A row just prefilled only takes its first candidates. Returns whether
+        the row finished."""
+        assert self.logits is not None
+        s = live.spec.settings
+        k = s.k
+        parent = self.logits[slots[0]]
+        if live.branches is not None:
+            assert self.hidden is not None and live.context is not None and live.branch_p is not None and live.parent is not None
+            h = self.hidden[slots]  # (k, E)
+            likeness = torch.nn.functional.cosine_similarity(live.context[None, :, :], h[:, None, :], dim=-1)
+            scores = (1.0 - s.penalty_alpha) * live.branch_p - s.penalty_alpha * likeness.max(dim=-1).values
+            c = int(scores.masked_fill(live.branch_p <= 0, -float("inf")).argmax())
+            token = live.branches[c]
+            raw, top = self._raw_logprobs(live.parent, token, live) if live.spec.logprobs else (None, None)
+            if self._accept(live, token, raw, top, events):
+                return True
+            live.context = torch.cat([live.context, h[c : c + 1]])
+            self.slots.copy_position(slots[c], [b for b in slots if b != slots[c]], self.slots.lengths[slots[c]] - 1)
+            parent = self.logits[slots[c]]
+        scores = self._processed(live, parent[None].float()).clone()
+        _mask_banned_top(live.rules, live.row, scores[0], k)  # banned candidates leave before the top-k is taken
+        live.branch_p, top_ids = torch.softmax(scores[0], dim=-1).topk(k)
+        live.branches, live.parent = top_ids.tolist(), parent
+        return False
+
+    # -- admission and removal -------------------------------------------------------------
+
+    def _fits(self, rows: int, slots: int, longest: int) -> bool:
+        """Can `rows` sequences holding `slots` KV slots run at once (a contrastive row holds one
+        per branch)? One sequence always may."""
+        if rows == 1:
+            return True
+        if rows > self.max_rows:
+            return False
+        return self.kv_budget is None or slots * longest * self.slots.bytes_per_position <= self.kv_budget
+
+    def _admit(self) -> list[RowSpec]:
+        """Queued rows that fit now, first come first served; their slots are reserved."""
+        if self.live and not self.refill:
+            return []
+        joining: list[RowSpec] = []
+        longest = max((x.reserve for x in self.live), default=0)
+        heads = [x for b, x in enumerate(self.live) if self.branch[b] == 0]
+        rows, slots = len(heads), sum(x.spec.settings.kv_rows() for x in heads)
+        while self.queue:
+            spec = self.queue[0]
+            if spec.key in self._cancel:
+                self._cancel.discard(spec.key)
+                self.queue.popleft()
+                continue
+            need = max(longest, len(spec.prompt_ids) + spec.settings.max_new_tokens)
+            if not self._fits(rows + 1, slots + spec.settings.kv_rows(), need):
+                break
+            joining.append(self.queue.popleft())
+            rows, slots, longest = rows + 1, slots + spec.settings.kv_rows(), need
+        if joining:
+            have_slots, have_pos = self.slots.capacity
+            # grow in steps so that a stream of arrivals does not copy the cache at every step
+            want = slots if slots <= have_slots else max(slots, min(self.max_rows, max(2 * have_slots, 8)))
+            if self.kv_budget is None:
+                self.slots.reserve(want, longest)
+            elif slots <= have_slots and longest <= have_pos and have_slots * have_pos * self.slots.bytes_per_position <= self.kv_budget:
+                pass  # the cache already holds them, within the budget
+            else:  # exactly what the budget holds at this length (earlier, longer rows may have left)
+                fit = self.kv_budget // (longest * self.slots.bytes_per_position)
+                self.slots.resize(max(slots, min(want, fit)), max(longest, max(self.slots.lengths, default=0)))
+        return joining
+
+    def _start(self, spec: RowSpec) -> _Live:
+        rules = self._rules.get(spec.settings)
+        if rules is None:
+            rules = self._rules[spec.settings] = RowRules(self.tok, spec.settings)
+        tail = self.tok.decode(spec.prompt_ids[-16:], clean_up_tokenization_spaces=False)
+        return _Live(spec, _Row(self.tok, tail), rules, rules.processors(len(spec.prompt_ids)))
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancel or not self.live:
+            return
+        gone = [b for b, live in enumerate(self.live) if live.spec.key in self._cancel]
+        if not gone:
+            return
+        self._cancel.difference_update(self.live[b].spec.key for b in gone)
+        order = self._remove(gone)
+        if self.logits is not None:
+            self.logits = self.logits[torch.tensor(order, dtype=torch.long, device=self.logits.device)] if order else None
+        if self.hidden is not None:
+            self.hidden = self.hidden[torch.tensor(order, dtype=torch.long, device=self.hidden.device)] if order else None
+        if not self.live:
+            self.slots = self.model.new_slots()
+
+    def _remove(self, doomed: list[int]) -> list[int]:
+        """Free these rows' slots (the last row moves into each); returns, for each remaining
+        slot, the row it held before."""
+        order = list(range(len(self.live)))
+        for slot in sorted(doomed, reverse=True):
+            last = len(order) - 1
+            self.slots.remove(slot)
+            order[slot] = order[last]
+            order.pop()
+            self.live[slot] = self.live[last]
+            self.live.pop()
+            self.branch[slot] = self.branch[last]
+            self.branch.pop()
+        return order
+
+    # -- choosing tokens -----------------------------------------------------------------------
+
+    def _raw_logprobs(self, logits: torch.Tensor, token: int, live: _Live) -> tuple[float, list[tuple[int, float]] | None]:
+        """The token's log-probability under the unprocessed model, and the top alternatives' when asked."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        k = live.spec.top_logprobs
+        if not k:
+            return float(logp[token]), None
+        values, ids = logp.topk(min(k, logp.numel()))
+        return float(logp[token]), list(zip(ids.tolist(), values.tolist()))
+
+    def _pick(self, logits: torch.Tensor) -> list[int]:
+        """One token per live row: rows that share settings are processed and drawn together."""
+        tokens = [0] * len(self.live)
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for b, live in enumerate(self.live):
+            if not live.contrastive:  # contrastive rows choose among their branches (_contrastive_step)
+                groups.setdefault(_Sampler.key(live.spec.settings), []).append(b)
+        for rows in groups.values():
+            settings = self.live[rows[0]].spec.settings
+            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            scores = logits if len(rows) == len(self.live) else logits[index]
+            if any(self.live[b].processors for b in rows):  # history-based: each row on its own sequence
+                scores = torch.cat([self._processed(self.live[b], scores[i : i + 1]) for i, b in enumerate(rows)])
+            sampling = settings.decoding is Decoding.sample
+            sampler = _Sampler(settings)
+            if sampling:
+                seeds = torch.tensor([self.live[b].spec.seed for b in rows], dtype=torch.long)
+                draws = torch.tensor([self.live[b].step for b in rows], dtype=torch.long)
+                picked = sampler(scores, seeds, draws).tolist()
+            else:
+                picked = scores.argmax(-1).tolist()
+            for i, b in enumerate(rows):
+                live = self.live[b]
+                token = picked[i]
+                if live.rules.ban:
+                    draw = (sampler, seeds[i : i + 1], draws[i : i + 1]) if sampling else None
+                    token = _unbanned(live.rules, live.row, scores[i], token, draw)
+                tokens[b] = token
+        return tokens
+
+    def _processed(self, live: _Live, scores: torch.Tensor) -> torch.Tensor:
+        if not live.processors:
+            return scores
+        ids = torch.tensor([live.spec.prompt_ids + live.row.generated], dtype=torch.long, device=scores.device)
+        return live.processors(ids, scores)

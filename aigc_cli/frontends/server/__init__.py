@@ -1,0 +1,1 @@
+"""`aigc serve`: an OpenAI-compatible HTTP server over the engine loop."""

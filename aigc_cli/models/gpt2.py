@@ -1,0 +1,555 @@
+"""A lean GPT-2 forward pass in plain PyTorch with a preallocated KV cache.
+
+It reads Hugging Face GPT-2 checkpoints (config.json + safetensors) directly, without importing
+transformers' modeling code, and computes what `GPT2LMHeadModel` computes with the same weights:
+same matmuls (addmm over Conv1D-layout weights), LayerNorm, tanh-GELU and scaled-dot-product
+attention. Decoding steps read the cache in place instead of concatenating tensors each step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from aigc_cli.models import quantize as q8
+from aigc_cli.models.weights import InMemory, SafetensorsReader, loading_memory
+
+
+@dataclass(frozen=True)
+class Config:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_positions: int
+    vocab_size: int
+    eps: float
+    tied: bool
+    n_inner: int = 0  # 0: 4 * n_embd
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor a checkpoint of this config holds (names without "transformer.")."""
+        e, inner = self.n_embd, self.n_inner or 4 * self.n_embd
+        out: dict[str, tuple[int, ...]] = {"wte.weight": (self.vocab_size, e), "wpe.weight": (self.n_positions, e)}
+        for i in range(self.n_layer):
+            p = f"h.{i}."
+            out |= {p + "ln_1.weight": (e,), p + "ln_1.bias": (e,), p + "ln_2.weight": (e,), p + "ln_2.bias": (e,)}
+            out |= {p + "attn.c_attn.weight": (e, 3 * e), p + "attn.c_attn.bias": (3 * e,)}
+            out |= {p + "attn.c_proj.weight": (e, e), p + "attn.c_proj.bias": (e,)}
+            out |= {p + "mlp.c_fc.weight": (e, inner), p + "mlp.c_fc.bias": (inner,)}
+            out |= {p + "mlp.c_proj.weight": (inner, e), p + "mlp.c_proj.bias": (e,)}
+        out |= {"ln_f.weight": (e,), "ln_f.bias": (e,), "lm_head.weight": (self.vocab_size, e)}
+        return out
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> Config | None:
+        """None when the config uses something this implementation does not (then transformers runs it)."""
+        if d.get("model_type") != "gpt2":
+            return None
+        if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn") or d.get("add_cross_attention"):
+            return None
+        if d.get("activation_function", "gelu_new") != "gelu_new" or d.get("scale_attn_weights", True) is False:
+            return None
+        return cls(
+            n_layer=d.get("n_layer", 12),
+            n_head=d.get("n_head", 12),
+            n_embd=d.get("n_embd", 768),
+            n_positions=d.get("n_positions", 1024),
+            vocab_size=d.get("vocab_size", 50257),
+            eps=d.get("layer_norm_epsilon", 1e-5),
+            tied=d.get("tie_word_embeddings", True),
+            n_inner=d.get("n_inner") or 0,
+        )
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `capacity` positions."""
+
+    def __init__(self, cfg: Config, batch: int, capacity: int, dtype: torch.dtype, device: str) -> None:
+        head_dim = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch, cfg.n_head, capacity, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep these rows, in this order, repeats allowed (finished rows leave the batch, beam search
+        reorders its beams, contrastive search branches each row). Only the filled positions are
+        copied, into the buffers the previous select left behind when they have the right number of
+        rows (beam search every step; contrastive search's two sizes alternate): no fresh memory to
+        fault in. Measured, 5 beams, 72 positions: 4.2 ms -> 0.1-0.9 ms per step."""
+        rows, n = index.shape[0], self.length
+        if self._spare is None or self._spare[0].shape[1] != rows:
+            self._spare = None  # freed before new buffers are taken: the peak stays at two caches, as before
+            shape = (self.k.shape[0], rows, *self.k.shape[2:])
+            self._spare = (self.k.new_empty(shape), self.v.new_empty(shape))
+        k, v = self._spare
+        torch.index_select(self.k[:, :, :, :n], 1, index, out=k[:, :, :, :n])
+        torch.index_select(self.v[:, :, :, :n], 1, index, out=v[:, :, :, :n])
+        self._spare = (self.k, self.v)
+        self.k, self.v = k, v
+
+    def repeat_interleave(self, times: int) -> None:
+        self.select(torch.arange(self.k.shape[1], device=self.k.device).repeat_interleave(times))
+
+
+ATTENTION_BLOCK = 8  # slots per block of decode attention (neighbouring blocks of similar lengths merge)
+_CALL_COST = 96  # one more attention call costs about as much as reading this many row-positions (2-core CPU: ~30 us against ~0.3 us per row-position)
+_SWAP_GAIN = 8  # `SlotCache.tidy` swaps two rows only if the later one is longer by this many positions
+
+
+def attention_blocks(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Contiguous blocks of slots (lo, hi, longest) for a decode step's attention: each block reads
+    its rows' keys up to its own longest row, not the batch's. Neighbouring blocks of
+    `ATTENTION_BLOCK` rows merge while one call over both costs less than two (rows of equal
+    lengths stay one call)."""
+    blocks: list[tuple[int, int, int]] = []
+    for lo in range(0, len(lengths), ATTENTION_BLOCK):
+        hi = min(lo + ATTENTION_BLOCK, len(lengths))
+        top = max(lengths[lo:hi])
+        if blocks:
+            first, _, prev = blocks[-1]
+            if (hi - first) * max(prev, top) <= (lo - first) * prev + (hi - lo) * top + _CALL_COST:
+                blocks[-1] = (first, hi, max(prev, top))
+                continue
+        blocks.append((lo, hi, top))
+    return blocks
+
+
+@dataclass
+class Stepped:
+    """What `GPT2.step(..., states=True)` returns."""
+
+    logits: torch.Tensor  # (rows, V) float32: running rows, then new ones
+    hidden: torch.Tensor  # (rows, E) float32: the last layer's (normalised) state at each row's last position
+    prompts: list[torch.Tensor]  # per new row, (prompt length, E): its state at every prompt position
+
+
+class SlotCache:
+    """Keys and values for continuous batching: one slot per running row, each row with its own
+    length. Running rows occupy slots 0..rows-1 (a finished row's slot is refilled by the last
+    row, so a decode step reads one contiguous block); slots and positions grow on demand.
+
+    Keys are stored transposed, (layers, slots, heads, head_dim, positions), values as
+    (layers, slots, heads, positions, head_dim): a decode step's q @ K then streams each key row
+    in memory order, about 20% faster on CPU than over (positions, head_dim) keys. `keys` is
+    the same memory viewed like the values."""
+
+    def __init__(self, cfg: Config, dtype: torch.dtype, device: str) -> None:
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.k = self.v = torch.empty(0)
+        self.lengths: list[int] = []  # per running row: positions filled
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """The keys viewed as (layers, slots, heads, positions, head_dim), like `v`."""
+        return self.k.transpose(3, 4)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def bytes_per_position(self) -> int:
+        """Keys and values of one row at one position, all layers."""
+        return 2 * self.cfg.n_layer * self.cfg.n_embd * self.dtype.itemsize
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return (self.v.shape[1], self.v.shape[3]) if self.v.dim() == 5 else (0, 0)
+
+    def reserve(self, slots: int, positions: int) -> None:
+        """Room for at least `slots` rows of `positions` each (the caller sizes growth)."""
+        have_slots, have_pos = self.capacity
+        if slots <= have_slots and positions <= have_pos:
+            return
+        self.resize(max(slots, have_slots), max(positions, have_pos))
+
+    def resize(self, slots: int, positions: int) -> None:
+        """Exactly `slots` rows of `positions` (at least the running rows and their lengths)."""
+        positions = min(positions, self.cfg.n_positions)
+        if (slots, positions) == self.capacity:
+            return
+        head_dim = self.cfg.n_embd // self.cfg.n_head
+        shape = (self.cfg.n_layer, slots, self.cfg.n_head, positions, head_dim)
+        # zeros, not empty: masked positions still enter the attention's products, and 0 * NaN is NaN
+        k = torch.zeros((*shape[:3], head_dim, positions), dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.rows:
+            n, filled = self.rows, max(self.lengths)
+            k.transpose(3, 4)[:, :n, :, :filled] = self.keys[:, :n, :, :filled]
+            v[:, :n, :, :filled] = self.v[:, :n, :, :filled]
+        self.k, self.v = k, v
+
+    def tidy(self, swaps: int = 2) -> list[tuple[int, int]]:
+        """Move the running rows a little towards longest-first order, so that each block of
+        neighbouring slots (see `attention_blocks`) holds rows of similar lengths: up to `swaps`
+        times, the shortest row of the first block that has a clearly longer row after it trades
+        places with the longest such row. Returns the swapped slot pairs (the caller's rows follow).
+        Rows grow together, so an order lasts; a step frays it only where rows finished (the last
+        row fills each freed slot) or joined. Two row copies per step keep it near sorted, where
+        a full sort copies the whole cache."""
+        done: list[tuple[int, int]] = []
+        lengths = self.lengths
+        for _ in range(swaps):
+            for lo in range(0, self.rows - ATTENTION_BLOCK, ATTENTION_BLOCK):
+                i = min(range(lo, lo + ATTENTION_BLOCK), key=lengths.__getitem__)
+                j = max(range(lo + ATTENTION_BLOCK, self.rows), key=lengths.__getitem__)
+                if lengths[j] >= lengths[i] + _SWAP_GAIN:
+                    break
+            else:
+                return done
+            short, long = lengths[i], lengths[j]
+            for cache in (self.keys, self.v):
+                kept = cache[:, i, :, :short].clone()
+                cache[:, i, :, :long] = cache[:, j, :, :long]
+                cache[:, j, :, :short] = kept
+            lengths[i], lengths[j] = long, short
+            done.append((i, j))
+        return done
+
+    def fork(self, slot: int, times: int) -> None:
+        """`times` more rows after the last, each a copy of `slot`'s (contrastive search's branches;
+        the caller reserved room)."""
+        n, filled = self.rows, self.lengths[slot]
+        for cache in (self.keys, self.v):
+            cache[:, n : n + times, :, :filled] = cache[:, slot : slot + 1, :, :filled]
+        self.lengths += [filled] * times
+
+    def copy_position(self, source: int, targets: list[int], position: int) -> None:
+        """One position's keys and values from `source` into each target row (branches that share
+        every earlier position take the chosen branch's newest one)."""
+        index = torch.tensor(targets, dtype=torch.long, device=self.v.device)
+        for cache in (self.keys, self.v):
+            cache[:, index, :, position] = cache[:, source, None, :, position]
+
+    def remove(self, slot: int) -> None:
+        """Free a row's slot; the last row moves into it."""
+        last = self.rows - 1
+        if slot != last:
+            n = self.lengths[last]
+            self.keys[:, slot, :, :n] = self.keys[:, last, :, :n]
+            self.v[:, slot, :, :n] = self.v[:, last, :, :n]
+            self.lengths[slot] = n
+        self.lengths.pop()
+
+
+class _Linear:
+    """y = x @ W + b for a Conv1D-layout weight W (in, out).
+
+    On CPU in float32 the weight is prepacked for oneDNN once: MKL's sgemm, which torch uses
+    otherwise, runs at about half the memory bandwidth for one row and is slower still for a few
+    rows on the AMD EPYC machines we measured (bench/RESULTS.md). AIGC_ONEDNN=0 turns it off.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight: torch.Tensor | None = weight  # None once packed
+        self.bias = bias
+        self.packed: torch.Tensor | None = None  # oneDNN's layout of the weight
+        self.zero_bias: torch.Tensor | None = None  # the bias for the packed call (zeros when there is none)
+
+    def to(self, device: str | None, dtype: torch.dtype | None) -> _Linear:
+        assert self.weight is not None, "a packed _Linear is not moved again"
+        weight = self.weight.to(device=device, dtype=dtype)
+        bias = self.bias.to(device=device, dtype=dtype) if self.bias is not None else None
+        out = _Linear(weight, bias)
+        if _use_onednn(weight):
+            out.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t(), 32)  # from the view: no transposed copy
+            out.zero_bias = bias if bias is not None else torch.zeros(weight.shape[1], dtype=weight.dtype)
+            out.weight = None  # the packed copy replaces it
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.zero_bias, "none", [], "")
+        assert self.weight is not None
+        if self.bias is None:
+            return x @ self.weight
+        return torch.addmm(self.bias, x, self.weight)
+
+
+def _use_onednn(weight: torch.Tensor) -> bool:
+    import os
+
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and os.environ.get("AIGC_ONEDNN", "1") != "0"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+class GPT2:
+    """GPT-2 weights and forward pass; inference only. A model backend (backends.Backend) with
+    per-row KV slots for continuous batching."""
+
+    continuous = True
+
+    def __init__(
+        self,
+        cfg: Config,
+        tensors: Any,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        quantize: str = "none",
+        int8_cache: q8.Int8Cache | None = None,
+    ) -> None:
+        """`tensors` maps checkpoint names (with or without "transformer.") to tensors; it may read
+        them lazily, so that each weight is moved (and packed) as it is read and peak memory stays
+        near one copy of the model. `quantize` "int8" or "fp16" (CPU only) stores the matmul weights
+        and token embeddings in reduced precision (fast mode); activations stay float32. `int8_cache`
+        holds int8 weights of an earlier run (and keeps this run's for the next)."""
+        if quantize not in q8.QUANTIZE_MODES:
+            raise ValueError(f"quantize: {quantize!r}")
+        self.cfg, self.quantize = cfg, quantize
+        cache = int8_cache or q8.Int8Cache(None)
+        if quantize != "none":
+            device, dtype = "cpu", torch.float32
+        names = {k.removeprefix("transformer."): k for k in tensors.keys()}
+
+        def get(name: str) -> torch.Tensor:
+            return tensors[names[name]].to(device=device, dtype=dtype)
+
+        def linear(name: str) -> Any:
+            weight, bias = names[name + ".weight"], names[name + ".bias"]
+            if quantize == "int8":
+                return q8.int8_linear(tensors, weight, bias, cache)
+            if quantize == "fp16":
+                return q8.Fp16Linear(tensors[weight], tensors[bias])
+            return _Linear(tensors[weight], tensors[bias]).to(device, dtype)
+
+        # Two loader threads: reading, quantizing and packing each weight are single-threaded
+        # torch calls that release the GIL (measured, GPT-2 small: float32 1.1 -> 0.9 s, int8 2.7 -> 2.0 s,
+        # fp16 2.5 -> 1.6 s). The token table and LM head (the largest single weight) load alongside.
+        matmuls = [f"h.{i}.{m}" for i in range(cfg.n_layer) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+        tied = cfg.tied or "lm_head.weight" not in names
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            table_and_head = pool.submit(self._table_and_head, tensors, names, tied, quantize, get, cache)
+            packed = iter(list(pool.map(linear, matmuls)))
+            self.embed, self.head, wte = table_and_head.result()
+        if wte is not None:
+            self.wte = wte
+        self.layers = []
+        for i in range(cfg.n_layer):
+            p = f"h.{i}."
+            attn, proj, fc, fc_out = (next(packed) for _ in range(4))
+            self.layers.append(
+                [get(p + "ln_1.weight"), get(p + "ln_1.bias"), attn, proj, get(p + "ln_2.weight"), get(p + "ln_2.bias"), fc, fc_out]
+            )
+        self.ln_f = (get("ln_f.weight"), get("ln_f.bias"))
+        self.wpe = get("wpe.weight")
+        self._act = self.wpe  # dtype and device of activations and of the KV cache
+
+    @staticmethod
+    def _table_and_head(
+        tensors: Any, names: dict[str, str], tied: bool, quantize: str, get: Any, cache: q8.Int8Cache
+    ) -> tuple[Any, Any, Any]:
+        """(token embedding, LM head, float token table or None) in the precision of `quantize`."""
+        table, head_name = names["wte.weight"], names["wte.weight" if tied else "lm_head.weight"]
+        if quantize == "int8":
+            return (*q8.int8_embedding_and_head(tensors, table, head_name, tied, cache), None)
+        if quantize == "fp16":
+            return (*q8.fp16_embedding_and_head(tensors, table, head_name, tied), None)
+        head_weight = get("wte.weight" if tied else "lm_head.weight")
+        head = _Linear(head_weight.t(), None).to(head_weight.device, head_weight.dtype)
+        # When the head keeps its own (packed) copy, the embedding reads rows from a map of the
+        # file instead of a second copy of the table in memory (GPT-2 small: 154 MB less).
+        can_map = hasattr(tensors, "mapped") and head_weight.device.type == "cpu" and (head.packed is not None or not tied)
+        try:
+            mapped = tensors.mapped(table) if can_map else None
+        except (OSError, ValueError):  # a file system without memory maps: keep the table in memory
+            mapped = None
+        if mapped is not None and mapped.dtype == head_weight.dtype:
+            wte = mapped
+        else:
+            wte = head_weight if tied else get("wte.weight")
+        return functools.partial(F.embedding, weight=wte), head, wte
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._act.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._act.device
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(self.cfg, batch, min(capacity, self.cfg.n_positions), self.dtype, str(self.device))
+
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Hidden states after ln_f for `ids` (B, T); `key_mask` (B, S) marks real tokens among all S
+        positions so far (cache + these). Padding positions attend to themselves only, so they stay finite."""
+        cfg = self.cfg
+        bsz, steps = ids.shape
+        start = cache.length if cache is not None else 0
+        total = start + steps
+        heads, head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        x = self.embed(ids) + F.embedding(positions, self.wpe)
+        mask = _attention_bias(key_mask[:, :total], start, steps, x.dtype)
+        for i, (w1, b1, attn, proj, w2, b2, fc, fc_out) in enumerate(self.layers):
+            h = F.layer_norm(x, (cfg.n_embd,), w1, b1, cfg.eps)
+            qkv = attn(h.view(-1, cfg.n_embd)).view(bsz, steps, 3, heads, head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+            if cache is not None:
+                cache.k[i, :, :, start:total] = k
+                cache.v[i, :, :, start:total] = v
+                k, v = cache.k[i, :, :, :total], cache.v[i, :, :, :total]
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            a = a.transpose(1, 2).reshape(bsz * steps, cfg.n_embd)
+            x = x + proj(a).view(bsz, steps, cfg.n_embd)
+            h = F.layer_norm(x, (cfg.n_embd,), w2, b2, cfg.eps)
+            h = F.gelu(fc(h.view(-1, cfg.n_embd)), approximate="tanh")
+            x = x + fc_out(h).view(bsz, steps, cfg.n_embd)
+        if cache is not None:
+            cache.length = total
+        return F.layer_norm(x, (cfg.n_embd,), self.ln_f[0], self.ln_f[1], cfg.eps)
+
+    def kv_bytes_per_position(self) -> int:
+        return 2 * self.cfg.n_layer * self.cfg.n_embd * self.dtype.itemsize
+
+    def new_slots(self) -> SlotCache:
+        return SlotCache(self.cfg, self.dtype, str(self.device))
+
+    def step(
+        self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False
+    ) -> torch.Tensor | Stepped:
+        """One continuous-batching step in one pass over the weights: `tokens` (B,), the next token of
+        each running row, are written at each row's own position, and new rows' `prompts` (left-padded
+        together) are prefilled into the slots after them. The matmuls run on all the step's tokens
+        at once; attention runs apart for the running rows (on the slots) and the new ones (causal
+        over their prompts). Returns next-token logits (B + len(prompts), V) in float32, running
+        rows first. `slots` must have room (`reserve`) for every row. With `states`, a `Stepped`:
+        the logits and the last-layer hidden states (contrastive search's context)."""
+        cfg = self.cfg
+        heads, head_dim, e = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd
+        dev = self.device
+        bsz = 0 if tokens is None else tokens.shape[0]
+        parts = []
+        if bsz:
+            pos = torch.tensor(slots.lengths[:bsz], dtype=torch.long, device=dev)
+            rows = torch.arange(bsz, device=dev)
+            blocks = []  # (lo, hi, positions attended, mask hiding each shorter row's unused positions)
+            for lo, hi, top in attention_blocks(slots.lengths[:bsz]):
+                mask = None
+                if min(slots.lengths[lo:hi]) != top:
+                    keys = torch.arange(top + 1, device=dev)
+                    mask = torch.zeros((hi - lo, 1, 1, top + 1), dtype=self.dtype, device=dev)
+                    mask.masked_fill_((keys[None, :] > pos[lo:hi, None])[:, None, None, :], float("-inf"))
+                blocks.append((lo, hi, top + 1, mask))
+            parts.append(self.embed(tokens) + F.embedding(pos, self.wpe))
+        # New rows' prompts are packed end to end, without padding: the matmuls do not care where a
+        # row starts, and attention runs on each prompt's own span.
+        spans, start = [], bsz
+        for p in prompts:
+            spans.append((start, len(p)))
+            start += len(p)
+        if prompts:
+            ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)
+            positions = torch.cat([torch.arange(len(p)) for p in prompts]).to(dev)
+            parts.append(self.embed(ids) + F.embedding(positions, self.wpe))
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        for i, (w1, b1, attn, proj, w2, b2, fc, fc_out) in enumerate(self.layers):
+            qkv = attn(F.layer_norm(x, (e,), w1, b1, cfg.eps))
+            outs = []
+            if bsz:
+                q, k, v = qkv[:bsz].view(bsz, 3, heads, head_dim).unbind(1)  # each (B, H, D)
+                slots.k[i, rows, :, :, pos] = k
+                slots.v[i, rows, :, pos] = v
+                q = (q * head_dim**-0.5)[:, :, None, :]
+                for lo, hi, total, mask in blocks:
+                    a = _decode_attention(q[lo:hi], slots.k[i, lo:hi, :, :, :total], slots.v[i, lo:hi, :, :total], mask)
+                    outs.append(a.reshape(hi - lo, e))
+            for j, (first, n) in enumerate(spans):
+                q, k, v = qkv[first : first + n].view(n, 3, heads, head_dim).permute(1, 2, 0, 3).unbind(0)  # (H, n, D)
+                slots.k[i, bsz + j, :, :, :n] = k.transpose(1, 2)
+                slots.v[i, bsz + j, :, :n] = v
+                a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)
+                outs.append(a[0].transpose(0, 1).reshape(n, e))
+            x = x + proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+            h = F.gelu(fc(F.layer_norm(x, (e,), w2, b2, cfg.eps)), approximate="tanh")
+            x = x + fc_out(h)
+        last = torch.tensor([*range(bsz), *(first + n - 1 for first, n in spans)], dtype=torch.long, device=dev)
+        slots.lengths = [n + 1 for n in slots.lengths[:bsz]] + [len(p) for p in prompts]
+        h = F.layer_norm(x[last], (e,), self.ln_f[0], self.ln_f[1], cfg.eps)
+        logits = self.logits(h).float()
+        if not states:
+            return logits
+        spans_h = [F.layer_norm(x[first : first + n], (e,), self.ln_f[0], self.ln_f[1], cfg.eps).float() for first, n in spans]
+        return Stepped(logits, h.float(), spans_h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
+        """transformers-style call for whole sequences (scoring): `.logits` for every position."""
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return SimpleNamespace(logits=self.logits(self.forward(input_ids, positions, mask)))
+
+
+def _decode_attention(q: torch.Tensor, keys_t: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q K + mask) v for one new position per row: q (B, H, 1, D) already scaled, `keys_t`
+    (B, H, D, S) and v (B, H, S, D) views of the slot cache. Two batched matmuls over the cache
+    as it lies in memory (`scaled_dot_product_attention`'s CPU kernel is built for many queries
+    per row, and wants keys as (S, D))."""
+    scores = torch.matmul(q, keys_t)
+    if mask is not None:
+        scores.add_(mask)
+    return torch.matmul(torch.softmax(scores, -1), v)
+
+
+def _attention_bias(key_mask: torch.Tensor, start: int, steps: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive attention mask (B, 1, T, S), built once per forward rather than once per layer: causal,
+    padding keys hidden, and padding positions attend to themselves only, so they stay finite. None
+    for a CPU decoding step over unpadded rows (everything visible), the common case at batch 1."""
+    total = key_mask.shape[1]
+    if steps == 1 and key_mask.device.type == "cpu" and bool(key_mask.all()):
+        return None
+    keys = torch.arange(total, device=key_mask.device)
+    queries = torch.arange(start, total, device=key_mask.device)
+    allowed = (keys[None, :] <= queries[:, None])[None, None] & key_mask[:, None, None, :].bool()
+    allowed = allowed | (keys[None, :] == queries[:, None])[None, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill_(~allowed, float("-inf"))
+
+
+def load_gpt2(path: Path, device: str = "cpu", dtype: torch.dtype | None = None, quantize: str = "none") -> GPT2 | None:
+    """The native model for a GPT-2 directory with safetensors weights; None when it is not one.
+    Weights whose tensors are not the config's, or too large for memory, are refused (exit 3)."""
+    from aigc_cli.models.checkpoint import check_fits, check_matches, read_config
+
+    cfg = Config.from_hf(read_config(path))
+    weights = path / "model.safetensors"
+    if cfg is None or not weights.is_file():
+        return None
+    reader = SafetensorsReader(weights)
+    stored = {name: tuple(reader.shape(name)) for name in reader.keys()}
+    check_matches(str(weights), cfg.shapes(), stored, {"lm_head.weight"} if cfg.tied or "lm_head.weight" not in stored else set())
+    check_fits(str(weights), sum(math.prod(s) for s in cfg.shapes().values()) * 4)
+    cache = q8.Int8Cache(weights) if quantize == "int8" else None
+    with loading_memory():
+        model = GPT2(cfg, reader, device, dtype, quantize, cache)
+    if cache is not None:
+        cache.save()
+    return model
+
+
+def from_hf_model(
+    model: Any, device: str = "cpu", dtype: torch.dtype | None = None, quantize: str = "none"
+) -> GPT2 | None:
+    """The native model with the weights of a transformers GPT2LMHeadModel (tiny built-in models)."""
+    cfg = Config.from_hf(model.config.to_dict())
+    if cfg is None:
+        return None
+    with loading_memory():
+        return GPT2(cfg, InMemory({k: v.detach() for k, v in model.state_dict().items()}), device, dtype, quantize)
