@@ -153,7 +153,7 @@ def test_bad_input(cli, args, code, message):
 
 
 def test_no_prompt_on_a_terminal_is_a_usage_error(cli, monkeypatch):
-    monkeypatch.setattr("aigc_cli.frontends.cli.app._stdin_is_terminal", lambda: True)
+    monkeypatch.setattr("aigc_cli.jobs.sources.stdin_is_terminal", lambda: True)
     r = cli("generate", *TINY)
     assert r.exit_code == 2 and "no prompt given" in r.stderr
 

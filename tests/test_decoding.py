@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from aigc_cli.engine.decoding import _BanLogits, _Decoder, generate_beam, generate_rows, row_seed
+from aigc_cli.engine.decoding import _BanLogits, _Decoder, generate_beam, generate_rows
+from aigc_cli.engine.seeds import row_seed
 from aigc_cli.core.textrules import find_stop
 from aigc_cli.engine.engine import Engine, Request
 from aigc_cli.core.settings import Decoding, GenerationSettings as S

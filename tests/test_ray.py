@@ -4,6 +4,8 @@ and the message when Ray is not installed."""
 
 from __future__ import annotations
 
+from aigc_cli.core.modelspec import ModelSpec
+
 import json
 import os
 import signal
@@ -91,7 +93,7 @@ def test_a_worker_killed_mid_job_is_restarted_and_the_records_are_identical(tiny
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        remote = RayEngine(MODEL, "cpu", "auto", "none", None, 2, 1.0, 0.0)
+        remote = RayEngine(ModelSpec.parse(MODEL, "cpu"), None, 2, 1.0, 0.0)
         victim = remote.worker_pids[0]
 
         def feed():

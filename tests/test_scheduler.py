@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from aigc_cli.engine.decoding import row_seed
+from aigc_cli.engine.seeds import row_seed
 from aigc_cli.engine.scheduler import Finished, RowSpec, Scheduler, Token
 from aigc_cli.core.settings import GenerationSettings
 

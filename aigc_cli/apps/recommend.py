@@ -12,7 +12,6 @@ import io
 import math
 import random
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -23,6 +22,7 @@ from typing import Any
 
 from aigc_cli.core import jsondata
 from aigc_cli.core.errors import UsageError
+from aigc_cli.engine.seeds import run_seed
 
 SAMPLE = "sample"  # --catalog sample / --eval sample: the small data shipped with aigc
 
@@ -369,7 +369,7 @@ def ideas(engine: Any, interests: list[str], per_interest: int, seed: int | None
     settings = GenerationSettings(
         num_sequences=per_interest * 3, max_new_tokens=24, stop=("\n",), top_p=0.95, seed=seed
     ).resolved()
-    base = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
+    base = run_seed(settings.seed)
     requests = [Request(i, template.safe_substitute(interests=x), settings, base) for i, x in enumerate(interests)]
     rows: list[dict[str, Any]] = []
     seen: set[tuple[Any, str]] = set()

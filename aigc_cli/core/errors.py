@@ -1,12 +1,20 @@
-"""Exit codes and the exception hierarchy; imports nothing from the project."""
+"""Exit codes and the exception hierarchy; imports nothing of aigc at module level.
+
+A message may refer to a setting with `ref("max_new_tokens")`; each front end renders the
+reference in its own words (`--max-new-tokens` on the command line, `max_tokens` in a request,
+`max_new_tokens` in a JSONL record), so one error reads right wherever it is shown.
+"""
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
+
+_REF = re.compile("\x00([a-z_]+)\x00")
 
 
 class ExitCode(IntEnum):
-    """Process exit statuses, documented in README and `aigc --help`."""
+    """Process exit statuses, documented in docs/safety.md and `aigc --help`."""
 
     OK = 0
     FAILURE = 1  # any other runtime failure
@@ -16,6 +24,20 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130  # SIGINT / SIGTERM
 
 
+def ref(name: str) -> str:
+    """A reference to a setting inside a message, rendered per surface (see `render`)."""
+    return f"\x00{name}\x00"
+
+
+def render(text: str, surface: str = "cli") -> str:
+    """`text` with its setting references named as `surface` ("cli", "api", "jsonl") names them."""
+    if "\x00" not in text:
+        return text
+    from aigc_cli.core.settings import label
+
+    return _REF.sub(lambda m: label(m.group(1), surface), text)
+
+
 class AigcError(Exception):
     """An error with a one-line message meant for the user."""
 
@@ -23,8 +45,22 @@ class AigcError(Exception):
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
-        self.message = message
+        self.text = message  # with setting references; `message` renders them for the command line
         self.hint = hint
+
+    @property
+    def message(self) -> str:
+        return render(self.text, "cli")
+
+    @message.setter
+    def message(self, value: str) -> None:
+        self.text = value
+
+    def render(self, surface: str) -> str:
+        return render(self.text, surface)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class UsageError(AigcError):
@@ -46,10 +82,12 @@ class OutputError(AigcError):
 
 
 class RecordError(AigcError):
-    """One input record cannot be processed; batch jobs turn it into an error record."""
+    """One input record (or request) cannot be processed; batch jobs turn it into an error record.
+    `field` names the setting or input field at fault, when there is one."""
 
     exit_code = ExitCode.USAGE
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.field = field

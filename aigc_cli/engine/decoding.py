@@ -9,7 +9,6 @@ native forward pass use transformers' `generate` for it.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -39,12 +38,6 @@ class RowResult:
     finish_reason: str  # "length" | "stop" | "eos"
     logprobs: list[float] | None = None  # log P(token) under the model before any processor, when asked for
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, the most likely tokens and their log P
-
-
-def row_seed(base_seed: int, record_id: Any, index: int) -> int:
-    """The seed of one (record, sequence) pair: independent of batching, sharding and resuming."""
-    digest = hashlib.sha256(f"{base_seed}\x00{record_id}\x00{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @dataclass

@@ -9,13 +9,15 @@ import dataclasses
 import functools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from aigc_cli.core.errors import RecordError
-from aigc_cli.core.settings import FLAGS, GenerationSettings
+from aigc_cli.core.errors import RecordError, ref
+from aigc_cli.core.settings import GenerationSettings
+from aigc_cli.engine.requests import Completion, Request, check_length, prompt_ids
 
 if TYPE_CHECKING:
+    from aigc_cli.core.modelspec import ModelSpec
     from aigc_cli.engine.decoding import RowResult
     from aigc_cli.models.loading import LoadedModel
     from aigc_cli.core.tokenizer import Tokenizer
@@ -27,61 +29,6 @@ DEFAULT_CPU_BATCH = 64
 DEFAULT_GPU_BATCH = 64
 AUTO_KV_BUDGET = 1 << 30  # bytes
 T = TypeVar("T")
-
-
-def prompt_ids(prompt: str, tokenize: Callable[[str], Sequence[int]]) -> list[int]:
-    """A prompt's token ids (by the local tokenizer, a server's /tokenize, the driver's tokenizer);
-    RecordError when the prompt is empty or has no tokens."""
-    if prompt == "" or prompt.isspace():
-        raise RecordError("empty_prompt", "the prompt is empty")
-    ids = list(tokenize(prompt))
-    if not ids:
-        raise RecordError("empty_prompt", "the prompt has no tokens")
-    return ids
-
-
-def check_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
-    """RecordError when a prompt and its new tokens do not fit the model's context (shared with the
-    CLI's server client, which checks before it sends)."""
-    total = prompt_tokens + max_new_tokens
-    if total > context:
-        raise RecordError(
-            "prompt_too_long",
-            f"the prompt has {prompt_tokens} tokens and --max-new-tokens is {max_new_tokens}: "
-            f"{total} is more than the model's context of {context} tokens",
-        )
-
-
-@dataclass(frozen=True)
-class Request:
-    """One prompt and the sequences wanted for it."""
-
-    id: Any  # prompt index, or the record id of a batch file
-    prompt: str
-    settings: GenerationSettings  # resolved
-    seed: int
-    indices: tuple[int, ...] | None = None  # sequence numbers to generate; None: all of 0..n-1
-    prompt_ids: tuple[int, ...] | None = None  # from Engine.encode, when the caller checked the prompt already
-
-    def wanted(self) -> tuple[int, ...]:
-        return self.indices if self.indices is not None else tuple(range(self.settings.num_sequences))
-
-
-@dataclass
-class Completion:
-    """One generated sequence of one request."""
-
-    id: Any
-    index: int  # 0-based sequence number
-    prompt: str
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    seed: int
-    record: dict[str, Any] | None = None  # its JSONL record, when the caller writes JSONL (batch.generated_record)
-    token_ids: list[int] = field(default_factory=list, repr=False)  # generated ids, EOS excluded
-    logprobs: list[float] | None = field(default=None, repr=False)  # per token, when asked for
 
 
 @dataclass
@@ -100,10 +47,11 @@ class Engine:
         self.context_length: int = lm.context_length
 
     @classmethod
-    def load(cls, model: str, device: str = "auto", dtype: str = "auto", quantize: str = "none") -> Engine:
+    def load(cls, spec: ModelSpec | str, device: str = "auto", dtype: str = "auto", quantize: str = "none") -> Engine:
+        """The engine of a model spec (or of a name, parsed with the other arguments)."""
         from aigc_cli.models.loading import load
 
-        return cls(load(model, device=device, dtype=dtype, quantize=quantize))
+        return cls(load(spec, device=device, dtype=dtype, quantize=quantize))
 
     def _auto_rows(self, rows: Sequence[_Row], settings: GenerationSettings) -> int:
         """How many of these rows (sorted by prompt length) an automatic CPU batch takes: the most
@@ -177,7 +125,7 @@ class Engine:
         rows = settings.kv_rows()
         if rows == 1:
             return
-        flag = FLAGS[settings.mode.kv_rows or ""]
+        name = settings.mode.kv_rows or ""
         from aigc_cli.models.checkpoint import available_memory
 
         per_position, free = self.lm.model.kv_bytes_per_position(), available_memory()
@@ -187,8 +135,9 @@ class Engine:
         if need > free:
             raise RecordError(
                 "too_big",
-                f"{flag} {rows} with {positions} tokens needs {need / 2**30:.1f} GiB of KV cache, "
+                f"{ref(name)} {rows} with {positions} tokens needs {need / 2**30:.1f} GiB of KV cache, "
                 f"more than the {free / 2**30:.1f} GiB of memory available",
+                field=name,
             )
 
     def generate(
@@ -235,7 +184,7 @@ class Engine:
         """
         if batching not in ("continuous", "static", "grouped"):
             raise ValueError(f"batching: {batching!r}")
-        from aigc_cli.engine.decoding import row_seed
+        from aigc_cli.engine.seeds import row_seed
         from aigc_cli.engine.scheduler import Finished, RowSpec, Scheduler
 
         auto = batch_size is None
@@ -334,7 +283,8 @@ class Engine:
     ) -> None:
         """Static batches: request `head` (beam search: alone), or every pending request with its
         settings, similar prompt lengths together; each batch runs until its longest row ends."""
-        from aigc_cli.engine.decoding import generate_beam, generate_rows, row_seed
+        from aigc_cli.engine.decoding import generate_beam, generate_rows
+        from aigc_cli.engine.seeds import row_seed
 
         first = dict(pending)[head]
         if first.settings.mode.runs_on == "beam":

@@ -19,8 +19,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from aigc_cli.engine.engine import Completion, Request, check_length, prompt_ids
+from aigc_cli.engine.requests import Completion, Request, check_length, prompt_ids
 from aigc_cli.core.errors import AigcError, RecordError, UsageError
+from aigc_cli.core.modelspec import ModelSpec
 
 T = TypeVar("T")
 CHUNK_ROWS = 64  # sequences per task: an auto batch (engine.DEFAULT_CPU_BATCH) for one actor
@@ -38,14 +39,14 @@ def import_ray() -> Any:
 class _Worker:
     """One Ray actor: the engine loaded once, chunks of requests generated in order."""
 
-    def __init__(self, model: str, device: str, dtype: str, quantize: str, threads: int) -> None:
+    def __init__(self, spec: ModelSpec, threads: int) -> None:
         import torch
 
         from aigc_cli.engine.engine import Engine
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.engine = Engine.load(model, device=device, dtype=dtype, quantize=quantize)
+        self.engine = Engine.load(spec)
 
     def info(self) -> dict[str, Any]:
         return {"name": self.engine.name, "revision": self.engine.revision, "context": self.engine.context_length, "pid": os.getpid()}
@@ -73,12 +74,11 @@ class _Worker:
 class RayEngine:
     """The engine's batch interface (name, revision, encode, stream) over Ray actors."""
 
-    def __init__(
-        self, model: str, device: str, dtype: str, quantize: str, address: str | None, workers: int, worker_cpus: float, worker_gpus: float
-    ) -> None:
+    def __init__(self, spec: ModelSpec, address: str | None, workers: int, worker_cpus: float, worker_gpus: float) -> None:
         from aigc_cli.models.loading import load_tokenizer
 
         ray = import_ray()
+        model = spec.name
         self.tokenizer, base = load_tokenizer(model)
         self._ray = ray
         self._owns = not ray.is_initialized()
@@ -87,7 +87,7 @@ class RayEngine:
         remote = ray.remote(max_restarts=-1, max_task_retries=-1)(_Worker)
         threads = max(1, int(worker_cpus))
         self.actors = [
-            remote.options(num_cpus=worker_cpus, num_gpus=worker_gpus).remote(model, device, dtype, quantize, threads)
+            remote.options(num_cpus=worker_cpus, num_gpus=worker_gpus).remote(spec, threads)
             for _ in range(workers)
         ]
         try:

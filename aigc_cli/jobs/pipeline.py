@@ -14,11 +14,11 @@ the server's client and a distributed backend share this code.
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from aigc_cli.engine.seeds import run_seed
 from aigc_cli.jobs.records import BatchJob, InputRecord, ResumeState, Summary, resume_state
 from aigc_cli.jobs.outfile import OutputFile
 from aigc_cli.core.settings import GenerationSettings
@@ -112,4 +112,4 @@ def _with_seed(settings: GenerationSettings, state: ResumeState | None) -> Gener
     if settings.seed is not None:
         return settings
     known = state.seed if state is not None else None
-    return dataclasses.replace(settings, seed=known if known is not None else secrets.randbelow(2**31))
+    return dataclasses.replace(settings, seed=run_seed(known))

@@ -20,25 +20,13 @@ from typing import IO, Any
 
 from aigc_cli.core import jsondata
 from aigc_cli.core.errors import RecordError, UsageError
-from aigc_cli.core.settings import FLAGS, GenerationSettings, SettingsError
+from aigc_cli.core.settings import BY_KEY, GenerationSettings, SettingsError, check_value, coerce
 
 
 class InputFormat(str, Enum):
     auto = "auto"
     lines = "lines"
     jsonl = "jsonl"
-
-
-# JSONL field -> (settings field, type). `seed` replaces the run's seed for that record only.
-OVERRIDES: dict[str, tuple[str, type]] = {
-    "n": ("num_sequences", int),
-    "seed": ("seed", int),
-    "max_new_tokens": ("max_new_tokens", int),
-    "temperature": ("temperature", float),
-    "top_p": ("top_p", float),
-    "top_k": ("top_k", int),
-    "stop": ("stop", list),
-}
 
 
 @dataclass
@@ -179,7 +167,7 @@ def _parse_line(number: int, data: bytes, fmt: InputFormat, template: Template |
         record.overrides = _overrides(fields)
         record.prompt = _prompt(fields, template)
     except RecordError as exc:
-        exc.message = f"{record.where}: {exc.message}"
+        exc.text = f"{record.where}: {exc.text}"
         record.error = exc
     return record
 
@@ -201,24 +189,18 @@ def _prompt(fields: dict[str, Any], template: Template | None) -> str:
 
 
 def _overrides(fields: dict[str, Any]) -> dict[str, Any]:
+    """A record's settings, by their JSONL keys in the registry (`n`, `temperature`, `stop`, ...);
+    other fields (the prompt, the id, template fields) are not settings."""
     out: dict[str, Any] = {}
-    for key, (name, kind) in OVERRIDES.items():
-        if key not in fields:
+    for key, value in fields.items():
+        setting = BY_KEY.get(key)
+        if setting is None:
             continue
-        value = fields[key]
-        if kind is list:
-            value = [value] if isinstance(value, str) else value
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise RecordError("bad_override", f"'{key}' must be a string or a list of strings")
-            value = tuple(value)
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-            raise RecordError("bad_override", f"'{key}' must be {'an integer' if kind is int else 'a number'} (got {value!r})")
-        out[name] = value
+        try:
+            out[setting.name] = coerce(setting, value)
+        except SettingsError as exc:
+            raise RecordError("bad_override", exc.render("jsonl"), field=setting.name) from None
     return out
-
-
-# settings field -> its JSONL key, to name it in a record's error
-_KEYS = {name: key for key, (name, _) in OVERRIDES.items()}
 
 
 # How sampled tokens are drawn: part of every fingerprint, so that --resume never mixes records of
@@ -324,8 +306,8 @@ class BatchJob:
 
         for (record, request), completions in self.engine.stream(planned(), request_of, self.batch_size, self.on_text):
             if isinstance(completions, RecordError):  # the engine refused it while generating (a remote worker)
-                if not completions.message.startswith(record.where):
-                    completions.message = f"{record.where}: {completions.message}"
+                if not completions.text.startswith(record.where):
+                    completions.text = f"{record.where}: {completions.text}"
                 record.error, request, completions = completions, None, []
             if request is None:
                 if self.strict:
@@ -347,19 +329,18 @@ class BatchJob:
         if record.error is not None:
             return None
         overrides = dict(record.overrides)
-        seed = overrides.pop("seed", self.settings.seed)
+        seed = overrides.pop("seed", None)
+        seed = self.settings.seed if seed is None else seed
         try:
-            if not 0 <= seed < 2**63:
-                raise RecordError("bad_override", f"'seed' must be in [0, 2^63) (got {seed})")
             try:
+                check_value("seed", seed)
                 settings = self.settings.with_overrides(**overrides) if overrides else self.settings
             except SettingsError as exc:
-                where = f"'{_KEYS[exc.field]}'" if exc.field in _KEYS else FLAGS.get(exc.field, exc.field)
-                raise RecordError("bad_override", f"{where}: {exc.text}") from None
+                raise RecordError("bad_override", exc.render("jsonl"), field=exc.field) from None
             ids = tuple(self.engine.encode(record.prompt, settings))
         except RecordError as exc:
             if not exc.message.startswith(record.where):
-                exc.message = f"{record.where}: {exc.message}"
+                exc.text = f"{record.where}: {exc.text}"
             record.error = exc
             return None
         request = request_type(id=record.id, prompt=record.prompt, settings=settings, seed=seed, prompt_ids=ids)
@@ -374,7 +355,7 @@ class BatchJob:
         if self.resume is not None and record.line in self.resume.error_lines:
             return
         assert record.error is not None
-        self.emit({"id": record.id, "line": record.line, "error": {"code": record.error.code, "message": record.error.message}})
+        self.emit({"id": record.id, "line": record.line, "error": {"code": record.error.code, "message": record.error.render("jsonl")}})
 
 
 def record_fingerprint(engine: Any, request: Any) -> str:

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 from aigc_cli.core import jsondata
 from aigc_cli.core.caches import cache_dir, file_identity
 from aigc_cli.core.errors import ModelUnavailableError, UsageError
+from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.models.tiny import TINY_MODELS
 
 if TYPE_CHECKING:
@@ -249,8 +250,11 @@ def pick_dtype(requested: str, device: str) -> Any:
     return getattr(torch, requested)
 
 
-def load(name: str, device: str = "auto", dtype: str = "auto", quantize: str = "none") -> LoadedModel:
-    """Resolve and load model + tokenizer once; the only place that touches transformers' loaders."""
+def load(spec: ModelSpec | str, device: str = "auto", dtype: str = "auto", quantize: str = "none") -> LoadedModel:
+    """Resolve and load model + tokenizer once; the only place that touches transformers' loaders.
+    `spec` is the parsed model spec (a bare name is parsed with `device`, `dtype` and `quantize`)."""
+    spec = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec, device, dtype, quantize)
+    name, device, dtype, quantize = spec.name, spec.device, spec.dtype, spec.quantize
     res = resolve(name)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
