@@ -8,7 +8,7 @@ import random
 import pytest
 
 from aigc_cli.engine.seeds import row_seed
-from aigc_cli.engine.scheduler import Finished, RowSpec, Scheduler, Token
+from aigc_cli.engine.scheduler import Failed, Finished, RowSpec, Scheduler, Token
 from aigc_cli.core.settings import GenerationSettings
 
 WORDS = "the of and to in is was he for it with as his on be at by had are but from or have an they".split()
@@ -243,3 +243,82 @@ def test_contrastive_on_the_scheduler_equals_the_naive_reference(tiny_lm):
     for spec in specs:
         assert got[spec.key].token_ids == _naive_contrastive(tiny_lm, spec.prompt_ids, 4, 0.6, 12)
     assert got[0].token_ids != _alone(tiny_lm, _spec(tiny_lm, 0, "Hello there", greedy)).token_ids  # the penalty is live
+
+
+# --- faults stay with their row ---------------------------------------------------------------
+
+
+def _eight(tiny_lm, sampled: bool) -> list[RowSpec]:
+    rng = random.Random(5)
+    return _mixed_specs(tiny_lm, 8, rng, sampled)
+
+
+def _run_events(sched: Scheduler, specs: list[RowSpec]) -> tuple[dict, dict]:
+    for spec in specs:
+        sched.submit(spec)
+    results, failed = {}, {}
+    while sched.busy:
+        for event in sched.step():
+            if isinstance(event, Finished):
+                results[event.key] = event.result
+            elif isinstance(event, Failed):
+                failed[event.key] = event.error
+    return results, failed
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_a_fault_in_one_row_fails_that_row_alone(tiny_lm, monkeypatch, sampled):
+    specs = _eight(tiny_lm, sampled)
+    clean, _ = _run_events(Scheduler(tiny_lm, max_rows=8), specs)
+    doomed = specs[3].key
+    steps = {"n": 0}
+
+    def fault(spec: RowSpec) -> None:
+        if spec.key == doomed:
+            steps["n"] += 1
+            if steps["n"] >= 2:  # mid-decode, inside the step (and on every retry of it)
+                raise RuntimeError("injected")
+
+    monkeypatch.setattr(Scheduler, "fault", staticmethod(fault))
+    results, failed = _run_events(Scheduler(tiny_lm, max_rows=8), specs)
+    assert list(failed) == [doomed] and str(failed[doomed]) == "injected"
+    assert set(results) == set(clean) - {doomed}
+    for key, result in results.items():
+        assert (result.token_ids, result.text, result.finish_reason) == (clean[key].token_ids, clean[key].text, clean[key].finish_reason)
+
+
+def test_a_row_whose_rules_cannot_be_built_is_refused_at_submit(tiny_lm):
+    """A banned word the tokenizer cannot take (settings validation refuses it first; the engine
+    must not rely on that) is refused when the row is submitted, before it takes a slot."""
+    import dataclasses
+
+    unchecked = dataclasses.replace(GREEDY, ban=("\udfff",))
+    sched = Scheduler(tiny_lm, max_rows=4)
+    with pytest.raises(Exception):
+        sched.submit(RowSpec("x", _spec(tiny_lm, "x", "the sea", GREEDY).prompt_ids, unchecked, 1))
+    assert not sched.busy
+
+
+def test_a_forward_pass_that_fails_is_split_until_only_the_row_that_cannot_run_fails(tiny_lm, monkeypatch):
+    """Out of memory for more than three rows at once, and for one prompt whatever its company:
+    the batch is retried in parts, every other row finishes with its own tokens."""
+    specs = _eight(tiny_lm, False)
+    clean, _ = _run_events(Scheduler(tiny_lm, max_rows=8), specs)
+    poison = specs[5].prompt_ids
+    real = tiny_lm.model.step
+    calls = {"failed": 0}
+
+    def step(tokens, slots, prompts, states=False, first=0):
+        rows = (0 if tokens is None else len(tokens)) + len(prompts)
+        if rows > 3 or poison in prompts:
+            calls["failed"] += 1
+            raise RuntimeError("out of memory")
+        return real(tokens, slots, prompts, states=states, first=first)
+
+    monkeypatch.setattr(tiny_lm.model, "step", step)
+    results, failed = _run_events(Scheduler(tiny_lm, max_rows=8), specs)
+    assert calls["failed"] > 0
+    assert list(failed) == [specs[5].key] and "out of memory" in str(failed[specs[5].key])
+    assert set(results) == set(clean) - {specs[5].key}
+    for key, result in results.items():
+        assert result.token_ids == clean[key].token_ids, key

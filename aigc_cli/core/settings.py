@@ -231,12 +231,24 @@ def shown(value: Any, limit: int = 40) -> str:
 # -- reading values from outside ------------------------------------------------------------------
 
 
-def check_text(value: str, what: str) -> None:
-    """UsageError when `value` is not valid Unicode text: a lone surrogate (from JSON's \\ud800
-    escapes, or bytes that were not UTF-8 on the command line) cannot be encoded or tokenized."""
+def text_problem(value: str) -> str | None:
+    """Why `value` is not valid Unicode text, or None: a lone surrogate (from JSON's \\ud800
+    escapes) cannot be encoded or tokenized, and a byte that was not UTF-8 on the command line
+    arrives as one (Python's surrogateescape)."""
     bad = next((i for i, ch in enumerate(value) if "\ud800" <= ch <= "\udfff"), None)
-    if bad is not None:
-        raise UsageError(f"{what}: not valid Unicode (a lone surrogate U+{ord(value[bad]):04X} at character {bad + 1})")
+    if bad is None:
+        return None
+    code = ord(value[bad])
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"not valid UTF-8 (byte 0x{code - 0xDC00:02X} at character {bad + 1})"
+    return f"not valid Unicode (a lone surrogate U+{code:04X} at character {bad + 1})"
+
+
+def check_text(value: str, what: str) -> None:
+    """UsageError naming `what` when `value` is not valid Unicode text (see `text_problem`)."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise UsageError(f"{what}: {problem}")
 
 
 def coerce(setting: Setting, value: Any) -> Any:
@@ -430,7 +442,5 @@ def _check_texts(setting: Setting, values: Iterable[str]) -> None:
             name,
             f"at most {setting.max_chars:,} characters each (got {len(text):,})",
         )
-        try:
-            check_text(text, "x")
-        except UsageError as exc:
-            raise SettingsError(name, exc.message.split(": ", 1)[1]) from None
+        problem = text_problem(text)
+        _check(problem is None, name, problem or "")

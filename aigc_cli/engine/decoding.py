@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 from aigc_cli.engine.processors import MinNewTokens, NoBadWords, NoRepeatNGram, ProcessorList, RepetitionPenalty
 from aigc_cli.core.settings import Decoding, GenerationSettings
 from aigc_cli.core.textrules import BanRule, find_stop
+from aigc_cli.engine.requests import Cancelled
 
 _BAN_RETRIES = 64
 OnText = Callable[[int, str], None]
@@ -144,6 +145,11 @@ class _Decoder:
         self.processors = self._processors()
         self.extra = extra(width) if extra is not None else []
         self.processors.extend(self.extra)  # after the penalties, so a form can guard rows they emptied
+        self.stop: Callable[[], bool] | None = None
+
+    def check_stop(self) -> None:
+        if self.stop is not None and self.stop():
+            raise Cancelled("stopped")
 
     def _processors(self) -> ProcessorList:
         return self.rules.processors(self.prompt_width)
@@ -208,13 +214,16 @@ def generate_rows(
     on_text: OnText | None = None,
     extra: ExtraProcessors | None = None,
     logprobs: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> list[RowResult]:
     """Generate one sequence per prompt row (rows may repeat a prompt); `settings` must be resolved.
     `logprobs`: record each generated token's log-probability under the unprocessed model
-    (greedy and sampling; contrastive search leaves them None)."""
+    (greedy and sampling; contrastive search leaves them None). `stop()` is asked every step:
+    when true, Cancelled is raised."""
     if settings.decoding is Decoding.beam:
         raise ValueError("beam search generates several rows per prompt: use generate_beam")
     dec = _Decoder(lm, prompts, settings, on_text, extra, logprobs and settings.decoding is not Decoding.contrastive)
+    dec.stop = stop
     if settings.decoding is Decoding.contrastive:
         _contrastive_loop(dec)
     else:
@@ -369,6 +378,7 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
     run = _Runner(dec.model, len(dec.rows), dec.prompt_width + dec.s.max_new_tokens)
     logits, _ = run(ids, mask, dec.position_ids(mask))
     for step in range(dec.s.max_new_tokens):
+        dec.check_stop()
         raw = torch.log_softmax(logits, dim=-1) if dec.logprobs else None  # processors may write in place
         scores = dec.processors(ids, logits)
         draws = torch.full((len(active),), step, dtype=torch.long)
@@ -417,6 +427,7 @@ def _contrastive_loop(dec: _Decoder) -> None:
     logits, context = run(ids, mask, dec.position_ids(mask), hidden=True)  # context: (B, L, H)
     ctx_mask = mask.bool()
     for step in range(dec.s.max_new_tokens):
+        dec.check_stop()
         scores = dec.processors(ids, logits.float())
         for b, r in enumerate(active):  # banned candidates leave the top-k before it is taken
             _mask_banned_top(dec, dec.rows[r], scores[b], k)
@@ -487,7 +498,8 @@ class _BanLogits:
 
 @torch.inference_mode()
 def generate_beam(
-    lm: Any, prompt: list[int], settings: GenerationSettings, extra_processors: ExtraProcessors | None = None
+    lm: Any, prompt: list[int], settings: GenerationSettings, extra_processors: ExtraProcessors | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[RowResult]:
     """Beam search for one prompt; returns the best -n beams, best first.
 
@@ -497,6 +509,7 @@ def generate_beam(
     """
     s = settings
     dec = _Decoder(lm, [prompt], s, None, extra_processors)
+    dec.stop = stop
     if dec.ban:
         dec.processors.append(_BanLogits(dec, 2 * s.beams))
     sequences = _beam_loop(dec, lm.model)
@@ -538,6 +551,7 @@ def _beam_loop(dec: _Decoder, model: Backend) -> list[list[int]]:
     logits, _ = run(ids, mask, dec.position_ids(mask))
     cur = width
     while True:
+        dec.check_stop()
         log_probs = torch.log_softmax(logits, dim=-1)
         log_probs = dec.processors(running[0, :, :cur].to(dec.device), log_probs).cpu()
         vocab = log_probs.shape[-1]

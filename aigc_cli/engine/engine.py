@@ -1,26 +1,28 @@
-"""The engine: a model loaded once, prompts checked against its context, batched generation.
+"""The engine: a model loaded once, prompts checked against its context, and the one place where a
+request becomes rows (with their seeds) for the scheduler or static batches.
 
-`Engine.generate(requests)` is the library entry point; the CLI is a thin layer over it.
+`Engine.generate(requests)` is the library entry point; `Engine.stream(items, request_of)` is what
+the batch pipeline, the Ray workers and (through `engine.loop.EngineLoop`) the server run on. A
+request that cannot be run (its prompt, its settings, a fault while decoding it) comes out as a
+RecordError in its place; every other request is unaffected.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aigc_cli.core.errors import RecordError, ref
-from aigc_cli.core.settings import GenerationSettings
+from aigc_cli.core.settings import GenerationSettings, text_problem
 from aigc_cli.engine.requests import Completion, Request, check_length, prompt_ids
 
 if TYPE_CHECKING:
     from aigc_cli.core.modelspec import ModelSpec
-    from aigc_cli.engine.decoding import RowResult
-    from aigc_cli.models.loading import LoadedModel
     from aigc_cli.core.tokenizer import Tokenizer
+    from aigc_cli.engine.decoding import RowResult
+    from aigc_cli.engine.scheduler import RowSpec
+    from aigc_cli.models.loading import LoadedModel
 
 # `--batch-size auto`: at most this many rows per forward batch; on CPU fewer when their KV cache
 # would pass AUTO_KV_BUDGET (long prompts or generations). Measured on 2 cores, GPT-2 small, 256
@@ -29,13 +31,7 @@ DEFAULT_CPU_BATCH = 64
 DEFAULT_GPU_BATCH = 64
 AUTO_KV_BUDGET = 1 << 30  # bytes
 T = TypeVar("T")
-
-
-@dataclass
-class _Row:
-    request: Request
-    index: int
-    prompt_ids: list[int]
+OnText = Callable[[Completion, str], None]
 
 
 class Engine:
@@ -53,23 +49,6 @@ class Engine:
 
         return cls(load(spec, device=device, dtype=dtype, quantize=quantize))
 
-    def _auto_rows(self, rows: Sequence[_Row], settings: GenerationSettings) -> int:
-        """How many of these rows (sorted by prompt length) an automatic CPU batch takes: the most
-        whose KV cache, at its full length, stays within AUTO_KV_BUDGET (at least one)."""
-        per_position = self.lm.model.kv_bytes_per_position()
-        if self.lm.device == "cuda" or per_position is None:
-            return len(rows)
-
-        per_position *= settings.kv_rows()  # contrastive search branches each row into top_k rows
-
-        def cache_bytes(n: int) -> int:  # the n-th row has the longest prompt of the first n
-            return n * per_position * min(len(rows[n - 1].prompt_ids) + settings.max_new_tokens, self.context_length)
-
-        n = len(rows)
-        while n > 1 and cache_bytes(n) > AUTO_KV_BUDGET:
-            n -= 1
-        return n
-
     @property
     def revision(self) -> str:
         """Provenance: the weights' revision and precision (see models.LoadedModel.revision)."""
@@ -79,20 +58,35 @@ class Engine:
     def tokenizer(self) -> Tokenizer:
         return self.lm.tokenizer
 
+    @property
+    def default_batch(self) -> int:
+        return DEFAULT_GPU_BATCH if self.lm.device == "cuda" else DEFAULT_CPU_BATCH
+
     @functools.cached_property
     def longest_token(self) -> int:
         """Characters in the vocabulary's longest token string (byte-level BPE writes one character
         per byte): no token of any text stands for more characters than this."""
         return max(map(len, self.tokenizer.get_vocab()), default=1)
 
+    # -- checking prompts -----------------------------------------------------------------------
+
     def encode(self, prompt: str, settings: GenerationSettings) -> list[int]:
-        """Token ids of a prompt; RecordError when it is empty or does not fit the context. A prompt
-        with more characters than the context's tokens could ever hold is refused before it is
-        tokenized (a 100 MB line took minutes and 17 GB to count)."""
+        """Token ids of a prompt; RecordError when it is not valid text, empty, refused by the
+        tokenizer or does not fit the context. A prompt with more characters than the context's
+        tokens could ever hold is refused before it is tokenized (a 100 MB line took minutes)."""
+        problem = text_problem(prompt)
+        if problem is not None:
+            raise RecordError("invalid_text", f"the prompt is {problem}")
         self.check_characters(prompt)
-        ids = prompt_ids(prompt, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
+        ids = prompt_ids(prompt, self._tokenize)
         self.check_ids(ids, settings)
         return ids
+
+    def _tokenize(self, text: str) -> list[int]:
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        except Exception as exc:  # noqa: BLE001 - the tokenizer's own refusal, whatever its type
+            raise RecordError("tokenizer_error", f"the tokenizer refused the prompt ({type(exc).__name__}: {_first_line(exc)})") from None
 
     def check_characters(self, prompt: str) -> None:
         """RecordError when a prompt has more characters than the context could hold as tokens:
@@ -104,20 +98,22 @@ class Engine:
                 f"tokens can hold (its longest token has {self.longest_token} characters)",
             )
 
-    def check_ids(self, ids: Sequence[int], settings: GenerationSettings) -> None:
+    def check_ids(self, ids: Sequence[int], settings: GenerationSettings, new_tokens: int | None = None) -> None:
         """RecordError unless these prompt ids and settings can be generated from: not empty, in the
-        vocabulary, within the context with the new tokens, within memory (beams, branches)."""
+        vocabulary, within the context with the new tokens (`new_tokens`, default the settings'
+        max_new_tokens; 0 when only the prompt is scored), within memory (beams, branches)."""
         if not ids:
             raise RecordError("empty_prompt", "the prompt has no tokens")
         vocab = len(self.tokenizer)
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise RecordError("bad_token", f"token id {bad} is not in the model's vocabulary of {vocab}")
+            raise RecordError("bad_token", f"token id {bad} is not in the model's vocabulary of {vocab}", field="prompt")
         bad = next((t for t in settings.stop_token_ids if t >= vocab), None)
         if bad is not None:
-            raise RecordError("bad_token", f"stop token id {bad} is not in the model's vocabulary of {vocab}")
-        check_length(len(ids), settings.max_new_tokens, self.context_length)
-        self._check_memory(settings, len(ids) + settings.max_new_tokens)
+            raise RecordError("bad_token", f"stop token id {bad} is not in the model's vocabulary of {vocab}", field="stop_token_ids")
+        wanted = settings.max_new_tokens if new_tokens is None else new_tokens
+        check_length(len(ids), wanted, self.context_length)
+        self._check_memory(settings, len(ids) + wanted)
 
     def _check_memory(self, settings: GenerationSettings, positions: int) -> None:
         """Beam search keeps --num-beams rows (contrastive search --top-k branches), each with a KV
@@ -140,23 +136,74 @@ class Engine:
                 field=name,
             )
 
+    def prepared(self, request: Request) -> Request:
+        """The request with its prompt's token ids (checked); RecordError otherwise."""
+        if request.prompt_ids is not None:
+            return request
+        import dataclasses
+
+        return dataclasses.replace(request, prompt_ids=tuple(self.encode(request.prompt, request.settings)))
+
+    # -- rows -------------------------------------------------------------------------------------
+
+    def on_scheduler(self, request: Request) -> bool:
+        """Whether a request's rows run on the continuous-batching scheduler (greedy, sampled and
+        contrastive rows of the native model) rather than in static batches (beam search, models
+        behind the transformers adapter)."""
+        return request.settings.mode.runs_on == "scheduler" and bool(self.lm.model.continuous)
+
+    def row_specs(
+        self, request: Request, key: Callable[[int], Hashable], logprobs: bool = False, top: int = 0, on_text: OnText | None = None
+    ) -> list[RowSpec]:
+        """The scheduler rows of a prepared request, one per wanted sequence, each with its own seed
+        (`seeds.row_seed`): the only place a request becomes rows."""
+        from aigc_cli.engine.scheduler import RowSpec
+        from aigc_cli.engine.seeds import row_seed
+
+        ids = list(request.prompt_ids or ())
+        specs = []
+        for index in request.wanted():
+            stream = self._streamer(request, index, on_text) if on_text is not None else None
+            specs.append(RowSpec(key(index), ids, request.settings, row_seed(request.seed, request.id, index), stream, logprobs, top))
+        return specs
+
+    def _streamer(self, request: Request, index: int, on_text: OnText) -> Callable[[str], None]:
+        partial = self.completion(request, index, None)
+        return lambda text: on_text(partial, text)
+
+    @staticmethod
+    def completion(request: Request, index: int, result: RowResult | None) -> Completion:
+        """The completion of one row (an empty partial one while it streams)."""
+        prompt_tokens = len(request.prompt_ids or ())
+        if result is None:
+            return Completion(request.id, index, request.prompt, "", "", prompt_tokens, 0, request.seed)
+        return Completion(
+            request.id, index, request.prompt, result.text, result.finish_reason, prompt_tokens, len(result.token_ids), request.seed,
+            token_ids=result.token_ids, logprobs=result.logprobs,
+        )
+
+    # -- running -----------------------------------------------------------------------------------
+
     def generate(
         self,
         requests: Iterable[Request],
         batch_size: int | None = None,
-        on_text: Callable[[Completion, str], None] | None = None,
+        on_text: OnText | None = None,
         processors: Callable[[int], list[Any]] | None = None,
         logprobs: bool = False,
         batching: str = "continuous",
     ) -> Iterator[Completion]:
         """Generate every wanted sequence; yields completions in request order, index order, each
-        as soon as it and everything before it is done.
+        as soon as it and everything before it is done; raises the RecordError of a request that
+        cannot be run when its turn comes.
 
         `on_text(partial, text_so_far)` streams a lone row; `processors(prompt_width)` adds logits
         processors (poem forms) to every batch; `logprobs` records each token's log-probability
         under the unprocessed model (greedy and sampling).
         """
         for _, completions in self.stream(requests, lambda r: r, batch_size, on_text, processors, logprobs, batching):
+            if isinstance(completions, RecordError):
+                raise completions
             yield from completions
 
     def stream(
@@ -164,152 +211,28 @@ class Engine:
         items: Iterable[T],
         request_of: Callable[[T], Request | None],
         batch_size: int | None = None,
-        on_text: Callable[[Completion, str], None] | None = None,
+        on_text: OnText | None = None,
         processors: Callable[[int], list[Any]] | None = None,
         logprobs: bool = False,
         batching: str = "continuous",
-    ) -> Iterator[tuple[T, list[Completion]]]:
-        """Each item with its request's completions, in input order, as soon as they are done;
-        items without a request (error records) pass through in their place.
-
-        Greedy, sampled and contrastive rows of the native model run on the continuous-batching
-        scheduler: the items are read ahead lazily (about two batches of rows), and a row starts as
-        soon as a slot is free. Beam search runs one request at a time; poem forms (`processors`)
-        and models without the native forward pass run in static batches of the requests read
-        ahead (`_static`).
+        stop: Callable[[], bool] | None = None,
+    ) -> Iterator[tuple[T, list[Completion] | RecordError]]:
+        """Each item with its request's completions, or the RecordError that stopped its request,
+        in input order, as soon as they are done; items without a request (error records) pass
+        through in their place. See `engine.stream.OrderedRun` for how the work is scheduled.
 
         `batching` (benchmarks): "continuous" (the default), "static" (the scheduler without refill:
         rows of any settings share a batch that runs until its longest row ends) or "grouped" (every
-        request in static batches of identical settings, as aigc did before the scheduler).
+        request in static batches of identical settings, as aigc did before the scheduler). `stop()`
+        is asked at every decoding step of static batches and beam search: when true, they raise
+        `Cancelled`.
         """
-        if batching not in ("continuous", "static", "grouped"):
-            raise ValueError(f"batching: {batching!r}")
-        from aigc_cli.engine.seeds import row_seed
-        from aigc_cli.engine.scheduler import Finished, RowSpec, Scheduler
+        from aigc_cli.engine.stream import OrderedRun
 
-        auto = batch_size is None
-        cap = batch_size or (DEFAULT_GPU_BATCH if self.lm.device == "cuda" else DEFAULT_CPU_BATCH)
-        scheduled = processors is None and self.lm.model.continuous and batching != "grouped"
-        budget = AUTO_KV_BUDGET if auto and self.lm.device != "cuda" else None
-        sched = Scheduler(self.lm, cap, budget, refill=batching == "continuous") if scheduled else None
-        source = iter(items)
-        ahead: deque[tuple[int, T, Request | None]] = deque()  # read, not yet yielded, in input order
-        owners: dict[int, Request] = {}
-        results: dict[tuple[int, int], Completion] = {}  # (read number, sequence index) -> completion
-        count = 0
+        run = OrderedRun(self, iter(items), request_of, batch_size, on_text, processors, logprobs, batching, stop)
+        yield from run
 
-        def on_scheduler(req: Request | None) -> bool:
-            return req is not None and sched is not None and req.settings.mode.runs_on == "scheduler"
 
-        def read_one() -> bool:
-            nonlocal count
-            try:
-                item = next(source)
-            except StopIteration:
-                return False
-            req = request_of(item)
-            if req is not None and req.prompt_ids is None:
-                req = dataclasses.replace(req, prompt_ids=tuple(self.encode(req.prompt, req.settings)))
-            n, count = count, count + 1
-            ahead.append((n, item, req))
-            if req is not None:
-                owners[n] = req
-            if on_scheduler(req):
-                assert sched is not None and req is not None
-                for index in req.wanted():
-                    row = _Row(req, index, list(req.prompt_ids or ()))
-                    stream = self._streamer(row, on_text) if on_text is not None else None
-                    seed = row_seed(req.seed, req.id, index)
-                    sched.submit(RowSpec((n, index), row.prompt_ids, req.settings, seed, stream, logprobs))
-            return True
-
-        def fill() -> bool:  # keep about two batches of rows ready behind the running ones
-            while (sched is None or sched.pending < 2 * cap) and len(ahead) < 4 * cap:
-                if not read_one():
-                    if sched is not None:
-                        sched.last_rows_submitted()
-                    return False
-            return True
-
-        more = fill()
-        while ahead or more:
-            if not ahead:
-                more = read_one()
-                continue
-            n, item, req = ahead[0]
-            for index in req.wanted() if req is not None else ():
-                while (n, index) not in results:
-                    if on_scheduler(req):
-                        assert sched is not None
-                        for event in sched.step():
-                            if isinstance(event, Finished):
-                                key = cast(tuple[int, int], event.key)  # (read number, sequence index), as submitted
-                                owner = owners[key[0]]
-                                row = _Row(owner, key[1], list(owner.prompt_ids or ()))
-                                results[key] = self._completion(row, event.result)
-                        more = more and fill()
-                    else:
-                        pending = [(m, q) for m, _, q in ahead if q is not None and not on_scheduler(q)]
-                        self._static(pending, n, results, cap, auto, on_text, processors, logprobs)
-            ahead.popleft()
-            owners.pop(n, None)
-            yield item, [results.pop((n, i)) for i in (req.wanted() if req is not None else ())]
-            more = more and fill()
-
-    def _streamer(self, row: _Row, on_text: Callable[[Completion, str], None]) -> Callable[[str], None]:
-        partial = self._completion(row, None)
-        return lambda text: on_text(partial, text)
-
-    @staticmethod
-    def _completion(row: _Row, res: RowResult | None) -> Completion:
-        req = row.request
-        if res is None:
-            return Completion(req.id, row.index, req.prompt, "", "", len(row.prompt_ids), 0, req.seed)
-        return Completion(
-            req.id, row.index, req.prompt, res.text, res.finish_reason, len(row.prompt_ids), len(res.token_ids), req.seed,
-            token_ids=res.token_ids, logprobs=res.logprobs,
-        )
-
-    def _static(
-        self,
-        pending: list[tuple[int, Request]],
-        head: int,
-        results: dict[tuple[int, int], Completion],
-        batch_size: int,
-        auto: bool,
-        on_text: Callable[[Completion, str], None] | None,
-        processors: Callable[[int], list[Any]] | None,
-        logprobs: bool,
-    ) -> None:
-        """Static batches: request `head` (beam search: alone), or every pending request with its
-        settings, similar prompt lengths together; each batch runs until its longest row ends."""
-        from aigc_cli.engine.decoding import generate_beam, generate_rows
-        from aigc_cli.engine.seeds import row_seed
-
-        first = dict(pending)[head]
-        if first.settings.mode.runs_on == "beam":
-            beams = generate_beam(self.lm, list(first.prompt_ids or ()), first.settings, processors)
-            for index in first.wanted():
-                results[(head, index)] = self._completion(_Row(first, index, list(first.prompt_ids or ())), beams[index])
-            return
-        rows = [
-            (n, _Row(r, i, list(r.prompt_ids or ())))
-            for n, r in pending
-            if r.settings == first.settings
-            for i in r.wanted()
-            if (n, i) not in results
-        ]
-        rows.sort(key=lambda nr: len(nr[1].prompt_ids))
-        start = 0
-        while start < len(rows):
-            size = self._auto_rows([r for _, r in rows[start : start + batch_size]], first.settings) if auto else batch_size
-            chunk, start = rows[start : start + size], start + size
-            stream = None
-            if on_text is not None and len(rows) == 1:
-                lone = self._streamer(chunk[0][1], on_text)
-                stream = lambda _i, text: lone(text)  # noqa: E731
-            seeds = [row_seed(r.request.seed, r.request.id, r.index) for _, r in chunk]
-            out = generate_rows(self.lm, [r.prompt_ids for _, r in chunk], first.settings, seeds, stream, processors, logprobs)
-            for (n, r), res in zip(chunk, out):
-                results[(n, r.index)] = self._completion(r, res)
-
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""

@@ -65,3 +65,7 @@ class Completion:
     record: dict[str, Any] | None = None  # its JSONL record, when the caller writes JSONL (batch.generated_record)
     token_ids: list[int] = field(default_factory=list, repr=False)  # generated ids, EOS excluded
     logprobs: list[float] | None = field(default=None, repr=False)  # per token, when asked for
+
+
+class Cancelled(Exception):
+    """The work was stopped before it finished (its client went away)."""

@@ -14,13 +14,18 @@ keeps the best by Su et al.'s score, and the chosen branch's newest keys and val
 the others. A row's tokens depend only on its prompt, settings and seed: sampling draws with noise
 keyed by (row seed, step, token), and the batch around a row moves its logits by ~1e-6 at most,
 which a Gumbel race does not notice.
+
+Faults are contained: whatever is done for one row (its rules, processors, draw, text, stop
+checks) that raises ends that row alone with a `Failed` event; a forward pass that raises (out of
+memory) is retried on the batch split in halves, and new rows alone, until only a row that cannot
+run at all fails. The other rows go on as if nothing happened.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +35,7 @@ from aigc_cli.engine.processors import ProcessorList
 from aigc_cli.core.settings import Decoding, GenerationSettings
 
 if TYPE_CHECKING:
+    from aigc_cli.models.gpt2 import Stepped
     from aigc_cli.models.loading import LoadedModel
 
 
@@ -62,6 +68,17 @@ class Finished:
 
 
 @dataclass
+class Failed:
+    """A row that could not go on: something done for it raised (it alone), or the engine stopped."""
+
+    key: Hashable
+    error: BaseException
+
+
+Event = Token | Finished | Failed
+
+
+@dataclass
 class _Live:
     spec: RowSpec
     row: _Row
@@ -88,6 +105,10 @@ class Scheduler:
     """Rows wait in a queue (first come, first served), then take a KV slot; at most `max_rows`
     run at once and, with `kv_budget` (bytes), no more than fit it at their full length."""
 
+    # Tests only: called with each running row's spec as the step works on it, to inject a fault
+    # that belongs to one row (request validation cannot catch it first).
+    fault: Callable[[RowSpec], None] | None = None
+
     def __init__(self, lm: LoadedModel, max_rows: int, kv_budget: int | None = None, refill: bool = True) -> None:
         """`refill=False` is static batching (kept for benchmarks): rows join only an empty batch,
         so a batch runs until its longest row ends."""
@@ -111,9 +132,18 @@ class Scheduler:
         return len(self.queue) + len(self.live)
 
     def submit(self, spec: RowSpec) -> None:
+        """Queue a row; what its settings ask for (banned words' tokens, processors) is prepared now,
+        so that a row that cannot be decoded is refused here, by raising, before it takes a slot."""
         if spec.settings.mode.runs_on != "scheduler":
             raise ValueError(f"the scheduler runs greedy, sampled and contrastive rows, not {spec.settings.decoding.value}")
+        self._rules_for(spec.settings)
         self.queue.append(spec)
+
+    def _rules_for(self, settings: GenerationSettings) -> RowRules:
+        rules = self._rules.get(settings)
+        if rules is None:
+            rules = self._rules[settings] = RowRules(self.tok, settings)
+        return rules
 
     def last_rows_submitted(self) -> None:
         """No more rows will come (the end of a batch file): the waiting rows start longest first,
@@ -125,68 +155,155 @@ class Scheduler:
         """Drop a row: a queued one at once, a running one (and its slot) at the next step."""
         self._cancel.add(key)
 
-    def step(self) -> list[Token | Finished]:
-        """Pick one token for every running row, free the slots of rows that finished, admit what
-        fits into the free slots, then one forward pass: the running rows' new tokens and the new
-        rows' prompts together. Returns what happened, in slot order (contrastive rows last)."""
+    def step(self) -> list[Event]:
+        """Pick one token for every running row, free the slots of rows that finished (or failed),
+        admit what fits into the free slots, then one forward pass: the running rows' new tokens and
+        the new rows' prompts together. Returns what happened, in slot order (contrastive rows last)."""
         self._drop_cancelled()
-        events: list[Token | Finished] = []
+        events: list[Event] = []
         tokens: list[int] = []
         if self.live:
-            assert self.logits is not None
-            picked = self._pick(self.logits)
-            done = []
-            for b, (live, token) in enumerate(zip(self.live, picked)):
-                if live.contrastive:
-                    continue
-                raw, top = self._raw_logprobs(self.logits[b], token, live) if live.spec.logprobs else (None, None)
-                if self._accept(live, token, raw, top, events):
-                    done.append(b)
-            forks = []
-            for live, slots in self._branches():
-                if self._contrastive_step(live, slots, events):
-                    done.extend(slots)
-                    continue
-                assert live.branches is not None
-                for b in slots:
-                    picked[b] = live.branches[self.branch[b]]
-                if len(slots) < len(live.branches):  # just prefilled: its branches take their slots
-                    forks.append(live)
-            tokens = [picked[i] for i in self._remove(done)]
-            for live in forks:
-                assert live.branches is not None
-                more = len(live.branches) - 1
-                self.slots.fork(next(b for b, x in enumerate(self.live) if x is live), more)
-                self.live += [live] * more
-                self.branch += list(range(1, more + 1))
-                tokens += live.branches[1:]
-            for i, j in self.slots.tidy():  # the cache reordered its slots: the rows follow
-                self.live[i], self.live[j] = self.live[j], self.live[i]
-                self.branch[i], self.branch[j] = self.branch[j], self.branch[i]
-                tokens[i], tokens[j] = tokens[j], tokens[i]
+            tokens = self._choose(events)
         joining = self._admit()
         if not self.live and not joining:
             self.logits = self.hidden = None
             self.slots = self.model.new_slots()  # idle: give the cache's memory back
             return events
-        token_t = torch.tensor(tokens, dtype=torch.long, device=self.model.device) if tokens else None
-        prompts = [spec.prompt_ids for spec in joining]
-        states = any(x.contrastive for x in self.live) or any(spec.settings.decoding is Decoding.contrastive for spec in joining)
-        out = self.model.step(token_t, self.slots, prompts, states=states)
-        if isinstance(out, torch.Tensor):
-            self.logits, self.hidden = out, None
-        else:
-            self.logits, self.hidden = out.logits, out.hidden
-        for j, spec in enumerate(joining):
-            live = self._start(spec)
-            if live.contrastive and not isinstance(out, torch.Tensor):
-                live.context = out.prompts[j]
-            self.live.append(live)
-            self.branch.append(0)
+        self._forward(tokens, joining, events)
         return events
 
+    def _choose(self, events: list[Event]) -> list[int]:
+        """Each running row's next token accepted (or its row finished or failed); returns the
+        tokens of the rows that go on, in their (possibly reordered) slots."""
+        assert self.logits is not None
+        failed: dict[int, BaseException] = {}
+        picked = self._pick(self.logits, failed)
+        done = []
+        for b, (live, token) in enumerate(zip(self.live, picked)):
+            if live.contrastive or b in failed:
+                continue
+            try:
+                raw, top = self._raw_logprobs(self.logits[b], token, live) if live.spec.logprobs else (None, None)
+                if self._accept(live, token, raw, top, events):
+                    done.append(b)
+            except Exception as exc:  # noqa: BLE001 - this row fails alone
+                failed[b] = exc
+        forks = []
+        for live, slots in self._branches():
+            try:
+                if self._contrastive_step(live, slots, events):
+                    done.extend(slots)
+                    continue
+            except Exception as exc:  # noqa: BLE001 - this row (all its branches) fails alone
+                failed.update((b, exc) for b in slots)
+                continue
+            assert live.branches is not None
+            for b in slots:
+                picked[b] = live.branches[self.branch[b]]
+            if len(slots) < len(live.branches):  # just prefilled: its branches take their slots
+                forks.append(live)
+        self._report_failed(failed, events)
+        tokens = [picked[i] for i in self._remove(done + sorted(failed))]
+        for live in forks:
+            assert live.branches is not None
+            more = len(live.branches) - 1
+            self.slots.fork(next(b for b, x in enumerate(self.live) if x is live), more)
+            self.live += [live] * more
+            self.branch += list(range(1, more + 1))
+            tokens += live.branches[1:]
+        for i, j in self.slots.tidy():  # the cache reordered its slots: the rows follow
+            self.live[i], self.live[j] = self.live[j], self.live[i]
+            self.branch[i], self.branch[j] = self.branch[j], self.branch[i]
+            tokens[i], tokens[j] = tokens[j], tokens[i]
+        return tokens
+
+    def _report_failed(self, failed: dict[int, BaseException], events: list[Event]) -> None:
+        reported: set[int] = set()
+        for b, exc in sorted(failed.items()):
+            live = self.live[b]
+            if id(live) not in reported:  # a contrastive row holds several slots: one event
+                reported.add(id(live))
+                events.append(Failed(live.spec.key, exc))
+
+    def _forward(self, tokens: list[int], joining: list[RowSpec], events: list[Event]) -> None:
+        """The step's forward pass; the joining rows become running ones. A pass that raises is
+        retried in parts (`_split_forward`): only rows that cannot run even alone fail."""
+        token_t = torch.tensor(tokens, dtype=torch.long, device=self.model.device) if tokens else None
+        states = any(x.contrastive for x in self.live) or any(spec.settings.decoding is Decoding.contrastive for spec in joining)
+        try:
+            out = self.model.step(token_t, self.slots, [spec.prompt_ids for spec in joining], states=states)
+            parts: _Parts = _Parts.of(out)
+            admitted, failed_running = joining, list[int]()
+        except Exception:  # noqa: BLE001 - no single row to blame: split the batch
+            parts, admitted, failed_running = self._split_forward(tokens, joining, states, events)
+        for j, spec in enumerate(admitted):
+            live = self._start(spec)
+            if live.contrastive and parts.prompts is not None:
+                live.context = parts.prompts[j]
+            self.live.append(live)
+            self.branch.append(0)
+        logits, hidden = parts.logits, parts.hidden
+        if failed_running:
+            self._report_failed({b: parts.errors[b] for b in failed_running}, events)
+            order = torch.tensor(self._remove(failed_running), dtype=torch.long, device=logits.device)
+            logits = logits[order]
+            hidden = hidden[order] if hidden is not None else None
+        self.logits, self.hidden = (logits, hidden) if self.live else (None, None)
+
+    def _split_forward(
+        self, tokens: list[int], joining: list[RowSpec], states: bool, events: list[Event]
+    ) -> tuple[_Parts, list[RowSpec], list[int]]:
+        """The running rows in halves until each part runs (a row that fails alone is dropped),
+        then each new row alone (one that fails alone is refused): (the parts' outputs, the new
+        rows that were admitted, the running slots that failed)."""
+        rows = len(tokens)
+        logits: list[torch.Tensor | None] = [None] * rows
+        hidden: list[torch.Tensor | None] = [None] * rows
+        errors: dict[int, BaseException] = {}
+        pending = [(0, rows)] if rows else []
+        while pending:
+            lo, hi = pending.pop()
+            ids = torch.tensor(tokens[lo:hi], dtype=torch.long, device=self.model.device)
+            try:
+                part = _Parts.of(self.model.step(ids, self.slots, [], states=states, first=lo))
+            except Exception as exc:  # noqa: BLE001 - smaller parts, down to one row
+                if hi - lo == 1:
+                    errors[lo] = exc
+                else:
+                    pending += [(lo + (hi - lo) // 2, hi), (lo, lo + (hi - lo) // 2)]
+                continue
+            for i in range(hi - lo):
+                logits[lo + i] = part.logits[i]
+                hidden[lo + i] = part.hidden[i] if part.hidden is not None else None
+        admitted, prompts = [], []
+        for spec in joining:
+            try:
+                part = _Parts.of(self.model.step(None, self.slots, [spec.prompt_ids], states=states))
+            except Exception as exc:  # noqa: BLE001 - this new row cannot run at all
+                events.append(Failed(spec.key, exc))
+                continue
+            admitted.append(spec)
+            logits.append(part.logits[0])
+            hidden.append(part.hidden[0] if part.hidden is not None else None)
+            if part.prompts is not None:
+                prompts.append(part.prompts[0])
+        vocab = self.model_vocab(logits)
+        filled = [x if x is not None else torch.zeros(vocab, device=self.model.device) for x in logits]
+        out = _Parts(
+            torch.stack(filled) if filled else torch.empty(0, vocab),
+            torch.stack([h if h is not None else torch.zeros_like(next(x for x in hidden if x is not None)) for h in hidden])
+            if states and any(h is not None for h in hidden) else None,
+            prompts if states else None,
+            errors,
+        )
+        return out, admitted, sorted(errors)
+
+    @staticmethod
+    def model_vocab(logits: list[torch.Tensor | None]) -> int:
+        return next((x.shape[-1] for x in logits if x is not None), 1)
+
     def _accept(
-        self, live: _Live, token: int, raw: float | None, top: list[tuple[int, float]] | None, events: list[Token | Finished]
+        self, live: _Live, token: int, raw: float | None, top: list[tuple[int, float]] | None, events: list[Event]
     ) -> bool:
         """Append a row's token and report it; returns whether the row finished."""
         grew = live.row.push(token, live.step, live.rules.eos, live.spec.settings, raw)
@@ -217,7 +334,7 @@ class Scheduler:
             slots.sort(key=self.branch.__getitem__)
         return list(rows.values())
 
-    def _contrastive_step(self, live: _Live, slots: list[int], events: list[Token | Finished]) -> bool:
+    def _contrastive_step(self, live: _Live, slots: list[int], events: list[Event]) -> bool:
         """Choose among the candidates the last pass evaluated (Su et al. 2022: the most likely
         penalised by its closest likeness to the context), then take the next candidates from the
         chosen one's logits. A row just prefilled only takes its first candidates. Returns whether
@@ -289,9 +406,7 @@ class Scheduler:
         return joining
 
     def _start(self, spec: RowSpec) -> _Live:
-        rules = self._rules.get(spec.settings)
-        if rules is None:
-            rules = self._rules[spec.settings] = RowRules(self.tok, spec.settings)
+        rules = self._rules_for(spec.settings)
         tail = self.tok.decode(spec.prompt_ids[-16:], clean_up_tokenization_spaces=False)
         return _Live(spec, _Row(self.tok, tail), rules, rules.processors(len(spec.prompt_ids)))
 
@@ -336,38 +451,70 @@ class Scheduler:
         values, ids = logp.topk(min(k, logp.numel()))
         return float(logp[token]), list(zip(ids.tolist(), values.tolist()))
 
-    def _pick(self, logits: torch.Tensor) -> list[int]:
-        """One token per live row: rows that share settings are processed and drawn together."""
+    def _pick(self, logits: torch.Tensor, failed: dict[int, BaseException]) -> list[int]:
+        """One token per live row: rows that share settings are processed and drawn together. When
+        a group's work raises, its rows are drawn one by one, and a row that raises alone goes
+        into `failed` (slot -> error)."""
         tokens = [0] * len(self.live)
         groups: dict[tuple[object, ...], list[int]] = {}
         for b, live in enumerate(self.live):
             if not live.contrastive:  # contrastive rows choose among their branches (_contrastive_step)
                 groups.setdefault(_Sampler.key(live.spec.settings), []).append(b)
         for rows in groups.values():
-            settings = self.live[rows[0]].spec.settings
-            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-            scores = logits if len(rows) == len(self.live) else logits[index]
-            if any(self.live[b].processors for b in rows):  # history-based: each row on its own sequence
-                scores = torch.cat([self._processed(self.live[b], scores[i : i + 1]) for i, b in enumerate(rows)])
-            sampling = settings.decoding is Decoding.sample
-            sampler = _Sampler(settings)
-            if sampling:
-                seeds = torch.tensor([self.live[b].spec.seed for b in rows], dtype=torch.long)
-                draws = torch.tensor([self.live[b].step for b in rows], dtype=torch.long)
-                picked = sampler(scores, seeds, draws).tolist()
-            else:
-                picked = scores.argmax(-1).tolist()
-            for i, b in enumerate(rows):
-                live = self.live[b]
-                token = picked[i]
-                if live.rules.ban:
-                    draw = (sampler, seeds[i : i + 1], draws[i : i + 1]) if sampling else None
-                    token = _unbanned(live.rules, live.row, scores[i], token, draw)
-                tokens[b] = token
+            try:
+                self._pick_group(logits, rows, tokens)
+            except Exception:  # noqa: BLE001 - find the row at fault
+                for b in rows:
+                    try:
+                        self._pick_group(logits, [b], tokens)
+                    except Exception as exc:  # noqa: BLE001 - it fails alone
+                        failed[b] = exc
         return tokens
+
+    def _pick_group(self, logits: torch.Tensor, rows: list[int], tokens: list[int]) -> None:
+        """Process and draw the tokens of rows that share their sampling settings."""
+        settings = self.live[rows[0]].spec.settings
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        scores = logits if len(rows) == len(self.live) else logits[index]
+        if any(self.live[b].processors for b in rows):  # history-based: each row on its own sequence
+            scores = torch.cat([self._processed(self.live[b], scores[i : i + 1]) for i, b in enumerate(rows)])
+        sampling = settings.decoding is Decoding.sample
+        sampler = _Sampler(settings)
+        if sampling:
+            seeds = torch.tensor([self.live[b].spec.seed for b in rows], dtype=torch.long)
+            draws = torch.tensor([self.live[b].step for b in rows], dtype=torch.long)
+            picked = sampler(scores, seeds, draws).tolist()
+        else:
+            picked = scores.argmax(-1).tolist()
+        for i, b in enumerate(rows):
+            live = self.live[b]
+            if Scheduler.fault is not None:
+                Scheduler.fault(live.spec)
+            token = picked[i]
+            if live.rules.ban:
+                draw = (sampler, seeds[i : i + 1], draws[i : i + 1]) if sampling else None
+                token = _unbanned(live.rules, live.row, scores[i], token, draw)
+            tokens[b] = token
 
     def _processed(self, live: _Live, scores: torch.Tensor) -> torch.Tensor:
         if not live.processors:
             return scores
         ids = torch.tensor([live.spec.prompt_ids + live.row.generated], dtype=torch.long, device=scores.device)
         return live.processors(ids, scores)
+
+
+@dataclass
+class _Parts:
+    """A step's forward output: logits (rows, V), hidden states or None, new rows' prompt states
+    or None, and (after a split) the errors of the running slots that could not run."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+    prompts: list[torch.Tensor] | None = None
+    errors: dict[int, BaseException] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, out: torch.Tensor | Stepped) -> _Parts:
+        if isinstance(out, torch.Tensor):
+            return cls(out)
+        return cls(out.logits, out.hidden, out.prompts)

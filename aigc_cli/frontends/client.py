@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from aigc_cli.core import jsondata
 from aigc_cli.engine.requests import Completion, Request, check_length, prompt_ids
 from aigc_cli.core.errors import AigcError, ModelUnavailableError, UsageError
-from aigc_cli.protocol.openai import request_body
+from aigc_cli.protocol.completions import request_body
 from aigc_cli.core.settings import GenerationSettings
 
 T = TypeVar("T")

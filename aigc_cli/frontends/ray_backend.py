@@ -52,19 +52,8 @@ class _Worker:
         return {"name": self.engine.name, "revision": self.engine.revision, "context": self.engine.context_length, "pid": os.getpid()}
 
     def run(self, requests: list[Request], batch_size: int | None) -> list[list[Completion] | RecordError]:
-        """Each request's completions, or the RecordError that refused it (as data, not raised)."""
-        out: list[list[Completion] | RecordError] = []
-        try:
-            done = iter(self.engine.generate(requests, batch_size=batch_size))
-            for req in requests:
-                out.append([next(done) for _ in req.wanted()])
-        except RecordError:  # find which: one at a time
-            out = []
-            for req in requests:
-                try:
-                    out.append(list(self.engine.generate([req], batch_size=batch_size)))
-                except RecordError as exc:
-                    out.append(exc)
+        """Each request's completions, or the RecordError that stopped it alone (as data, not raised)."""
+        out = [done for _, done in self.engine.stream(requests, lambda r: r, batch_size)]
         for completions in out:
             for c in completions if isinstance(completions, list) else []:
                 c.record = None

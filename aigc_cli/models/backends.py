@@ -52,10 +52,11 @@ class Backend(Protocol):
         """An empty per-row cache for the scheduler (only when `continuous`)."""
 
     def step(
-        self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False
+        self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False, first: int = 0
     ) -> torch.Tensor | Stepped:
-        """One continuous-batching step: running rows' next tokens and new rows' prompts -> next
-        logits (with `states`, also the last-layer hidden states: `gpt2.Stepped`)."""
+        """One continuous-batching step: running rows' next tokens (slots first, first+1, ...) and
+        new rows' prompts -> next logits (with `states`, also the last-layer hidden states:
+        `gpt2.Stepped`). A step that raises changes no row's length (it can be retried)."""
 
 
 class _DynamicCache:
@@ -129,7 +130,7 @@ class TransformersBackend:
         raise NotImplementedError("transformers models run in static batches (continuous is False)")
 
     def step(
-        self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False
+        self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False, first: int = 0
     ) -> torch.Tensor | Stepped:
         raise NotImplementedError("transformers models run in static batches (continuous is False)")
 

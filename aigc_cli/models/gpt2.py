@@ -422,7 +422,7 @@ class GPT2:
         return SlotCache(self.cfg, self.dtype, str(self.device))
 
     def step(
-        self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False
+        self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False, first: int = 0
     ) -> torch.Tensor | Stepped:
         """One continuous-batching step in one pass over the weights: `tokens` (B,), the next token of
         each running row, are written at each row's own position, and new rows' `prompts` (left-padded
@@ -430,19 +430,24 @@ class GPT2:
         at once; attention runs apart for the running rows (on the slots) and the new ones (causal
         over their prompts). Returns next-token logits (B + len(prompts), V) in float32, running
         rows first. `slots` must have room (`reserve`) for every row. With `states`, a `Stepped`:
-        the logits and the last-layer hidden states (contrastive search's context)."""
+        the logits and the last-layer hidden states (contrastive search's context).
+
+        `first`: the running rows are slots first..first+B-1 and the others are left as they are
+        (the scheduler retries a failed step on part of the batch); new prompts always go after
+        every running slot. A step that raises has changed no row's length, so it can be retried."""
         cfg = self.cfg
         heads, head_dim, e = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd
         dev = self.device
         bsz = 0 if tokens is None else tokens.shape[0]
         parts = []
+        lengths = slots.lengths[first : first + bsz]
         if bsz:
-            pos = torch.tensor(slots.lengths[:bsz], dtype=torch.long, device=dev)
-            rows = torch.arange(bsz, device=dev)
+            pos = torch.tensor(lengths, dtype=torch.long, device=dev)
+            rows = torch.arange(first, first + bsz, device=dev)
             blocks = []  # (lo, hi, positions attended, mask hiding each shorter row's unused positions)
-            for lo, hi, top in attention_blocks(slots.lengths[:bsz]):
+            for lo, hi, top in attention_blocks(lengths):
                 mask = None
-                if min(slots.lengths[lo:hi]) != top:
+                if min(lengths[lo:hi]) != top:
                     keys = torch.arange(top + 1, device=dev)
                     mask = torch.zeros((hi - lo, 1, 1, top + 1), dtype=self.dtype, device=dev)
                     mask.masked_fill_((keys[None, :] > pos[lo:hi, None])[:, None, None, :], float("-inf"))
@@ -450,7 +455,7 @@ class GPT2:
             parts.append(self.embed(tokens) + F.embedding(pos, self.wpe))
         # New rows' prompts are packed end to end, without padding: the matmuls do not care where a
         # row starts, and attention runs on each prompt's own span.
-        spans, start = [], bsz
+        spans, start, base = [], bsz, slots.rows  # new rows take the slots after every running one
         for p in prompts:
             spans.append((start, len(p)))
             start += len(p)
@@ -468,24 +473,26 @@ class GPT2:
                 slots.v[i, rows, :, pos] = v
                 q = (q * head_dim**-0.5)[:, :, None, :]
                 for lo, hi, total, mask in blocks:
-                    a = _decode_attention(q[lo:hi], slots.k[i, lo:hi, :, :, :total], slots.v[i, lo:hi, :, :total], mask)
+                    a_, b_ = first + lo, first + hi
+                    a = _decode_attention(q[lo:hi], slots.k[i, a_:b_, :, :, :total], slots.v[i, a_:b_, :, :total], mask)
                     outs.append(a.reshape(hi - lo, e))
-            for j, (first, n) in enumerate(spans):
-                q, k, v = qkv[first : first + n].view(n, 3, heads, head_dim).permute(1, 2, 0, 3).unbind(0)  # (H, n, D)
-                slots.k[i, bsz + j, :, :, :n] = k.transpose(1, 2)
-                slots.v[i, bsz + j, :, :n] = v
+            for j, (begin, n) in enumerate(spans):
+                q, k, v = qkv[begin : begin + n].view(n, 3, heads, head_dim).permute(1, 2, 0, 3).unbind(0)  # (H, n, D)
+                slots.k[i, base + j, :, :, :n] = k.transpose(1, 2)
+                slots.v[i, base + j, :, :n] = v
                 a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)
                 outs.append(a[0].transpose(0, 1).reshape(n, e))
             x = x + proj(torch.cat(outs) if len(outs) > 1 else outs[0])
             h = F.gelu(fc(F.layer_norm(x, (e,), w2, b2, cfg.eps)), approximate="tanh")
             x = x + fc_out(h)
-        last = torch.tensor([*range(bsz), *(first + n - 1 for first, n in spans)], dtype=torch.long, device=dev)
-        slots.lengths = [n + 1 for n in slots.lengths[:bsz]] + [len(p) for p in prompts]
+        last = torch.tensor([*range(bsz), *(begin + n - 1 for begin, n in spans)], dtype=torch.long, device=dev)
+        slots.lengths[first : first + bsz] = [n + 1 for n in lengths]
+        slots.lengths += [len(p) for p in prompts]
         h = F.layer_norm(x[last], (e,), self.ln_f[0], self.ln_f[1], cfg.eps)
         logits = self.logits(h).float()
         if not states:
             return logits
-        spans_h = [F.layer_norm(x[first : first + n], (e,), self.ln_f[0], self.ln_f[1], cfg.eps).float() for first, n in spans]
+        spans_h = [F.layer_norm(x[begin : begin + n], (e,), self.ln_f[0], self.ln_f[1], cfg.eps).float() for begin, n in spans]
         return Stepped(logits, h.float(), spans_h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""One /v1/completions request: its prompts checked, its rows run on the engine loop, its response or
-stream of chunks built."""
+"""One /v1/completions request: its cost claimed and its prompts checked, its work run through the
+engine loop (the same rows and seeds as `aigc generate`), its response or stream of chunks built."""
 
 from __future__ import annotations
 
@@ -7,24 +7,22 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aigc_cli.core.errors import RecordError
 from aigc_cli.core.textrules import stream_safe_length
-from aigc_cli.engine.engine import Completion, Engine
-from aigc_cli.engine.engine import Request as EngineRequest
-from aigc_cli.engine.loop import Failed, QueueFullError, StoppingError
+from aigc_cli.engine.engine import Engine
+from aigc_cli.engine.requests import Completion
+from aigc_cli.engine.requests import Request as EngineRequest
+from aigc_cli.engine.loop import Done, Failed, QueueFullError, StoppingError, Ticket, TooBigError
+from aigc_cli.engine.requests import Cancelled
+from aigc_cli.engine.scheduler import Token
+from aigc_cli.engine.seeds import run_seed
 from aigc_cli.frontends.server.state import ServerState
-from aigc_cli.protocol.openai import (
-    APIError,
-    CompletionRequest,
-    bad,
-    finish_reason,
-    logprobs_body,
-    usage,
-)
+from aigc_cli.protocol.completions import BY_PARAM_NAME, CompletionRequest, finish_reason, logprobs_body, usage
+from aigc_cli.protocol.errors import APIError, bad
 
 
 @dataclass
@@ -41,8 +39,9 @@ class _Choice:
 
 
 class CompletionJob:
-    """Checks the prompts at once (400 before anything streams), then runs the rows and builds the
-    response body or the stream of chunks."""
+    """One request: its cost claimed on the engine loop before anything is built (503 when the
+    server is full), its prompts tokenized and checked off the event loop (400 before anything
+    streams), then its rows run on the engine and its response body or stream of chunks built."""
 
     def __init__(self, state: ServerState, engine: Engine, req: CompletionRequest, log_usage: dict[str, Any]) -> None:
         assert state.loop is not None
@@ -51,120 +50,61 @@ class CompletionJob:
         self.created = int(time.time())
         self.arrived = time.monotonic()
         self.log_usage = log_usage
-        self.serial = next(state.serial)
-        self.seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-        tok = engine.tokenizer
+        self.seed = run_seed(req.seed)
         self.prompt_ids: list[list[int]] = []
         self.prompt_texts: list[str] = []
-        for p, prompt in enumerate(req.prompts):
-            if isinstance(prompt, str):
-                try:  # before tokenizing, which holds up every stream of the server while it runs
-                    engine.check_characters(prompt)
-                except RecordError as exc:
-                    raise bad(f"{self._where(p)}{exc.message}", "prompt", "context_length_exceeded") from None
-            ids = tok.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else prompt
-            self._check(p, ids, prompt)
-            self.prompt_ids.append(ids)
-            self.prompt_texts.append(prompt if isinstance(prompt, str) else tok.decode(ids, clean_up_tokenization_spaces=False))
         wanted = req.indices if req.indices is not None else range(req.best_of)
         self.choices = {(p, i): _Choice(p, i) for p in range(len(req.prompts)) for i in wanted}
         self.echo_logprobs: list[list[Any]] = []
+        self.ticket: Ticket | None = None
 
-    def _where(self, p: int) -> str:
-        """How messages name prompt p: only when the request has more than one."""
-        return f"prompt {p}: " if len(self.req.prompts) > 1 else ""
+    @property
+    def cost(self) -> int:
+        """What the request claims of the engine: its sequences (each beam or contrastive branch
+        counted), and one per prompt whose log-probabilities are scored."""
+        per_prompt = 0 if self.req.score_only else len(self.choices) // max(1, len(self.req.prompts)) * self.req.settings.kv_rows()
+        scored = 1 if self.req.echo and self.req.logprobs is not None else 0
+        return len(self.req.prompts) * (per_prompt + scored)
 
-    def _check(self, p: int, ids: list[int], prompt: str | list[int]) -> None:
-        where = self._where(p)
-        if isinstance(prompt, str) and (prompt == "" or prompt.isspace()) or not ids:
-            raise bad(f"{where}the prompt is empty", "prompt", "empty_prompt")
-        wanted = 0 if self.req.score_only else self.req.settings.max_new_tokens
-        context = self.engine.context_length
-        if len(ids) + wanted > context:
-            raise bad(
-                f"{where}this model's context is {context} tokens, and {len(ids) + wanted} were asked for: "
-                f"{len(ids)} in the prompt and {wanted} to generate (max_tokens)",
-                "prompt" if wanted == 0 or len(ids) > context else "max_tokens",
-                "context_length_exceeded",
-            )
+    async def start(self) -> None:
+        """Claim the engine (503 or 400 when it cannot take this), then tokenize and check the
+        prompts in a worker thread, so that the streams in flight go on meanwhile."""
         try:
-            self.engine.check_ids(ids, self.req.settings)
-        except RecordError as exc:
-            param = {"bad_token": "prompt", "too_big": self.req.settings.mode.kv_rows}.get(exc.code, "prompt")
-            raise bad(f"{where}{exc.message}", param, exc.code) from None
-
-    # -- running ----------------------------------------------------------------------------
-
-    async def _events(self) -> AsyncIterator[tuple[_Choice, Any]]:
-        """(choice, event) as the engine produces them; the prompt's logprobs first when echoed."""
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        aloop = asyncio.get_running_loop()
-
-        def post(item: Any) -> None:
-            aloop.call_soon_threadsafe(queue.put_nowait, item)
-
-        if self.req.echo and self.req.logprobs is not None:
-            self.echo_logprobs = await self._on_engine(queue, post, self._score_prompts)
-        if self.req.score_only:
-            return
-        settings = self.req.settings
-        if settings.mode.runs_on != "scheduler":
-            results = await self._on_engine(queue, post, self._static)
-            self._first_token()
-            for c in results:
-                yield self.choices[(c.id, c.index)], c
-            return
-        from aigc_cli.engine.seeds import row_seed
-        from aigc_cli.engine.scheduler import RowSpec
-
-        record = self.req.record_id
-        specs = [
-            RowSpec(
-                (self.serial, p, i),
-                self.prompt_ids[p],
-                settings,
-                row_seed(self.seed, record if record is not None else p, i),
-                logprobs=self.req.logprobs is not None or self.req.best_of > self.req.n,
-                top_logprobs=self.req.logprobs or 0,
-            )
-            for (p, i) in self.choices
-        ]
-        try:
-            self.loop.submit(specs, post)
+            self.ticket = self.loop.admit(self.cost)
         except QueueFullError as exc:
             raise APIError(503, f"the server is busy: {exc}", code="queue_full") from None
+        except TooBigError as exc:
+            raise bad(f"{exc}", "n", "too_many_sequences") from None
         except StoppingError as exc:
             raise APIError(503, str(exc), code="shutting_down") from None
-        left = set(self.choices)
         try:
-            while left:
-                event = await queue.get()
-                if isinstance(event, Failed):
-                    raise APIError(500, f"generation failed: {type(event.error).__name__}: {event.error}", code="engine_error")
-                key = (event.key[1], event.key[2])
-                if not hasattr(event, "token"):
-                    left.discard(key)
-                self._first_token()
-                yield self.choices[key], event
-        finally:
-            if left:  # the client went away, or something failed: free the slots
-                self.loop.cancel([(self.serial, p, i) for p, i in left])
+            await asyncio.to_thread(self._prepare)
+        except BaseException:
+            self.close()
+            raise
 
-    async def _on_engine(self, queue: asyncio.Queue[Any], post: Callable[[Any], None], fn: Callable[[], Any]) -> Any:
-        try:
-            self.loop.call(fn, lambda result, error: post(("done", result, error)))
-        except StoppingError as exc:
-            raise APIError(503, str(exc), code="shutting_down") from None
-        _, result, error = await queue.get()
-        if error is not None:
-            raise APIError(500, f"generation failed: {type(error).__name__}: {error}", code="engine_error")
-        return result
+    def close(self) -> None:
+        """The request is over (or its client left): its work stops, its claim is freed."""
+        if self.ticket is not None:
+            self.loop.release(self.ticket)
 
-    def _static(self) -> list[Completion]:
-        """Beam search, on the engine thread."""
-        requests = [
+    def _prepare(self) -> None:
+        tok = self.engine.tokenizer
+        for p, prompt in enumerate(self.req.prompts):
+            where = f"prompt {p}: " if len(self.req.prompts) > 1 else ""
+            try:
+                ids = self.engine.encode(prompt, self.req.settings) if isinstance(prompt, str) else list(prompt)
+                self.engine.check_ids(ids, self.req.settings, self.req.generated_tokens)
+            except RecordError as exc:
+                raise _refusal(exc, where, self.req) from None
+            self.prompt_ids.append(ids)
+            self.prompt_texts.append(prompt if isinstance(prompt, str) else tok.decode(ids, clean_up_tokenization_spaces=False))
+
+    def _requests(self) -> list[EngineRequest]:
+        record = self.req.record_id
+        return [
             EngineRequest(
-                id=p,
+                id=record if record is not None else p,
                 prompt=self.prompt_texts[p],
                 settings=self.req.settings,
                 seed=self.seed,
@@ -173,12 +113,58 @@ class CompletionJob:
             )
             for p, ids in enumerate(self.prompt_ids)
         ]
-        return list(self.engine.generate(requests, batch_size=1, logprobs=self.req.logprobs is not None))
 
-    def _score_prompts(self) -> list[list[Any]]:
+    # -- running ----------------------------------------------------------------------------
+
+    async def _events(self) -> AsyncIterator[tuple[_Choice, Any]]:
+        """(choice, event) as the engine produces them; the prompt's logprobs first when echoed."""
+        assert self.ticket is not None
+        ticket = self.ticket
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        aloop = asyncio.get_running_loop()
+
+        def post(item: Any) -> None:
+            aloop.call_soon_threadsafe(queue.put_nowait, item)
+
+        try:
+            if self.req.echo and self.req.logprobs is not None:
+                self.loop.call(ticket, "echo", self._score_prompts, post)
+                self.echo_logprobs = _result(await queue.get())
+            if self.req.score_only:
+                return
+            want_lp = self.req.logprobs is not None or self.req.best_of > self.req.n
+            self.loop.generate(ticket, self._requests(), post, logprobs=want_lp, top=self.req.logprobs or 0)
+            left = set(self.choices)
+            while left:
+                event = await queue.get()
+                if isinstance(event, Done):  # a static request (beam search): all its sequences at once
+                    p = cast(tuple[int, int], event.key)[1]
+                    for c in _result(event):
+                        left.discard((p, c.index))
+                        self._first_token()
+                        yield self.choices[(p, c.index)], c
+                    continue
+                if isinstance(event, Failed):
+                    raise APIError(500, f"generation failed: {type(event.error).__name__}: {event.error}", code="engine_error")
+                key = (event.key[1], event.key[2])
+                if not isinstance(event, Token):
+                    left.discard(key)
+                self._first_token()
+                yield self.choices[key], event
+        except StoppingError as exc:
+            raise APIError(503, str(exc), code="shutting_down") from None
+        finally:
+            self.close()
+
+    def _score_prompts(self, ticket: Ticket) -> list[list[Any]]:
         from aigc_cli.engine.scoring import prompt_logprobs
 
-        return [prompt_logprobs(self.engine.lm.model, ids, self.req.logprobs or 0) for ids in self.prompt_ids]
+        out = []
+        for ids in self.prompt_ids:
+            if ticket.stopped():
+                raise Cancelled("the client went away")
+            out.append(prompt_logprobs(self.engine.lm.model, ids, self.req.logprobs or 0))
+        return out
 
     def _first_token(self) -> None:
         if self.state.metrics is not None and "ttft" not in self.log_usage:
@@ -325,3 +311,18 @@ class CompletionJob:
 # -- access log and metrics ----------------------------------------------------------------------
 
 
+def _result(event: Done) -> Any:
+    """A call's result; its RecordError (a request that failed alone) as a 500 for this request."""
+    if isinstance(event.result, RecordError):
+        raise APIError(500, f"generation failed: {event.result.render('api')}", code="engine_error")
+    return event.result
+
+
+def _refusal(exc: RecordError, where: str, req: CompletionRequest) -> APIError:
+    """A prompt the engine cannot take, as a 400 naming the request field at fault."""
+    if exc.code == "prompt_too_long":
+        param = "prompt" if req.generated_tokens == 0 or "characters" in exc.text else "max_tokens"
+        return bad(f"{where}{exc.render('api')}", param, "context_length_exceeded")
+    field = (req.settings.mode.kv_rows if exc.code == "too_big" else exc.field) or "prompt"
+    param = BY_PARAM_NAME.get(field, field)
+    return bad(f"{where}{exc.render('api')}", param, exc.code)

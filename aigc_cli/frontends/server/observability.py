@@ -29,6 +29,8 @@ class AccessLog:
         try:
             await self.app(scope, receive, sending)
         finally:
+            for cleanup in scope.get("aigc_cleanup", ()):
+                cleanup()
             used = scope.get("aigc_usage") or {}
             tokens = f" prompt_tokens={used['prompt']} completion_tokens={used['completion']}" if "prompt" in used else ""
             client = scope.get("client") or ("-", 0)

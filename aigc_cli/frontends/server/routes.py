@@ -29,15 +29,9 @@ from aigc_cli.frontends.server.state import (
     SHUTDOWN_GRACE,
     ServerState,
 )
-from aigc_cli.protocol.openai import (
-    APIError,
-    bad,
-    chat_chunk,
-    chat_request,
-    chat_response,
-    completion_request,
-    parse_json,
-)
+from aigc_cli.protocol.chat import chat_chunk, chat_request, chat_response
+from aigc_cli.protocol.completions import completion_request
+from aigc_cli.protocol.errors import APIError, bad, parse_json
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -100,7 +94,7 @@ def create_app(state: ServerState) -> FastAPI:
         engine = _ready(state, request)
         req = completion_request(parse_json(await _read_body(request)))
         _check_model(state, req.model)
-        job = CompletionJob(state, engine, req, request.scope.setdefault("aigc_usage", {}))
+        job = await _started(request, CompletionJob(state, engine, req, request.scope.setdefault("aigc_usage", {})))
         if req.stream:
             return StreamingResponse(job.sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return JSONResponse(await _unless_disconnected(request, job.collect()))
@@ -118,12 +112,20 @@ def create_app(state: ServerState) -> FastAPI:
         body = chat_request(parse_json(await _read_body(request)), state.options.chat_template, engine.tokenizer)
         req = completion_request(body)
         _check_model(state, req.model)
-        job = CompletionJob(state, engine, req, request.scope.setdefault("aigc_usage", {}))
+        job = await _started(request, CompletionJob(state, engine, req, request.scope.setdefault("aigc_usage", {})))
         if req.stream:
             return StreamingResponse(_chat_chunks(job.sse()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return JSONResponse(chat_response(await _unless_disconnected(request, job.collect())))
 
     return app
+
+
+async def _started(request: Request, job: CompletionJob) -> CompletionJob:
+    """The job with its claim on the engine; the claim is freed once the response is over, however
+    it ends (the access log's middleware runs the request's clean-ups)."""
+    await job.start()
+    request.scope.setdefault("aigc_cleanup", []).append(job.close)
+    return job
 
 
 async def _chat_chunks(lines: AsyncIterator[str]) -> AsyncIterator[str]:
