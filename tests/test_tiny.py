@@ -82,6 +82,7 @@ CORPUS = [
     " The Moon over the quiet river, golden and silver.",
     "zebra quantum xylophone antidisestablishmentarianism Pneumonoultramicroscopic",
     "It's 3.14159 o'clock; we're 100% sure (or 99.9%?) -- no!! $42, #1, @home, a+b=c, x^2 <= y/z",
+    "Spaced , punctuation . It 's done , is n't it ? I 'm sure ! they 've gone ; we 're here ' quoted ' ok",
     "line one\nline two\r\n\ttabbed\n\n  double  spaces   and trailing   ",
     "emoji 😀👍🏽 🇫🇷 ❤️ and ZWJ 👨‍👩‍👧",
     "naïve café Ünïcödé façade São Paulo Ελληνικά русский עברית العربية हिन्दी 日本語のテキスト 한국어",
@@ -143,6 +144,7 @@ def test_decoding_any_ids_matches(both):
     for row in rows:
         assert native.decode(row, clean_up_tokenization_spaces=False) == hf.decode(row, clean_up_tokenization_spaces=False), row
         assert native.decode(row, skip_special_tokens=True) == hf.decode(row, skip_special_tokens=True), row
+        assert native.decode(row, clean_up_tokenization_spaces=True) == hf.decode(row, clean_up_tokenization_spaces=True), row
     assert native.batch_decode(rows, clean_up_tokenization_spaces=False) == hf.batch_decode(rows, clean_up_tokenization_spaces=False)
     assert native.convert_ids_to_tokens(list(range(size))) == hf.convert_ids_to_tokens(list(range(size)))
     assert all(native.convert_ids_to_tokens(i) == hf.convert_ids_to_tokens(i) for i in range(size))

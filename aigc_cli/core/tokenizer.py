@@ -30,7 +30,11 @@ class Tokenizer(Protocol):
 
 
 class FastTokenizer:
-    """A `tokenizers.Tokenizer` with the special tokens transformers' tokenizer would name."""
+    """A `tokenizers.Tokenizer` with the special tokens transformers' tokenizer would name.
+
+    `clean_up_tokenization_spaces` is accepted and ignored: transformers skips that clean-up for
+    BPE models, and a WordPiece decoder with `cleanup` (BERT's) has already made the same
+    replacements."""
 
     def __init__(
         self,
@@ -104,32 +108,15 @@ class FastTokenizer:
     def decode(self, ids: Any, clean_up_tokenization_spaces: bool = False, skip_special_tokens: bool = False) -> str:
         if isinstance(ids, int):
             ids = [ids]
-        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        return self._clean_up(text) if clean_up_tokenization_spaces else text
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, rows: Any, clean_up_tokenization_spaces: bool = False, skip_special_tokens: bool = False) -> list[str]:
-        texts = self._tok.decode_batch([list(r) for r in rows], skip_special_tokens=skip_special_tokens)
-        return [self._clean_up(t) for t in texts] if clean_up_tokenization_spaces else texts
-
-    def _clean_up(self, text: str) -> str:
-        """transformers' `clean_up_tokenization`, which it skips for BPE models (it would delete real
-        spaces before punctuation): only WordPiece-style vocabularies (`tiny-random-zh`) get it."""
-        if type(self._tok.model).__name__ == "BPE":
-            return text
-        for spaced, joined in _CLEAN_UP:
-            text = text.replace(spaced, joined)
-        return text
+        return self._tok.decode_batch([list(r) for r in rows], skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: Any) -> Any:
         if isinstance(ids, int):
             return self._tok.id_to_token(ids)
         return [self._tok.id_to_token(i) for i in ids]
-
-
-_CLEAN_UP = (
-    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
-)
 
 
 def _content(value: Any) -> str | None:
