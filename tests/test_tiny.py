@@ -181,14 +181,18 @@ def test_generating_from_the_cli_never_imports_transformers(tmp_path):
     assert r.stdout.count("Hello, how are you?") >= 1
 
 
-def test_the_loaded_model_is_the_native_weights(tiny_lm):
-    assert tiny_lm.native and tiny_lm._hf is None
-    hf = tiny_lm.hf_model  # built when asked for, from the same weights
-    assert_same_tensors(dict(hf.state_dict()), tiny.weights(tiny.spec(tiny.TINY_MODEL_ID)))
-    assert hf.generation_config.pad_token_id == tiny_lm.tokenizer.pad_token_id == 256
-    ids = torch.tensor([tiny_lm.tokenizer.encode("Hello, how are you?")])
+@pytest.mark.parametrize("name", NAMES)
+def test_the_loaded_model_has_the_native_weights_and_builds_transformers_on_demand(name):
+    from aigc_cli.models.loading import load
+
+    lm = load(name)
+    assert lm.native and lm._hf is None and lm.revision == "builtin"
+    hf = lm.hf_model  # built when asked for, from the same weights
+    assert_same_tensors(dict(hf.state_dict()), tiny.weights(tiny.spec(name)))
+    assert hf.generation_config.pad_token_id == lm.tokenizer.pad_token_id == (256 if name == tiny.TINY_MODEL_ID else 0)
+    ids = torch.tensor([lm.tokenizer.encode("Hello, how are you? 春风吹过山。", add_special_tokens=False)])
     with torch.no_grad():
-        assert torch.allclose(tiny_lm.model(ids).logits, hf(ids).logits, atol=1e-5)
+        assert torch.allclose(lm.model(ids).logits, hf(ids).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
