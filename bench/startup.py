@@ -3,14 +3,17 @@ pays: a bare `python -c "import torch"`. In one run, alternating rounds (the ord
 round, so that a busy neighbour on a shared machine hits every case alike), each round times:
 
   (a) `python -c "import torch"`
+  (a') `python -c "import torch, os; os._exit(0)"`: the same without the interpreter's teardown,
+      which aigc skips (it leaves with os._exit once its output is flushed), for information
   (b) `aigc generate "Hello, how are you?" -n 5 --model tiny-random` with this tree's code
   (c) the same with an earlier build (--before DIR, a copy of aigc's source, or --before-commit REV,
       which `git archive`s that commit into a temporary directory), when given
 
 It prints the median and min of each case, (b) - (a) and the target: (b) within 0.6 s of (a). Every
 case runs as `python -m aigc_cli` with PYTHONPATH set to its source tree (so an editable install
-of another tree does not interfere), from bytecode compiled beforehand, as an installed package
-runs; stdout goes to /dev/null, so rendering is the plain one.
+of another tree does not interfere) from an empty working directory (`-m` puts the working
+directory first on sys.path), from bytecode compiled beforehand, as an installed package runs;
+stdout goes to /dev/null, so rendering is the plain one.
 
     .venv/bin/python bench/startup.py --before-commit d36ef27
 """
@@ -38,9 +41,9 @@ def generate_command(python: str) -> list[str]:
     return [python, "-m", "aigc_cli", "generate", PROMPT, "-n", "5", "--model", "tiny-random"]
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
+def timed(cmd: list[str], env: dict[str, str], cwd: str) -> float:
     start = time.perf_counter()
-    r = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    r = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - start
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
@@ -88,7 +91,8 @@ def main() -> None:
         trees = {"(b) aigc generate, this tree": ROOT}
         before = args.before
         if args.before_commit:
-            before = export(args.before_commit, Path(tmp))
+            (Path(tmp) / "before").mkdir()
+            before = export(args.before_commit, Path(tmp) / "before")
         if before is not None:
             if not (before / "aigc_cli").is_dir():
                 raise SystemExit(f"--before {before}: no aigc_cli/ there")
@@ -97,18 +101,29 @@ def main() -> None:
             compileall.compile_dir(str(tree / "aigc_cli"), quiet=1)
 
         base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        cases: dict[str, tuple[list[str], dict[str, str]]] = {"(a) python -c 'import torch'": ([args.python, "-c", "import torch"], base)}
+        cases: dict[str, tuple[list[str], dict[str, str]]] = {
+            "(a) python -c 'import torch'": ([args.python, "-c", "import torch"], base),
+            "(a') import torch, then os._exit(0)": ([args.python, "-c", "import torch, os; os._exit(0)"], base),
+        }
         for label, tree in trees.items():
             cases[label] = (generate_command(args.python), {**base, "PYTHONPATH": str(tree)})
 
+        cwd = tempfile.mkdtemp(dir=tmp)
+        for label, tree in trees.items():  # the code each case runs, checked
+            where = subprocess.run(
+                [args.python, "-c", "import aigc_cli; print(aigc_cli.__file__)"], env=cases[label][1], cwd=cwd, capture_output=True, text=True
+            ).stdout.strip()
+            if not Path(where).resolve().is_relative_to(tree.resolve()):
+                raise SystemExit(f"{label}: runs {where}, not the code in {tree}")
+            print(f"{label}: {where}")
         for cmd, env in cases.values():  # warm the page cache; not counted
-            timed(cmd, env)
+            timed(cmd, env, cwd)
         times: dict[str, list[float]] = {label: [] for label in cases}
         labels = list(cases)
         for r in range(args.rounds):
             order = labels[r % len(labels) :] + labels[: r % len(labels)]
             for label in order:
-                times[label].append(timed(*cases[label]))
+                times[label].append(timed(*cases[label], cwd))
             print(f"round {r + 1}: " + ", ".join(f"{label.split(')')[0]}) {times[label][-1]:.2f} s" for label in labels), flush=True)
 
     floor = times[labels[0]]
@@ -118,11 +133,13 @@ def main() -> None:
     for label in labels:
         print(f"{label:<58} {statistics.median(times[label]):7.2f}s {min(times[label]):7.2f}s")
     print()
-    for label in labels[1:]:
+    for label in labels[2:]:
         dm = statistics.median(times[label]) - statistics.median(floor)
         dmin = min(times[label]) - min(floor)
         print(f"{label.split(')')[0]}) - (a): median {dm:+.2f} s, min {dmin:+.2f} s")
-    b = labels[1]
+    b = labels[2]
+    dm = statistics.median(times[b]) - statistics.median(times[labels[1]])
+    print(f"(b) - (a'): median {dm:+.2f} s (what aigc adds to importing torch, teardown left out of both)")
     gap = statistics.median(times[b]) - statistics.median(floor)
     verdict = "met" if gap <= TARGET_S else "missed"
     print(f"target: (b) within {TARGET_S} s of (a): {verdict} ({gap:+.2f} s, medians)")
