@@ -8,6 +8,7 @@ round, so that a busy neighbour on a shared machine hits every case alike), each
   (b) `aigc generate "Hello, how are you?" -n 5 --model tiny-random` with this tree's code
   (c) the same with an earlier build (--before DIR, a copy of aigc's source, or --before-commit REV,
       which `git archive`s that commit into a temporary directory), when given
+  (d) (b) with extra environment variables (--also-env OMP_NUM_THREADS=1), when given
 
 It prints the median and min of each case, (b) - (a) and the target: (b) within 0.6 s of (a). Every
 case runs as `python -m aigc_cli` with PYTHONPATH set to its source tree (so an editable install
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--before", type=Path, help="source tree of an earlier build (the directory holding aigc_cli/)")
     ap.add_argument("--before-commit", help="an earlier commit of this repository, exported for case (c)")
+    ap.add_argument("--also-env", action="append", default=[], metavar="VAR=VALUE", help="case (d): (b) with these variables set")
     ap.add_argument("--python", default=sys.executable, help="the interpreter of the environment to time (default: this one)")
     args = ap.parse_args()
 
@@ -107,6 +109,9 @@ def main() -> None:
         }
         for label, tree in trees.items():
             cases[label] = (generate_command(args.python), {**base, "PYTHONPATH": str(tree)})
+        if args.also_env:
+            extra = dict(v.split("=", 1) for v in args.also_env)
+            cases[f"(d) (b) with {' '.join(args.also_env)}"] = (generate_command(args.python), {**base, "PYTHONPATH": str(ROOT), **extra})
 
         cwd = tempfile.mkdtemp(dir=tmp)
         for label, tree in trees.items():  # the code each case runs, checked
