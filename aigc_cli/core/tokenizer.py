@@ -30,10 +30,37 @@ class Tokenizer(Protocol):
 
 
 class FastTokenizer:
-    def __init__(self, path: Path, tok: Any = None) -> None:
-        from tokenizers import Tokenizer
+    """A `tokenizers.Tokenizer` with the special tokens transformers' tokenizer would name.
 
-        self._tok = tok if tok is not None else Tokenizer.from_file(str(path / "tokenizer.json"))
+    `clean_up_tokenization_spaces` is accepted and ignored: transformers skips that clean-up for
+    BPE models, and a WordPiece decoder with `cleanup` (BERT's) has already made the same
+    replacements."""
+
+    def __init__(
+        self,
+        tok: Any,
+        *,
+        eos_token: str | None = None,
+        bos_token: str | None = None,
+        pad_token: str | None = None,
+        sep_token: str | None = None,
+        unk_token: str | None = None,
+    ) -> None:
+        self._tok = tok
+        self.eos_token = eos_token
+        self.bos_token = bos_token
+        self.pad_token = pad_token
+        self.sep_token = sep_token
+        self.unk_token = unk_token
+
+    @classmethod
+    def from_dir(cls, path: Path, tok: Any = None) -> FastTokenizer:
+        """A model directory's tokenizer.json (or `tok`, already read from it), with the special
+        tokens its tokenizer_config.json names."""
+        if tok is None:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
         config: dict[str, Any] = {}
         file = path / "tokenizer_config.json"
         if file.is_file():
@@ -44,11 +71,7 @@ class FastTokenizer:
             if not isinstance(config, dict):
                 raise ModelUnavailableError(f"{file}: not a JSON object")
         special = {k: _content(config.get(k)) for k in ("eos_token", "bos_token", "pad_token", "sep_token", "unk_token")}
-        self.eos_token = special["eos_token"]
-        self.bos_token = special["bos_token"]
-        self.pad_token = special["pad_token"]
-        self.sep_token = special["sep_token"]
-        self.unk_token = special["unk_token"]
+        return cls(tok, **special)
 
     def _id(self, token: str | None) -> int | None:
         return self._tok.token_to_id(token) if token is not None else None
@@ -68,6 +91,10 @@ class FastTokenizer:
     @property
     def sep_token_id(self) -> int | None:
         return self._id(self.sep_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._id(self.unk_token)
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -111,4 +138,4 @@ def load_fast(path: Path) -> FastTokenizer | None:
         return None
     if not isinstance(tok.model, models.BPE):
         return None
-    return FastTokenizer(path, tok)
+    return FastTokenizer.from_dir(path, tok)

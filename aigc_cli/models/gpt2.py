@@ -554,9 +554,17 @@ def load_gpt2(path: Path, device: str = "cpu", dtype: torch.dtype | None = None,
 def from_hf_model(
     model: Any, device: str = "cpu", dtype: torch.dtype | None = None, quantize: str = "none"
 ) -> GPT2 | None:
-    """The native model with the weights of a transformers GPT2LMHeadModel (tiny built-in models)."""
+    """The native model with the weights of a transformers GPT2LMHeadModel."""
     cfg = Config.from_hf(model.config.to_dict())
     if cfg is None:
         return None
+    return from_state_dict(cfg, {k: v.detach() for k, v in model.state_dict().items()}, device, dtype, quantize)
+
+
+def from_state_dict(
+    cfg: Config, state: dict[str, torch.Tensor], device: str = "cpu", dtype: torch.dtype | None = None, quantize: str = "none"
+) -> GPT2:
+    """The native model with weights already in memory, named as in a GPT-2 checkpoint (the
+    built-in tiny models)."""
     with loading_memory():
-        return GPT2(cfg, InMemory({k: v.detach() for k, v in model.state_dict().items()}), device, dtype, quantize)
+        return GPT2(cfg, InMemory(state), device, dtype, quantize)

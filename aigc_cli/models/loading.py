@@ -62,7 +62,13 @@ class LoadedModel:
         if self._hf is None:
             import torch
 
-            model, _ = _load_pretrained(self.source, getattr(torch, self.dtype), tokenizer=False)
+            if self.source.kind == "builtin":  # built from the same weights as the native model
+                _quiet_transformers()
+                from aigc_cli.models import tiny
+
+                model = tiny.hf_model(tiny.spec(self.name))
+            else:
+                model, _ = _load_pretrained(self.source, getattr(torch, self.dtype), tokenizer=False)
             self._hf = _finish_hf(model, self.tokenizer, self.device, getattr(torch, self.dtype))
         return self._hf
 
@@ -261,16 +267,17 @@ def load(spec: ModelSpec | str, device: str = "auto", dtype: str = "auto", quant
     _check_quantize(quantize, dev, torch_dtype)
     from aigc_cli.models.backends import TransformersBackend
     from aigc_cli.models.checkpoint import read_config
-    from aigc_cli.models.gpt2 import from_hf_model, load_gpt2
+    from aigc_cli.models.gpt2 import from_state_dict, load_gpt2
     from aigc_cli.core.tokenizer import load_fast
 
     hf = native = None
-    if res.kind == "builtin":
-        _quiet_transformers()
-        from aigc_cli.models.tiny import build
+    if res.kind == "builtin":  # drawn with plain torch, no transformers: see models/tiny.py
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")  # as for transformers' models
+        from aigc_cli.models import tiny
 
-        hf, tokenizer = build(name)
-        native = from_hf_model(hf, dev, torch_dtype, quantize)
+        spec = tiny.spec(name)
+        tokenizer = tiny.tokenizer(name)
+        native = from_state_dict(spec.config(), tiny.weights(spec), dev, torch_dtype, quantize)
     else:
         if res.kind == "hub":  # download once into the cache, then load like a local directory
             res = Resolution(res.name, "hub-cache", _download(res.name))
@@ -307,7 +314,7 @@ def load(spec: ModelSpec | str, device: str = "auto", dtype: str = "auto", quant
         dtype=str(torch_dtype).removeprefix("torch."),
         context_length=int(context),
         quantize=quantize,
-        _hf=hf if native is None else (hf if res.kind == "builtin" else None),
+        _hf=hf if native is None else None,  # built when asked for (LoadedModel.hf_model)
     )
 
 
@@ -316,9 +323,9 @@ def load_tokenizer(name: str) -> tuple[Any, str]:
     or Hub commit, no precision suffix): what a driver needs when workers hold the model."""
     res = resolve(name)
     if res.kind == "builtin":
-        from aigc_cli.models.tiny import build
+        from aigc_cli.models import tiny
 
-        tokenizer, base = build(name)[1], "builtin"
+        tokenizer, base = tiny.tokenizer(name), "builtin"
     else:
         if res.kind == "hub":
             res = Resolution(res.name, "hub-cache", _download(res.name))
@@ -338,11 +345,11 @@ def load_trainable(name: str, device: str) -> tuple[Any, Any, int]:
     import torch
 
     res = resolve(name)
-    if res.kind == "builtin":
+    if res.kind == "builtin":  # transformers' model with the native weights, transformers' tokenizer
         _quiet_transformers()
-        from aigc_cli.models.tiny import build
+        from aigc_cli.models import tiny
 
-        model, tokenizer = build(name)
+        model, tokenizer = tiny.build_hf(name)
     else:
         if res.kind == "hub":
             res = Resolution(res.name, "hub-cache", _download(res.name))

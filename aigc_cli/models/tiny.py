@@ -4,16 +4,33 @@
 words single tokens (so word-level constraints such as poem forms work). `tiny-random-zh`: the
 same model shape with a BERT-style vocabulary of ~190 hanzi, one token per character, like the
 Chinese GPT-2 poem models. Their weights are random, so their output is gibberish by design.
+
+Generating and scoring with them never imports transformers (it costs seconds of start-up): the
+weights are drawn with plain torch in the order transformers' `GPT2LMHeadModel(config)` draws
+them (so they equal, bit for bit, what transformers 5.x builds from the same seed), and the
+tokenizers are built with the `tokenizers` library exactly as transformers' `GPT2Tokenizer` and
+`BertTokenizer` build theirs. Fine-tuning gets transformers' model and tokenizer, loaded with the
+same weights (`build_hf`). tests/test_tiny.py checks all three against transformers.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from aigc_cli.core.tokenizer import FastTokenizer
+    from aigc_cli.models.gpt2 import Config
 
 TINY_MODEL_ID = "tiny-random"
 TINY_ZH_MODEL_ID = "tiny-random-zh"
 TINY_MODELS = (TINY_MODEL_ID, TINY_ZH_MODEL_ID)
 _SEED = 20261123
+_INITIALIZER_RANGE = 0.02  # GPT2Config's default initializer_range
+_ZH_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 WORDS = """
 the a an and of to in on at by for with from as is was are be been it its this that his her their our my your
@@ -74,58 +91,181 @@ def english_vocab() -> tuple[dict[str, int], list[tuple[str, str]], set[str]]:
     return vocab, merges, set(forms)
 
 
-def build_tiny(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 1024) -> tuple[Any, Any]:
-    """(model, tokenizer) for `tiny-random`; the same weights on every call."""
+def chinese_vocab() -> dict[str, int]:
+    """[PAD] [UNK] [CLS] [SEP] [MASK], the two full-width punctuation marks, then one token per hanzi."""
+    tokens = [*_ZH_SPECIAL, "，", "。", *dict.fromkeys(HANZI)]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What defines one tiny model: its GPT-2 shape, its end-of-text token and the tokens its LM
+    head favours."""
+
+    vocab_size: int
+    eos: int
+    favoured: tuple[int, ...]
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_positions: int = 1024
+
+    def hf_config(self) -> dict[str, Any]:
+        """The GPT2Config arguments (everything else is GPT2Config's default)."""
+        return {
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "bos_token_id": self.eos,
+            "eos_token_id": self.eos,
+            "tie_word_embeddings": False,  # tied random embeddings make the model repeat its last token forever
+        }
+
+    def config(self) -> Config:
+        """aigc's native GPT-2 config of this model (layer_norm_epsilon and the rest: GPT2Config's defaults)."""
+        from aigc_cli.models.gpt2 import Config
+
+        cfg = Config.from_hf({"model_type": "gpt2", **self.hf_config()})
+        assert cfg is not None
+        return cfg
+
+
+def spec(name: str, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int | None = None) -> Spec:
+    """The built-in model `name`'s definition (the shape arguments are for tests and benchmarks)."""
+    if name == TINY_ZH_MODEL_ID:
+        vocab = chinese_vocab()
+        favoured = tuple(range(len(_ZH_SPECIAL), len(vocab)))
+        return Spec(len(vocab), vocab["[SEP]"], favoured, n_layer, n_embd, n_head, n_positions or 512)
+    if name != TINY_MODEL_ID:
+        raise ValueError(f"not a built-in model: {name!r}")
+    en, _, words = english_vocab()
+    favoured = (*(i for t, i in en.items() if t in words), *range(32, 127), 10)
+    return Spec(len(en), en["<|endoftext|>"], favoured, n_layer, n_embd, n_head, n_positions or 1024)
+
+
+def weights(s: Spec) -> dict[str, torch.Tensor]:
+    """The model's float32 tensors, named as in `GPT2LMHeadModel.state_dict()` and equal to what
+    `GPT2LMHeadModel(GPT2Config(**s.hf_config()))` holds after `torch.manual_seed(_SEED)`, then
+    edited as below. Drawn from a generator of their own: the global RNG is not touched.
+
+    transformers 5.x draws, in this order: while constructing the modules, wte and wpe
+    (nn.Embedding: N(0, 1)) and, per block, c_attn, attn.c_proj, c_fc, mlp.c_proj (Conv1D:
+    N(0, 0.02)); then GPT2Model.post_init re-initializes children before parents: wte, wpe
+    (N(0, 0.02)), per block c_attn, attn.c_proj, attn.c_proj again (GPT2Attention: N(0, 0.02 /
+    sqrt(2 n_layer))), c_fc, mlp.c_proj, mlp.c_proj again (GPT2MLP: scaled); LayerNorms are ones
+    and zeros, biases zeros. Then lm_head is constructed (nn.Linear: kaiming-uniform) and
+    GPT2LMHeadModel.post_init draws it again (N(0, 0.02)); the transformer is not drawn again.
+    Draws that are overwritten still advance the generator, so they are made and dropped.
+    """
+    import torch
+
+    e, inner, std = s.n_embd, 4 * s.n_embd, _INITIALIZER_RANGE
+    scaled = std / math.sqrt(2 * s.n_layer)
+    gen = torch.Generator().manual_seed(_SEED)
+
+    def normal(rows: int, cols: int, sd: float) -> torch.Tensor:
+        return torch.empty(rows, cols, dtype=torch.float32).normal_(0.0, sd, generator=gen)
+
+    normal(s.vocab_size, e, 1.0), normal(s.n_positions, e, 1.0)  # construction: nn.Embedding
+    for _ in range(s.n_layer):  # construction: Conv1D
+        normal(e, 3 * e, std), normal(e, e, std), normal(e, inner, std), normal(inner, e, std)
+    out = {"transformer.wte.weight": normal(s.vocab_size, e, std), "transformer.wpe.weight": normal(s.n_positions, e, std)}
+    for i in range(s.n_layer):
+        p = f"transformer.h.{i}."
+        out[p + "ln_1.weight"], out[p + "ln_1.bias"] = torch.ones(e), torch.zeros(e)
+        out[p + "attn.c_attn.weight"], out[p + "attn.c_attn.bias"] = normal(e, 3 * e, std), torch.zeros(3 * e)
+        normal(e, e, std)  # Conv1D's init, then GPT2Attention's scaled one
+        out[p + "attn.c_proj.weight"], out[p + "attn.c_proj.bias"] = normal(e, e, scaled), torch.zeros(e)
+        out[p + "ln_2.weight"], out[p + "ln_2.bias"] = torch.ones(e), torch.zeros(e)
+        out[p + "mlp.c_fc.weight"], out[p + "mlp.c_fc.bias"] = normal(e, inner, std), torch.zeros(inner)
+        normal(inner, e, std)  # Conv1D's init, then GPT2MLP's scaled one
+        out[p + "mlp.c_proj.weight"], out[p + "mlp.c_proj.bias"] = normal(inner, e, scaled), torch.zeros(e)
+    out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = torch.ones(e), torch.zeros(e)
+    torch.nn.init.kaiming_uniform_(torch.empty(s.vocab_size, e), a=math.sqrt(5), generator=gen)  # nn.Linear's own init
+    head = out["lm_head.weight"] = normal(s.vocab_size, e, std)
+
+    # Larger logits than the default init, so sampling settings visibly matter ...
+    out["transformer.wte.weight"].mul_(5.0)
+    head.mul_(8.0)
+    # ... and a bias through ln_f towards the favoured tokens (words, printable ASCII),
+    # so that the gibberish is mostly words rather than invalid UTF-8 and control codes.
+    column = torch.full((s.vocab_size,), -1.0)
+    column[list(s.favoured)] = 1.0
+    head[:, 0] = column
+    out["transformer.ln_f.bias"][0] = 3.0
+    return out
+
+
+def tokenizer(name: str) -> FastTokenizer:
+    """The model's tokenizer through the `tokenizers` library, built as transformers' GPT2Tokenizer
+    (`tiny-random`) or BertTokenizer (`tiny-random-zh`) builds its backend, with their special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE, WordPiece
+
+    from aigc_cli.core.tokenizer import FastTokenizer
+
+    if name == TINY_ZH_MODEL_ID:
+        vocab = chinese_vocab()
+        tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS]:0 $A:0 [SEP]:0",
+            pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _ZH_SPECIAL])
+        return FastTokenizer(tok, pad_token="[PAD]", sep_token="[SEP]", unk_token="[UNK]")
+    if name != TINY_MODEL_ID:
+        raise ValueError(f"not a built-in model: {name!r}")
+    en, merges, _ = english_vocab()
+    tok = Tokenizer(BPE(vocab=en, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+    eot = "<|endoftext|>"
+    tok.add_special_tokens([AddedToken(eot, special=True, normalized=False)])
+    return FastTokenizer(tok, eos_token=eot, bos_token=eot, unk_token=eot)
+
+
+def hf_tokenizer(name: str) -> Any:
+    """transformers' tokenizer of the model (fine-tuning saves it with the model): GPT2Tokenizer
+    or BertTokenizer over the same vocabulary."""
+    if name == TINY_ZH_MODEL_ID:
+        from transformers import BertTokenizer
+
+        return BertTokenizer(vocab=chinese_vocab())
     from transformers import GPT2Tokenizer
 
-    vocab, merges, words = english_vocab()
-    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]  # typed list[str]; BPE wants (a, b) pairs
-    favoured = [i for t, i in vocab.items() if t in words] + list(range(32, 127)) + [10]
-    model = _random_gpt2(len(vocab), tokenizer.eos_token_id, favoured, n_layer, n_embd, n_head, n_positions)
-    return model, tokenizer
+    vocab, merges, _ = english_vocab()
+    return GPT2Tokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]  # typed list[str]; BPE wants (a, b) pairs
 
 
-def build_tiny_zh(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 512) -> tuple[Any, Any]:
-    """(model, tokenizer) for `tiny-random-zh`: one token per hanzi, BERT-style special tokens."""
-    from transformers import BertTokenizer
-
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "，", "。", *dict.fromkeys(HANZI)]
-    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)})
-    favoured = list(range(5, len(tokens)))
-    model = _random_gpt2(len(tokens), tokenizer.sep_token_id, favoured, n_layer, n_embd, n_head, n_positions)
-    return model, tokenizer
-
-
-def _random_gpt2(vocab_size: int, eos: int, favoured: list[int], n_layer: int, n_embd: int, n_head: int, n_positions: int) -> Any:
+def hf_model(s: Spec, state: dict[str, torch.Tensor] | None = None) -> Any:
+    """transformers' GPT2LMHeadModel with the model's weights (`weights(s)` unless given), in eval mode.
+    Its own initialization draws from a forked RNG, so the global one is left as it was."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        tie_word_embeddings=False,  # tied random embeddings make the model repeat its last token forever
-    )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_SEED)
-        model = GPT2LMHeadModel(config)
-        with torch.no_grad():
-            # Larger logits than the default init, so sampling settings visibly matter ...
-            model.transformer.wte.weight.mul_(5.0)
-            head = model.lm_head.weight
-            head.mul_(8.0)
-            # ... and a bias through ln_f towards the favoured tokens (words, printable ASCII),
-            # so that the gibberish is mostly words rather than invalid UTF-8 and control codes.
-            column = torch.full((vocab_size,), -1.0)
-            column[favoured] = 1.0
-            head[:, 0] = column
-            model.transformer.ln_f.bias[0] = 3.0
+        model = GPT2LMHeadModel(GPT2Config(**s.hf_config()))
+    model.load_state_dict(weights(s) if state is None else state)
     return model.eval()
 
 
-def build(name: str) -> tuple[Any, Any]:
-    return build_tiny_zh() if name == TINY_ZH_MODEL_ID else build_tiny()
+def build_hf(name: str) -> tuple[Any, Any]:
+    """(transformers model, transformers tokenizer) of a built-in model: for fine-tuning and tests."""
+    return hf_model(spec(name)), hf_tokenizer(name)
+
+
+def build_tiny(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 1024) -> tuple[Any, Any]:
+    """(transformers model, tokenizer) for `tiny-random`; the same weights on every call."""
+    return hf_model(spec(TINY_MODEL_ID, n_layer, n_embd, n_head, n_positions)), hf_tokenizer(TINY_MODEL_ID)
+
+
+def build_tiny_zh(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 512) -> tuple[Any, Any]:
+    """(transformers model, tokenizer) for `tiny-random-zh`: one token per hanzi, BERT-style special tokens."""
+    return hf_model(spec(TINY_ZH_MODEL_ID, n_layer, n_embd, n_head, n_positions)), hf_tokenizer(TINY_ZH_MODEL_ID)
