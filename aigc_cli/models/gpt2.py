@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,6 +350,10 @@ class GPT2:
         self.ln_f = (get("ln_f.weight"), get("ln_f.bias"))
         self.wpe = get("wpe.weight")
         self._act = self.wpe  # dtype and device of activations and of the KV cache
+        # A model this small computes on one CPU thread: its matrices are so narrow that a second
+        # thread costs more in waking and waiting than it saves (the built-in 64-wide models: 50
+        # decode steps took 6.0 s on two threads with the other core busy, 0.04 s on one).
+        self.threads = 1 if self.device.type == "cpu" and cfg.n_embd <= SMALL_WIDTH else None
 
     @staticmethod
     def _table_and_head(
@@ -388,6 +394,12 @@ class GPT2:
     def forward(
         self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, cache: KVCache | None = None
     ) -> torch.Tensor:
+        with _threads(self.threads):
+            return self._forward(ids, positions, key_mask, cache)
+
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Hidden states after ln_f for `ids` (B, T); `key_mask` (B, S) marks real tokens among all S
         positions so far (cache + these). Padding positions attend to themselves only, so they stay finite."""
         cfg = self.cfg
@@ -422,6 +434,12 @@ class GPT2:
         return SlotCache(self.cfg, self.dtype, str(self.device))
 
     def step(
+        self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False, first: int = 0
+    ) -> torch.Tensor | Stepped:
+        with _threads(self.threads):
+            return self._step(tokens, slots, prompts, states, first)
+
+    def _step(  # one pass, kept whole: it is the decode loop's hot path, read top to bottom layer by layer
         self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False, first: int = 0
     ) -> torch.Tensor | Stepped:
         """One continuous-batching step in one pass over the weights: `tokens` (B,), the next token of
@@ -503,6 +521,24 @@ class GPT2:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return SimpleNamespace(logits=self.logits(self.forward(input_ids, positions, mask)))
+
+
+SMALL_WIDTH = 256  # models at most this wide compute on one CPU thread
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `count` for a block (None: as they are), then restored; the
+    rest of the process keeps its own setting. Setting and restoring costs about 8 us."""
+    before = torch.get_num_threads() if count is not None else None
+    if before is None or before == count:
+        yield
+        return
+    torch.set_num_threads(count)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _decode_attention(q: torch.Tensor, keys_t: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

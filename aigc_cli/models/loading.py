@@ -275,9 +275,9 @@ def load(spec: ModelSpec | str, device: str = "auto", dtype: str = "auto", quant
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")  # as for transformers' models
         from aigc_cli.models import tiny
 
-        spec = tiny.spec(name)
+        shape = tiny.spec(name)
         tokenizer = tiny.tokenizer(name)
-        native = from_state_dict(spec.config(), tiny.weights(spec), dev, torch_dtype, quantize)
+        native = from_state_dict(shape.config(), tiny.weights(shape), dev, torch_dtype, quantize)
     else:
         if res.kind == "hub":  # download once into the cache, then load like a local directory
             res = Resolution(res.name, "hub-cache", _download(res.name))

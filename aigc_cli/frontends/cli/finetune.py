@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from aigc_cli.core.errors import ExitCode, UsageError
+from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.frontends.cli import options as o
 from aigc_cli.frontends.cli.render import Messages, Streams
 
@@ -22,7 +23,9 @@ EPILOG = (
 )
 
 
+@o.with_model(quantize=False, fmt=False)
 def command(
+    spec: ModelSpec,
     data: Annotated[list[str], typer.Argument(help="Text files, JSONL files with a \"text\" field, or '-' for stdin.", show_default=False, metavar="DATA...")],
     output: Annotated[str, typer.Option("--output", "-o", help="Directory for the fine-tuned model (and its checkpoint and training log).", metavar="DIR")],
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: from --epochs).")] = None,
@@ -44,17 +47,12 @@ def command(
     warmup_steps: Annotated[int, typer.Option(help="Steps of linear learning-rate warm-up.")] = 0,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases and norms).")] = 0.0,
     max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this.")] = 1.0,
-    model: o.ModelOpt = "gpt2",
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = "auto",
-    debug: o.DebugOpt = False,
 ) -> None:
     """Fine-tune the model on your text; the result is a model directory for --model DIR."""
     from aigc_cli.apps.finetune import Schedule, Trainer, TrainSettings, prepare_output, read_documents
 
-    spec = o.model_spec(model, device, dtype)
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise UsageError(f"--dtype: training runs in float32, with bfloat16 autocast on a GPU (got {dtype})")
+    if spec.dtype not in ("auto", "float32", "bfloat16"):
+        raise UsageError(f"--dtype: training runs in float32, with bfloat16 autocast on a GPU (got {spec.dtype})")
     for flag, value in (("--eval-every", eval_every), ("--sample-every", sample_every), ("--save-every", save_every)):
         if value < 0:
             raise UsageError(f"{flag}: must be 0 or more (got {value})")
@@ -73,7 +71,7 @@ def command(
     prepare_output(out, resume, overwrite)
     with messages.status(f"Loading {spec.name}..."):
         schedule = Schedule(eval_every, sample_every, sample_prompt, save_every)
-        trainer = Trainer(settings, schedule, out, docs, data_hash, val_docs, spec.device, dtype, messages.info)
+        trainer = Trainer(settings, schedule, out, docs, data_hash, val_docs, spec.device, spec.dtype, messages.info)
     if resume:
         trainer.load_checkpoint()
     messages.info(

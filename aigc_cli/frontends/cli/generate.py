@@ -39,8 +39,11 @@ class Backend(str, Enum):
     ray = "ray"
 
 
+@o.with_model(named=True)
 @o.with_settings(*SETTINGS)
 def command(
+    spec: ModelSpec,
+    named_model: Optional[str],
     settings: GenerationSettings,
     prompts: Annotated[
         Optional[list[str]], typer.Argument(help="One or more prompts; '-' reads prompts from stdin.", show_default=False, metavar="PROMPT...")
@@ -70,23 +73,17 @@ def command(
     workers: Annotated[int, typer.Option(help="With --backend ray: actors, each loading the model once.")] = 2,
     worker_cpus: Annotated[float, typer.Option(help="With --backend ray: CPUs per actor.")] = 1.0,
     worker_gpus: Annotated[float, typer.Option(help="With --backend ray: GPUs per actor.")] = 0.0,
-    model: o.GenerateModelOpt = None,
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = "auto",
-    quantize: o.QuantizeOpt = "none",
-    output_format: o.FormatOpt = OutputFormat.auto,
-    debug: o.DebugOpt = False,
+    output_format: OutputFormat = OutputFormat.auto,
 ) -> None:
     """Generate N numbered continuations of each prompt (arguments, a file, or stdin)."""
     settings = settings.resolved()
-    spec = o.model_spec(model, device, dtype, quantize)
     source = prompt_source(prompts, file)
     if template is not None and source.kind == "args":
         raise UsageError("--template: renders records of -f FILE or stdin, not prompt arguments")
     if resume and output is None:
         raise UsageError("--resume: needs -o/--output FILE (the file to continue)")
     ray = (ray_address, workers, worker_cpus, worker_gpus)
-    load = _loader(spec, model, server, api_key, backend, ray, Messages(Streams()))
+    load = _loader(spec, named_model, server, api_key, backend, ray, Messages(Streams()))
     tmpl = load_template(template) if template is not None else None
     fmt = OutputFormat.jsonl if output is not None or (source.kind != "args" and output_format is OutputFormat.auto) else output_format
     job = GenerateJob(

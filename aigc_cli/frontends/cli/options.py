@@ -63,6 +63,47 @@ def model_spec(model: str | None, device: str, dtype: str, quantize: str = "none
     return ModelSpec.parse(model, device, dtype, quantize)
 
 
+def with_model(quantize: bool = True, fmt: bool = True, named: bool = False) -> Callable[[F], F]:
+    """Give a command the model options (--model, --device, --dtype, and --quantize, --format,
+    --debug); it receives them parsed as `spec: ModelSpec` (and `output_format`). With `named`,
+    --model has no default and the command also gets `named_model` (None when not given: with
+    --server, the server's model)."""
+    added = [
+        ("model", GenerateModelOpt if named else ModelOpt, None if named else "gpt2"),
+        ("device", DeviceOpt, "auto"),
+        ("dtype", DtypeOpt, "auto"),
+        *([("quantize", QuantizeOpt, "none")] if quantize else []),
+        *([("output_format", FormatOpt, OutputFormat.auto)] if fmt else []),
+        ("debug", DebugOpt, False),
+    ]
+
+    def decorate(command: F) -> F:
+        hints = typing.get_type_hints(command, include_extras=True)
+        signature = inspect.signature(command)
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in signature.parameters.values()
+            if p.name not in ("spec", "named_model", *(name for name, _, _ in added))
+        ]
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, a, d in added]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            model = kwargs.pop("model")
+            spec = ModelSpec.parse(model, kwargs.pop("device"), kwargs.pop("dtype"), kwargs.pop("quantize", "none"))
+            kwargs.pop("debug")  # read by the error boundary
+            if named:
+                kwargs["named_model"] = model
+            return command(spec=spec, **kwargs)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + extra
+        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 def load_engine(spec: ModelSpec, messages: Messages) -> Any:
     """The one model load of the process, with a spinner on a terminal."""
     from aigc_cli.engine.engine import Engine

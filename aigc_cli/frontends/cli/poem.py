@@ -11,6 +11,7 @@ import typer
 
 from aigc_cli.core.errors import UsageError
 from aigc_cli.core.settings import GenerationSettings
+from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.frontends.cli import options as o
 from aigc_cli.frontends.cli.render import Messages, OutputFormat, Streams, render_poems, render_rows
 
@@ -41,6 +42,7 @@ class PoemDecoding(str, Enum):
     beam = "beam"
 
 
+@o.with_model()
 @o.with_settings(
     "num_sequences", "decoding", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "seed",
     help={
@@ -53,6 +55,7 @@ class PoemDecoding(str, Enum):
     choices={"decoding": PoemDecoding},
 )
 def command(
+    spec: ModelSpec,
     settings: GenerationSettings,
     topic: Annotated[Optional[str], typer.Argument(help="What the poem is about.", show_default=False, metavar="TOPIC")] = None,
     form_name: Annotated[Optional[str], typer.Option("--form", help="Poem form (default: haiku, or wujue for a Chinese topic).", metavar="FORM")] = None,
@@ -71,12 +74,7 @@ def command(
     check_path: Annotated[
         Optional[str], typer.Option("--check", help="Check an existing poem (file or '-') against --form instead of writing one.", metavar="FILE")
     ] = None,
-    model: o.ModelOpt = "gpt2",
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = "auto",
-    quantize: o.QuantizeOpt = "none",
-    output_format: o.FormatOpt = OutputFormat.auto,
-    debug: o.DebugOpt = False,
+    output_format: OutputFormat = OutputFormat.auto,
 ) -> None:
     """Write poems whose form (lines, syllables, rhyme) is guaranteed by constrained decoding."""
     from aigc_cli.apps.poetics import has_cjk, resolve_form
@@ -99,7 +97,6 @@ def command(
     from aigc_cli.engine.seeds import run_seed
 
     settings = dataclasses.replace(settings, seed=run_seed(settings.seed)).resolved()
-    spec = o.model_spec(model, device, dtype, quantize)
     from aigc_cli.apps.poem import write_poems
     from aigc_cli.apps.prompts import load_prompt
 

@@ -10,6 +10,7 @@ import typer
 from aigc_cli.apps.recommend import Aggregate, ScoreKind
 from aigc_cli.core.errors import UsageError
 from aigc_cli.core.settings import MAX_BATCH
+from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.frontends.cli import options as o
 from aigc_cli.frontends.cli.render import Messages, OutputFormat, Streams, render_rows
 
@@ -23,7 +24,9 @@ EPILOG = (
 )
 
 
+@o.with_model()
 def command(
+    spec: ModelSpec,
     interests: Annotated[Optional[list[str]], typer.Argument(help="The user's interests.", show_default=False, metavar="INTEREST...")] = None,
     profile: Annotated[Optional[str], typer.Option(help="JSON user profile: interests, liked and disliked item titles or ids.", metavar="FILE")] = None,
     catalog: Annotated[
@@ -43,17 +46,11 @@ def command(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="(prompt, item) pairs per forward pass.")] = 16,
     seed: Annotated[Optional[int], typer.Option(help="Seed for generated ideas.")] = None,
-    model: o.ModelOpt = "gpt2",
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = "auto",
-    quantize: o.QuantizeOpt = "none",
-    output_format: o.FormatOpt = OutputFormat.auto,
-    debug: o.DebugOpt = False,
+    output_format: OutputFormat = OutputFormat.auto,
 ) -> None:
     """Rank a catalog for a user's interests with the language model (zero-shot), or suggest ideas."""
     from aigc_cli.apps import recommend as rec
 
-    spec = o.model_spec(model, device, dtype, quantize)
     if k < 1:
         raise UsageError(f"-k: must be at least 1 (got {k})")
     o.check_range("--per-interest", per_interest, 1, 100)

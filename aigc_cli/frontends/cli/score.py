@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from aigc_cli.core.errors import UsageError
+from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.core.settings import MAX_BATCH
 from aigc_cli.frontends.cli import options as o
 from aigc_cli.frontends.cli.render import Messages, OutputFormat, Streams, render_rows
@@ -19,24 +20,20 @@ EPILOG = (
 )
 
 
+@o.with_model()
 def command(
+    spec: ModelSpec,
     path: Annotated[str, typer.Argument(help="Text file to score, or '-' for stdin.", show_default=False, metavar="FILE")],
     per_line: Annotated[bool, typer.Option(help="Score each non-empty line on its own.")] = False,
     stride: Annotated[Optional[int], typer.Option(help="Sliding-window stride for texts longer than the context (default: half of it).")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
-    model: o.ModelOpt = "gpt2",
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = "auto",
-    quantize: o.QuantizeOpt = "none",
-    output_format: o.FormatOpt = OutputFormat.auto,
-    debug: o.DebugOpt = False,
+    output_format: OutputFormat = OutputFormat.auto,
 ) -> None:
     """Perplexity, mean negative log-likelihood and token count of a text under the model.
 
     Every token is scored, the first one conditioned on the model's BOS token (<|endoftext|> for
     GPT-2); texts longer than the context use a sliding window.
     """
-    spec = o.model_spec(model, device, dtype, quantize)
     if stride is not None and stride < 1:
         raise UsageError(f"--stride: must be at least 1 (got {stride})")
     o.check_range("--batch-size", batch_size, 1, MAX_BATCH)

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from aigc_cli.core.errors import UsageError
+from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.frontends.cli import options as o
 from aigc_cli.frontends.cli.render import Messages, Streams
 
@@ -22,7 +23,9 @@ EPILOG = (
 )
 
 
+@o.with_model(fmt=False)
 def command(
+    spec: ModelSpec,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback is reachable by others.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: a free one, printed on stderr).")] = 8000,
     api_key: Annotated[
@@ -37,14 +40,8 @@ def command(
         Optional[str],
         typer.Option(help="A Jinja chat template (messages -> prompt) that enables /v1/chat/completions; GPT-2 has none of its own.", metavar="FILE"),
     ] = None,
-    model: o.ModelOpt = "gpt2",
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = "auto",
-    quantize: o.QuantizeOpt = "none",
-    debug: o.DebugOpt = False,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (completions), until SIGTERM or Ctrl-C."""
-    spec = o.model_spec(model, device, dtype, quantize)
     o.check_range("--port", port, 0, 65535)
     if max_queue < 0:
         raise UsageError(f"--max-queue: must be 0 or more (got {max_queue})")
