@@ -499,3 +499,32 @@ def _beam_transformers(lm: Any, dec: _Decoder) -> list[list[int]]:
         eos_token_id=dec.eos,
     )
     return out[:, dec.prompt_width :].tolist()
+
+
+def test_incremental_text_equals_decoding_the_whole_row_every_step(tiny_lm):
+    """A row's text is decoded incrementally (settled tokens are never decoded again); at every
+    step it must equal decoding all its tokens at once, also where a character's bytes span tokens
+    (random raw bytes, emoji, CJK), and stop strings are found exactly where a full search finds them."""
+    import random
+
+    from aigc_cli.core.settings import GenerationSettings
+    from aigc_cli.core.textrules import find_stop
+    from aigc_cli.engine.decoding import _Row
+
+    tok = tiny_lm.tokenizer
+    rng = random.Random(0)
+    pieces = [tok.encode(t, add_special_tokens=False) for t in ("the sea", " 海浪", " 🌊 night", "é", " fire")]
+    for trial in range(40):
+        stops = ("sea n",) if trial % 2 else ()
+        settings = GenerationSettings(max_new_tokens=400, stop=stops).resolved()
+        row = _Row(tok, "")
+        ids: list[int] = []
+        for step in range(300):
+            token = rng.randrange(256) if rng.random() < 0.3 else rng.choice(rng.choice(pieces))
+            ids.append(token)
+            row.push(token, step, None, settings)
+            full = tok.decode(ids, clean_up_tokenization_spaces=False)
+            cut = find_stop(full, stops) if stops else None
+            assert row.text == (full[:cut] if cut is not None else full), (trial, step)
+            if row.finish_reason is not None:
+                break

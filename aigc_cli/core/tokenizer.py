@@ -28,6 +28,8 @@ class Tokenizer(Protocol):
 
     def get_vocab(self) -> dict[str, int]: ...
 
+    def convert_ids_to_tokens(self, ids: Any) -> Any: ...
+
 
 class FastTokenizer:
     """A `tokenizers.Tokenizer` with the special tokens transformers' tokenizer would name.

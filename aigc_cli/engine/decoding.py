@@ -39,11 +39,23 @@ class RowResult:
     finish_reason: str  # "length" | "stop" | "eos"
     logprobs: list[float] | None = None  # log P(token) under the model before any processor, when asked for
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, the most likely tokens and their log P
+    end_token: int | None = None  # the end-of-text or stop token that ended it (generated, not part of the text)
+    end_logprob: float | None = None  # its log P, when logprobs were asked for
+    end_top: list[tuple[int, float]] | None = None  # the most likely tokens where it was chosen
+
+
+_KEEP = 4  # tokens at the end of a row's text that stay undecided (a character may span them)
 
 
 @dataclass
 class _Row:
-    """Per-row bookkeeping shared by the loops: generated ids, decoded text and the finish test."""
+    """Per-row bookkeeping shared by the loops: generated ids, decoded text and the finish test.
+
+    The text is decoded incrementally: the ids before `_cut` were decoded once into `_head` and
+    are never decoded again, so a step costs the same at token 1,000 as at token 10 (decoding the
+    whole row every step made long generations quadratic). The cut only moves to where decoding
+    the two sides apart gives the same text as decoding them together (never inside a character
+    that spans tokens). Stop strings are looked for in the new text only."""
 
     tokenizer: Tokenizer
     prompt_tail: str
@@ -51,30 +63,57 @@ class _Row:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
+    end_token: int | None = None
+    end_logprob: float | None = None
+    _head: str = ""
+    _cut: int = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
     def text_with(self, token: int) -> str:
-        return self.tokenizer.decode(self.generated + [token], clean_up_tokenization_spaces=False)
+        return self._head + self._decode(self.generated[self._cut :] + [token])
+
+    def _tail(self) -> str:
+        """The text after `_head`, settling all but the last few tokens into the head when that
+        does not change the text."""
+        ids = self.generated
+        tail = self._decode(ids[self._cut :])
+        if len(ids) - self._cut >= 2 * _KEEP:
+            k = len(ids) - _KEEP
+            left, right = self._decode(ids[self._cut : k]), self._decode(ids[k:])
+            if left + right == tail:
+                self._head, self._cut, tail = self._head + left, k, right
+        return tail
 
     def push(self, token: int, step: int, eos: int | None, s: GenerationSettings, logprob: float | None = None) -> bool:
         """Append one token (step counts from 0); returns whether the text grew."""
-        if token == eos:
-            self.finish_reason = "eos"
-            return False
-        if token in s.stop_token_ids:
-            self.finish_reason = "stop"
+        if token == eos or token in s.stop_token_ids:
+            self.finish_reason = "eos" if token == eos else "stop"
+            self.end_token, self.end_logprob = token, logprob
             return False
         self.generated.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
-        text = self.tokenizer.decode(self.generated, clean_up_tokenization_spaces=False)
-        cut = find_stop(text, s.stop) if s.stop else None
-        if cut is not None:
-            text = text[:cut]
-            self.finish_reason = "stop"
-        elif step + 1 >= s.max_new_tokens:
+        settled = len(self._head)  # text that cannot change any more
+        tail = self._tail()  # (may move text into the head)
+        text = self._head + tail
+        if s.stop:
+            start = max(0, settled - max(len(x) for x in s.stop) + 1)
+            cut = find_stop(text[start:], s.stop)
+            if cut is not None:
+                text = text[: start + cut]
+                self.finish_reason = "stop"
+        if self.finish_reason is None and step + 1 >= s.max_new_tokens:
             self.finish_reason = "length"
         self.text = text
         return True
+
+    def result(self, logprobs: bool, top: list[list[tuple[int, float]]] | None = None, end_top: list[tuple[int, float]] | None = None) -> RowResult:
+        return RowResult(
+            self.generated, self.text, self.finish_reason or "length", self.logprobs if logprobs else None, top,
+            self.end_token, self.end_logprob if logprobs else None, end_top,
+        )
 
 
 class RowRules:
@@ -170,7 +209,7 @@ class _Decoder:
             self.on_text(row_index, row.text)
 
     def results(self) -> list[RowResult]:
-        return [RowResult(r.generated, r.text, r.finish_reason or "length", r.logprobs if self.logprobs else None) for r in self.rows]
+        return [r.result(self.logprobs) for r in self.rows]
 
 
 
@@ -520,7 +559,7 @@ def generate_beam(
             if row.finish_reason is not None:
                 break
             row.push(token, step, dec.eos, s)
-        results.append(RowResult(row.generated, row.text, row.finish_reason or "length"))
+        results.append(row.result(False))
     return results
 
 

@@ -179,7 +179,8 @@ class Engine:
             return Completion(request.id, index, request.prompt, "", "", prompt_tokens, 0, request.seed)
         return Completion(
             request.id, index, request.prompt, result.text, result.finish_reason, prompt_tokens, len(result.token_ids), request.seed,
-            token_ids=result.token_ids, logprobs=result.logprobs,
+            token_ids=result.token_ids, logprobs=result.logprobs, top_logprobs=result.top_logprobs,
+            end_token=result.end_token, end_logprob=result.end_logprob, end_top=result.end_top,
         )
 
     # -- running -----------------------------------------------------------------------------------

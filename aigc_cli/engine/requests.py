@@ -65,6 +65,10 @@ class Completion:
     record: dict[str, Any] | None = None  # its JSONL record, when the caller writes JSONL (batch.generated_record)
     token_ids: list[int] = field(default_factory=list, repr=False)  # generated ids, EOS excluded
     logprobs: list[float] | None = field(default=None, repr=False)  # per token, when asked for
+    top_logprobs: list[list[tuple[int, float]]] | None = field(default=None, repr=False)  # per token, when asked for
+    end_token: int | None = field(default=None, repr=False)  # the end-of-text or stop token that ended it, if one did
+    end_logprob: float | None = field(default=None, repr=False)
+    end_top: list[tuple[int, float]] | None = field(default=None, repr=False)
 
 
 class Cancelled(Exception):

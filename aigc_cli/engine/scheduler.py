@@ -306,6 +306,8 @@ class Scheduler:
         self, live: _Live, token: int, raw: float | None, top: list[tuple[int, float]] | None, events: list[Event]
     ) -> bool:
         """Append a row's token and report it; returns whether the row finished."""
+        if Scheduler.fault is not None:
+            Scheduler.fault(live.spec)
         grew = live.row.push(token, live.step, live.rules.eos, live.spec.settings, raw)
         live.step += 1
         if grew:
@@ -315,11 +317,9 @@ class Scheduler:
             events.append(Token(live.spec.key, token, live.row.text, raw, top))
             if live.spec.on_text is not None:
                 live.spec.on_text(live.row.text)
-        r = live.row
-        if r.finish_reason is None:
+        if live.row.finish_reason is None:
             return False
-        result = RowResult(r.generated, r.text, r.finish_reason, r.logprobs if live.spec.logprobs else None, live.top)
-        events.append(Finished(live.spec.key, result))
+        events.append(Finished(live.spec.key, live.row.result(live.spec.logprobs, live.top, None if grew else top)))
         return True
 
     # -- contrastive search ---------------------------------------------------------------------

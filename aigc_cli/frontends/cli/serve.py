@@ -36,6 +36,10 @@ def command(
         str, typer.Option(help="Sequences decoded together, or auto: up to 64, on CPU fewer when their KV cache would pass 1 GiB.", metavar="N|auto")
     ] = "auto",
     metrics: Annotated[bool, typer.Option(help="Serve Prometheus metrics at /metrics.")] = False,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes; larger ones get 413.")] = 4 << 20,
+    shutdown_timeout: Annotated[
+        float, typer.Option(help="Seconds SIGTERM or Ctrl-C lets requests in flight finish; then they end with an error the client sees.")
+    ] = 10.0,
     chat_template: Annotated[
         Optional[str],
         typer.Option(help="A Jinja chat template (messages -> prompt) that enables /v1/chat/completions; GPT-2 has none of its own.", metavar="FILE"),
@@ -45,6 +49,9 @@ def command(
     o.check_range("--port", port, 0, 65535)
     if max_queue < 0:
         raise UsageError(f"--max-queue: must be 0 or more (got {max_queue})")
+    o.check_range("--max-body", max_body, 1024, 1 << 30)
+    if not 0 <= shutdown_timeout <= 86400:
+        raise UsageError(f"--shutdown-timeout: must be from 0 to 86400 seconds (got {shutdown_timeout})")
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key: must not be empty")
     try:
@@ -54,7 +61,7 @@ def command(
     template = _chat_template(chat_template) if chat_template is not None else None
     options = ServerOptions(
         spec=spec, host=host, port=port, api_key=api_key, max_queue=max_queue, batch_size=o.batch_size(batch_size), metrics=metrics,
-        chat_template=template,
+        chat_template=template, max_body=max_body, shutdown_timeout=shutdown_timeout,
     )
     messages = Messages(Streams())
     code = serve(options, messages.info)

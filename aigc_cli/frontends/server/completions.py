@@ -1,5 +1,12 @@
 """One /v1/completions request: its cost claimed and its prompts checked, its work run through the
-engine loop (the same rows and seeds as `aigc generate`), its response or stream of chunks built."""
+engine loop (the same rows and seeds as `aigc generate`), its response or stream of chunks built.
+
+The completions protocol as vLLM and OpenAI give it, to the token: a generated end-of-text (or stop
+token) is not part of the text but is a token of the completion, so it appears in `tokens`,
+`token_logprobs`, `top_logprobs`, `text_offset`, `token_ids` and `usage`; each `top_logprobs`
+entry holds the chosen token besides the k most likely (up to k+1 entries); with `echo`, the
+prompt's own tokens come first (the first one with no log-probability: nothing predicts it).
+"""
 
 from __future__ import annotations
 
@@ -12,17 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from aigc_cli.core.errors import RecordError
-from aigc_cli.core.textrules import stream_safe_length
+from aigc_cli.core.textrules import find_stop, stream_safe_length
 from aigc_cli.engine.engine import Engine
-from aigc_cli.engine.requests import Completion
+from aigc_cli.engine.loop import Done, QueueFullError, StoppingError, Ticket, TooBigError
+from aigc_cli.engine.requests import Cancelled, Completion
 from aigc_cli.engine.requests import Request as EngineRequest
-from aigc_cli.engine.loop import Done, Failed, QueueFullError, StoppingError, Ticket, TooBigError
-from aigc_cli.engine.requests import Cancelled
-from aigc_cli.engine.scheduler import Token
+from aigc_cli.engine.scheduler import Failed, Finished, Token
 from aigc_cli.engine.seeds import run_seed
 from aigc_cli.frontends.server.state import ServerState
 from aigc_cli.protocol.completions import BY_PARAM_NAME, CompletionRequest, finish_reason, logprobs_body, usage
 from aigc_cli.protocol.errors import APIError, bad
+
+Alternatives = list[tuple[int, float]]
 
 
 @dataclass
@@ -33,9 +41,35 @@ class _Choice:
     sent: int = 0  # characters of `text` already streamed
     finish: str | None = None
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    top: list[Alternatives | None] = field(default_factory=list)
+    end: tuple[int, float | None, Alternatives | None] | None = None  # the end-of-text or stop token, when one ended it
     streamed_tokens: int = 0  # tokens whose logprobs were streamed
+
+    @property
+    def tokens(self) -> list[int]:
+        """The completion's tokens as the protocol counts them: the end token included."""
+        return self.token_ids + ([self.end[0]] if self.end is not None else [])
+
+    def apply(self, event: Token | Finished | Completion) -> None:
+        if isinstance(event, Completion):  # static modes: the whole sequence at once
+            self.text, self.finish, self.token_ids = event.text, event.finish_reason, list(event.token_ids)
+            self.logprobs = list(event.logprobs or [])
+            self.top = list(event.top_logprobs or [])
+            self._ended(event.end_token, event.end_logprob, event.end_top)
+        elif isinstance(event, Token):
+            self.text = event.text
+            self.token_ids.append(event.token)
+            self.logprobs.append(event.logprob)
+            self.top.append(event.top)
+        else:
+            result = event.result
+            self.text, self.finish = result.text, result.finish_reason
+            self._ended(result.end_token, result.end_logprob, result.end_top)
+
+    def _ended(self, token: int | None, logprob: float | None, top: Alternatives | None) -> None:
+        if token is not None:
+            self.end = (token, logprob, top)
 
 
 class CompletionJob:
@@ -57,6 +91,9 @@ class CompletionJob:
         self.choices = {(p, i): _Choice(p, i) for p in range(len(req.prompts)) for i in wanted}
         self.echo_logprobs: list[list[Any]] = []
         self.ticket: Ticket | None = None
+        self._queue: asyncio.Queue[Any] | None = None
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._texts: dict[int, str] = {}
 
     @property
     def cost(self) -> int:
@@ -77,6 +114,7 @@ class CompletionJob:
             raise bad(f"{exc}", "n", "too_many_sequences") from None
         except StoppingError as exc:
             raise APIError(503, str(exc), code="shutting_down") from None
+        self.state.jobs.add(self)
         try:
             await asyncio.to_thread(self._prepare)
         except BaseException:
@@ -85,8 +123,15 @@ class CompletionJob:
 
     def close(self) -> None:
         """The request is over (or its client left): its work stops, its claim is freed."""
+        self.state.jobs.discard(self)
         if self.ticket is not None:
             self.loop.release(self.ticket)
+
+    def abort(self, error: APIError) -> None:
+        """End the request now with `error` (the server's shutdown timeout has passed)."""
+        if self._queue is not None and self._aloop is not None:
+            self._aloop.call_soon_threadsafe(self._queue.put_nowait, error)
+        self.close()
 
     def _prepare(self) -> None:
         tok = self.engine.tokenizer
@@ -116,12 +161,14 @@ class CompletionJob:
 
     # -- running ----------------------------------------------------------------------------
 
-    async def _events(self) -> AsyncIterator[tuple[_Choice, Any]]:
-        """(choice, event) as the engine produces them; the prompt's logprobs first when echoed."""
+    async def _events(self) -> AsyncIterator[tuple[_Choice | None, Any]]:
+        """(choice, event) as the engine produces them; first (None, "echo") once the prompts'
+        log-probabilities are known, when they are asked for."""
         assert self.ticket is not None
         ticket = self.ticket
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        aloop = asyncio.get_running_loop()
+        aloop = self._aloop = asyncio.get_running_loop()
+        self._queue = queue
 
         def post(item: Any) -> None:
             aloop.call_soon_threadsafe(queue.put_nowait, item)
@@ -129,32 +176,34 @@ class CompletionJob:
         try:
             if self.req.echo and self.req.logprobs is not None:
                 self.loop.call(ticket, "echo", self._score_prompts, post)
-                self.echo_logprobs = _result(await queue.get())
+                self.echo_logprobs = _result(await _next(queue))
+                yield None, "echo"
             if self.req.score_only:
                 return
             want_lp = self.req.logprobs is not None or self.req.best_of > self.req.n
             self.loop.generate(ticket, self._requests(), post, logprobs=want_lp, top=self.req.logprobs or 0)
             left = set(self.choices)
             while left:
-                event = await queue.get()
-                if isinstance(event, Done):  # a static request (beam search): all its sequences at once
-                    p = cast(tuple[int, int], event.key)[1]
-                    for c in _result(event):
-                        left.discard((p, c.index))
-                        self._first_token()
-                        yield self.choices[(p, c.index)], c
-                    continue
-                if isinstance(event, Failed):
-                    raise APIError(500, f"generation failed: {type(event.error).__name__}: {event.error}", code="engine_error")
-                key = (event.key[1], event.key[2])
-                if not isinstance(event, Token):
-                    left.discard(key)
-                self._first_token()
-                yield self.choices[key], event
+                event = await _next(queue)
+                for key, item in self._keyed(event):
+                    if not isinstance(item, Token):
+                        left.discard(key)
+                    self._first_token()
+                    yield self.choices[key], item
         except StoppingError as exc:
             raise APIError(503, str(exc), code="shutting_down") from None
         finally:
             self.close()
+
+    @staticmethod
+    def _keyed(event: Any) -> list[tuple[tuple[int, int], Any]]:
+        """(choice key, event) pairs of an engine event; APIError for a request that failed."""
+        if isinstance(event, Done):  # a static request (beam search): all its sequences at once
+            p = cast(tuple[int, int], event.key)[1]
+            return [((p, c.index), c) for c in _result(event)]
+        if isinstance(event, Failed):
+            raise APIError(500, f"generation failed: {type(event.error).__name__}: {event.error}", code="engine_error")
+        return [((event.key[1], event.key[2]), event)]
 
     def _score_prompts(self, ticket: Ticket) -> list[list[Any]]:
         from aigc_cli.engine.scoring import prompt_logprobs
@@ -171,28 +220,11 @@ class CompletionJob:
             self.log_usage["ttft"] = time.monotonic() - self.arrived
             self.state.metrics.ttft.observe(self.log_usage["ttft"])
 
-    @staticmethod
-    def _apply(choice: _Choice, event: Any) -> None:
-        if isinstance(event, Completion):  # static modes: the whole sequence at once
-            choice.text, choice.finish, choice.token_ids = event.text, event.finish_reason, list(event.token_ids)
-            choice.logprobs = list(event.logprobs or [])
-            return
-        if hasattr(event, "token"):  # Token
-            choice.text = event.text
-            choice.token_ids.append(event.token)
-            if event.logprob is not None:
-                choice.logprobs.append(event.logprob)
-            if event.top is not None:
-                choice.top.append(event.top)
-            return
-        result = event.result  # Finished
-        choice.text, choice.finish = result.text, result.finish_reason
-
     # -- bodies -----------------------------------------------------------------------------
 
     def _usage(self) -> dict[str, int]:
         prompt_tokens = sum(len(ids) for ids in self.prompt_ids)
-        completion_tokens = sum(len(c.token_ids) for c in self.choices.values())
+        completion_tokens = sum(len(c.tokens) for c in self.choices.values())
         self.log_usage.update(prompt=prompt_tokens, completion=completion_tokens)
         return usage(prompt_tokens, completion_tokens)
 
@@ -200,68 +232,88 @@ class CompletionJob:
         return choice.prompt * self.req.n + choice.index
 
     def _token_text(self, token: int) -> str:
-        return self.engine.tokenizer.decode([token], clean_up_tokenization_spaces=False)
+        if token not in self._texts:
+            self._texts[token] = self.engine.tokenizer.decode([token], clean_up_tokenization_spaces=False)
+        return self._texts[token]
 
-    def _top(self, alternatives: list[tuple[int, float]]) -> dict[str, float]:
+    def _top(self, alternatives: Alternatives | None, chosen: int, logprob: float | None) -> dict[str, float] | None:
+        """The top_logprobs entry of one position: the k most likely tokens and the chosen one."""
+        if alternatives is None or self.req.logprobs is None:
+            return None
         out: dict[str, float] = {}
         for token, lp in alternatives:
             out.setdefault(self._token_text(token), lp)
+        if logprob is not None:
+            out.setdefault(self._token_text(chosen), logprob)
         return out
 
-    def _logprobs(self, choice: _Choice, start: int, end: int, echo: bool, offset: int) -> dict[str, Any]:
+    def _generated(self, choice: _Choice, start: int, end: int) -> tuple[list[str], list[float | None], list[Any]]:
+        """Tokens, log-probabilities and top entries of the generated tokens start..end-1 (the end
+        token is the one after the last generated one)."""
         tokens, chosen, tops = [], [], []
-        if echo:
-            for token, entry in zip(self.prompt_ids[choice.prompt], self.echo_logprobs[choice.prompt]):
-                tokens.append(self._token_text(token))
-                chosen.append(entry[0] if entry else None)
-                tops.append(self._top(entry[1]) if entry and self.req.logprobs else None)
         for k in range(start, end):
-            tokens.append(self._token_text(choice.token_ids[k]))
-            chosen.append(choice.logprobs[k] if k < len(choice.logprobs) else None)
-            tops.append(self._top(choice.top[k]) if k < len(choice.top) and self.req.logprobs else None)
-        return logprobs_body(tokens, chosen, tops, offset)
+            if k < len(choice.token_ids):
+                token, lp, top = choice.token_ids[k], _at(choice.logprobs, k), _at(choice.top, k)
+            else:
+                assert choice.end is not None
+                token, lp, top = choice.end
+            tokens.append(self._token_text(token))
+            chosen.append(lp)
+            tops.append(self._top(top, token, lp))
+        return tokens, chosen, tops
+
+    def _echoed(self, choice: _Choice) -> tuple[list[str], list[float | None], list[Any]]:
+        tokens, chosen, tops = [], [], []
+        for token, entry in zip(self.prompt_ids[choice.prompt], self.echo_logprobs[choice.prompt]):
+            tokens.append(self._token_text(token))
+            chosen.append(entry[0] if entry else None)
+            tops.append(self._top(entry[1], token, entry[0]) if entry else None)
+        return tokens, chosen, tops
+
+    def _logprobs(self, choice: _Choice, start: int, end: int, echo: bool, offset: int) -> dict[str, Any]:
+        tokens, chosen, tops = self._echoed(choice) if echo else ([], [], [])
+        more = self._generated(choice, start, end)
+        return logprobs_body(tokens + more[0], chosen + more[1], tops + more[2], offset)
 
     def _choice_body(self, choice: _Choice, number: int) -> dict[str, Any]:
         prefix = self.prompt_texts[choice.prompt] if self.req.echo else ""
-        lp = self._logprobs(choice, 0, len(choice.token_ids), self.req.echo, 0) if self.req.logprobs is not None else None
+        lp = self._logprobs(choice, 0, len(choice.tokens), self.req.echo, 0) if self.req.logprobs is not None else None
         body = {"index": number, "text": prefix + choice.text, "logprobs": lp, **self._ending(choice)}
         if self.req.return_token_ids:
-            body["token_ids"] = choice.token_ids
+            body["token_ids"] = choice.tokens
         return body
 
     def _ending(self, choice: _Choice) -> dict[str, Any]:
-        """OpenAI's finish_reason, and vLLM's stop_reason: the stop string that ended the text
-        (None for EOS, a stop token or the length limit)."""
+        """OpenAI's finish_reason, and vLLM's stop_reason: the stop string that ended the text (or
+        the stop token's id; None for end-of-text and the length limit)."""
+        if self.req.score_only:
+            return {"finish_reason": "length", "stop_reason": None}
         if choice.finish is None:
             return {"finish_reason": None, "stop_reason": None}
-        stop = None
-        if choice.finish == "stop" and self.req.settings.stop:
+        stop: str | int | None = None
+        if choice.finish == "stop" and choice.end is not None:
+            stop = choice.end[0]
+        elif choice.finish == "stop" and self.req.settings.stop:
             full = self.engine.tokenizer.decode(choice.token_ids, clean_up_tokenization_spaces=False)
-            hits = [(full.find(s), k) for k, s in enumerate(self.req.settings.stop) if s in full]
-            stop = self.req.settings.stop[min(hits)[1]] if hits else None
+            at = find_stop(full, self.req.settings.stop)
+            stop = next((s for s in self.req.settings.stop if at is not None and full.startswith(s, at)), None)
         return {"finish_reason": finish_reason(choice.finish), "stop_reason": stop}
 
     async def collect(self) -> dict[str, Any]:
         async for choice, event in self._events():
-            self._apply(choice, event)
+            if choice is not None:
+                choice.apply(event)
         picked = sorted(self.choices.values(), key=self._number)
         if self.req.best_of > self.req.n:  # the n best of each prompt's best_of, by mean log-probability
             picked = []
             for p in range(len(self.req.prompts)):
                 mine = [c for c in self.choices.values() if c.prompt == p]
-                mine.sort(key=lambda c: -sum(c.logprobs) / max(1, len(c.logprobs)))
+                mine.sort(key=lambda c: -sum(x or 0.0 for x in c.logprobs) / max(1, len(c.logprobs)))
                 picked.extend(mine[: self.req.n])
             bodies = [self._choice_body(c, k) for k, c in enumerate(picked)]
         else:
             bodies = [self._choice_body(c, self._number(c)) for c in picked]
-        return {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.req.model,
-            "choices": bodies,
-            "usage": self._usage(),
-        }
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.req.model, "choices": bodies, "usage": self._usage()}
 
     def _chunk(self, choices: list[dict[str, Any]], usage_body: dict[str, int] | None = None) -> str:
         body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.req.model, "choices": choices}
@@ -269,46 +321,72 @@ class CompletionJob:
             body["usage"] = usage_body
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+    def _echo_chunks(self) -> list[str]:
+        """Each choice's prompt (with its log-probabilities when asked for), before its tokens."""
+        out = []
+        for choice in self.choices.values():
+            lp = self._logprobs(choice, 0, 0, True, 0) if self.req.logprobs is not None else None
+            body = {"index": self._number(choice), "text": self.prompt_texts[choice.prompt], "logprobs": lp, "finish_reason": None}
+            out.append(self._chunk([body]))
+        return out
+
+    def _delta(self, choice: _Choice) -> dict[str, Any] | None:
+        """The chunk of a choice's new text and tokens (None when nothing is final yet): text is
+        held back while it could be the start of a stop string or half a character."""
+        done = choice.finish is not None
+        safe = len(choice.text) if done else stream_safe_length(choice.text, self.req.settings.stop)
+        delta = choice.text[choice.sent : safe]
+        if not delta and not done:
+            return None
+        offset = (len(self.prompt_texts[choice.prompt]) if self.req.echo else 0) + choice.sent
+        first, last = choice.streamed_tokens, len(choice.tokens) if done else len(choice.token_ids)
+        lp = self._logprobs(choice, first, last, False, offset) if self.req.logprobs is not None else None
+        choice.sent, choice.streamed_tokens = safe, last
+        body = {"index": self._number(choice), "text": delta, "logprobs": lp, **self._ending(choice)}
+        if self.req.return_token_ids:
+            body["token_ids"] = choice.tokens[first:last]
+        return body
+
     async def sse(self) -> AsyncIterator[str]:
-        """Server-sent events: text as it becomes final (never half a stop string), one chunk per
-        choice with its finish_reason, an optional usage chunk, then [DONE]."""
-        stops = self.req.settings.stop
-        want_lp = self.req.logprobs is not None
-        started: set[tuple[int, int]] = set()
+        """Server-sent events: the echoed prompt, then text as it becomes final, one chunk per
+        choice with its finish_reason, an optional usage chunk, then [DONE]. An error after the
+        200 went out travels as an error event, and no [DONE] follows it."""
         try:
-            if self.req.echo:
-                for key, choice in self.choices.items():
-                    started.add(key)
-                    lp = self._logprobs(choice, 0, 0, True, 0) if want_lp else None
-                    yield self._chunk([{"index": self._number(choice), "text": self.prompt_texts[choice.prompt], "logprobs": lp, "finish_reason": None}])
+            if self.req.echo and self.req.logprobs is None:
+                for line in self._echo_chunks():
+                    yield line
             async for choice, event in self._events():
-                self._apply(choice, event)
-                done = choice.finish is not None
-                safe = len(choice.text) if done else stream_safe_length(choice.text, stops)
-                delta = choice.text[choice.sent : safe]
-                if not delta and not done:
+                if choice is None:  # the prompts' log-probabilities are known
+                    for line in self._echo_chunks():
+                        yield line
                     continue
-                offset = (len(self.prompt_texts[choice.prompt]) if self.req.echo else 0) + choice.sent
-                first, last = choice.streamed_tokens, len(choice.token_ids)
-                lp = self._logprobs(choice, first, last, False, offset) if want_lp else None
-                choice.sent, choice.streamed_tokens = safe, last
-                body = {"index": self._number(choice), "text": delta, "logprobs": lp, **self._ending(choice)}
-                if self.req.return_token_ids:
-                    body["token_ids"] = choice.token_ids[first:last]
-                yield self._chunk([body])
+                choice.apply(event)
+                body = self._delta(choice)
+                if body is not None:
+                    yield self._chunk([body])
             if self.req.score_only:
                 for choice in self.choices.values():
-                    yield self._chunk([{"index": self._number(choice), "text": "", "logprobs": None, "finish_reason": "length"}])
+                    yield self._chunk([{"index": self._number(choice), "text": "", "logprobs": None, **self._ending(choice)}])
+            usage_body = self._usage()
             if self.req.include_usage:
-                yield self._chunk([], self._usage())
-            else:
-                self._usage()
+                yield self._chunk([], usage_body)
             yield "data: [DONE]\n\n"
-        except APIError as exc:  # after the 200 went out: the error travels as an event
-            yield f"data: {json.dumps(exc.body())}\n\n"
+        except APIError as exc:
+            yield f"data: {exc.json().decode()}\n\n"
+        finally:
+            self.close()
 
 
-# -- access log and metrics ----------------------------------------------------------------------
+async def _next(queue: asyncio.Queue[Any]) -> Any:
+    """The next engine event; an APIError put there (the server is shutting down) is raised."""
+    item = await queue.get()
+    if isinstance(item, APIError):
+        raise item
+    return item
+
+
+def _at(values: list[Any], k: int) -> Any:
+    return values[k] if k < len(values) else None
 
 
 def _result(event: Done) -> Any:
@@ -326,3 +404,4 @@ def _refusal(exc: RecordError, where: str, req: CompletionRequest) -> APIError:
     field = (req.settings.mode.kv_rows if exc.code == "too_big" else exc.field) or "prompt"
     param = BY_PARAM_NAME.get(field, field)
     return bad(f"{where}{exc.render('api')}", param, exc.code)
+

@@ -6,10 +6,26 @@ import time
 from typing import Any
 
 from aigc_cli.frontends.server.state import ServerState
+from aigc_cli.protocol.errors import APIError
+
+
+def escaped(text: str, limit: int = 300) -> str:
+    """Text from a client made safe for a log line: control characters, quotes, backslashes and
+    anything that is not printable (a lone surrogate) written as escapes, so that a request can
+    never forge a log line or reach the terminal; cut to `limit` characters."""
+    out = []
+    for ch in text[:limit]:
+        if ch in '"\\' or not ch.isprintable():
+            out.append(ch.encode("unicode_escape").decode("ascii") if ch != '"' else '\\"')
+        else:
+            out.append(ch)
+    return "".join(out) + ("..." if len(text) > limit else "")
 
 
 class AccessLog:
-    """One line per request on stderr once its response is complete: status, tokens, latency."""
+    """One line per request on stderr once its response is complete: status, tokens, latency, the
+    path escaped. A client that went away is one quiet line (status 499), never a traceback; the
+    request's clean-ups (its claim on the engine) run whatever happened."""
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app, self.state = app, state
@@ -28,18 +44,28 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, sending)
+        except OSError:  # the connection broke while we wrote to it
+            pass
+        except Exception as exc:  # noqa: BLE001 - a bug: one line in the log and a 500, never a traceback
+            self.state.log(f"aigc serve: internal error: {type(exc).__name__}: {escaped(str(exc))}")
+            if not status[0]:
+                status[0] = 500
+                body = APIError(500, f"internal error ({type(exc).__name__})", code="internal_error").json()
+                await send({"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
         finally:
             for cleanup in scope.get("aigc_cleanup", ()):
                 cleanup()
-            used = scope.get("aigc_usage") or {}
-            tokens = f" prompt_tokens={used['prompt']} completion_tokens={used['completion']}" if "prompt" in used else ""
-            client = scope.get("client") or ("-", 0)
-            code = status[0] or 499  # nothing was sent: the client went away
-            self.state.log(
-                f'{client[0]} "{scope["method"]} {scope["path"]}" {code}{tokens} {time.monotonic() - started:.3f}s'
-            )
-            if self.state.metrics is not None:
-                self.state.metrics.requests.labels(str(code)).inc()
+            self._line(scope, status[0] or 499, time.monotonic() - started)  # 499: nothing was sent, the client went away
+
+    def _line(self, scope: dict[str, Any], code: int, seconds: float) -> None:
+        used = scope.get("aigc_usage") or {}
+        tokens = f" prompt_tokens={used['prompt']} completion_tokens={used['completion']}" if "prompt" in used else ""
+        client = (scope.get("client") or ("-", 0))[0]
+        path = escaped(scope.get("path", ""))
+        self.state.log(f'{escaped(str(client))} "{escaped(scope.get("method", ""))} {path}" {code}{tokens} {seconds:.3f}s')
+        if self.state.metrics is not None:
+            self.state.metrics.requests.labels(str(code)).inc()
 
 
 class Metrics:

@@ -1,4 +1,6 @@
-"""The HTTP routes: health, models, tokenize, completions and chat; keys, body limits, disconnects."""
+"""The HTTP routes: health, models, metrics, the tokenizer (vLLM's /tokenize, /detokenize,
+/tokenizer_info), completions and chat; the API key, body limits, disconnects, and every error in
+OpenAI's shape (a client's mistake is a 4xx naming the field, never a 500)."""
 
 from __future__ import annotations
 
@@ -6,32 +8,25 @@ import asyncio
 import hmac
 import json
 import threading
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import (
-    JSONResponse,
-    PlainTextResponse,
-    Response,
-    StreamingResponse,
-)
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from aigc_cli.core.settings import text_problem
 from aigc_cli.engine.engine import Engine
 from aigc_cli.frontends.server.completions import CompletionJob
 from aigc_cli.frontends.server.observability import AccessLog, Metrics
-from aigc_cli.frontends.server.state import (
-    MAX_BODY,
-    RETRY_AFTER,
-    SHUTDOWN_GRACE,
-    ServerState,
-)
+from aigc_cli.frontends.server.state import MAX_TOKENIZE_CHARS, RETRY_AFTER, ServerState
+from aigc_cli.protocol import schema
 from aigc_cli.protocol.chat import chat_chunk, chat_request, chat_response
 from aigc_cli.protocol.completions import completion_request
-from aigc_cli.protocol.errors import APIError, bad, parse_json
+from aigc_cli.protocol.errors import APIError, bad, parse_json, quoted
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -40,28 +35,49 @@ def create_app(state: ServerState) -> FastAPI:
         threading.Thread(target=state.load, name="aigc-load", daemon=True).start()
         yield
         if state.loop is not None:
-            await asyncio.to_thread(state.loop.stop, SHUTDOWN_GRACE)
+            await asyncio.to_thread(state.loop.stop, 5.0)
 
-    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(lifespan=lifespan, title="aigc", docs_url=None, redoc_url=None)
     state.metrics = Metrics(state) if state.options.metrics else None
     app.add_middleware(AccessLog, state=state)
+    _error_handlers(app)
+    _service_routes(app, state)
+    _tokenizer_routes(app, state)
+    _completion_routes(app, state)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
 
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, its request bodies built from the settings registry."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title="aigc", version="1", routes=app.routes)
+        doc.setdefault("components", {}).setdefault("schemas", {}).update({k: make() for k, make in schema.COMPONENTS.items()})
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        headers = {"Retry-After": RETRY_AFTER} if exc.status == 503 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    async def api_error(request: Request, exc: APIError) -> Response:
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse(APIError(exc.status_code, f"{message}: {request.method} {request.url.path}").body(), status_code=exc.status_code)
+        return error_response(APIError(exc.status_code, f"{message}: {request.method} {quoted(request.url.path, 200)}"))
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(bad(f"invalid request: {exc.errors()[0].get('msg', '')}").body(), status_code=400)
 
+def error_response(exc: APIError) -> Response:
+    headers = {"Retry-After": RETRY_AFTER} if exc.status == 503 else None
+    return Response(exc.json(), status_code=exc.status, media_type="application/json", headers=headers)
+
+
+def _service_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health() -> Response:
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": RETRY_AFTER})
         if state.loop is None:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": RETRY_AFTER})
         return JSONResponse({"status": "ok"})
@@ -75,57 +91,86 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         engine = _ready(state, request)
-        return JSONResponse({"object": "list", "data": [_model_card(state, engine)]})
+        card = {
+            "id": state.options.spec.name, "object": "model", "created": state.created, "owned_by": "aigc",
+            "max_model_len": engine.context_length, "revision": engine.lm.revision,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
 
-    @app.post("/tokenize")
+
+def _tokenizer_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/tokenize", openapi_extra=schema.body("TokenizeRequest"))
     async def tokenize(request: Request) -> JSONResponse:
         engine = _ready(state, request)
-        body = parse_json(await _read_body(request))
+        body = await _body(state, request, {"model", "prompt", "add_special_tokens", "return_token_strs"})
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise bad("'prompt' must be a string", "prompt")
-        if "model" in body:
-            _check_model(state, body["model"])
-        ids = await asyncio.to_thread(engine.tokenizer.encode, prompt, add_special_tokens=False)  # the streams go on meanwhile
-        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.context_length})
+        problem = text_problem(prompt)
+        if problem is not None:
+            raise bad(f"'prompt' is {problem}", "prompt", "invalid_text")
+        if len(prompt) > MAX_TOKENIZE_CHARS:
+            raise bad(f"'prompt' has {len(prompt):,} characters; /tokenize takes at most {MAX_TOKENIZE_CHARS:,}", "prompt", "too_long")
+        special = _flag(body, "add_special_tokens", True)
+        ids = await asyncio.to_thread(engine.tokenizer.encode, prompt, add_special_tokens=special)  # the streams go on meanwhile
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": engine.context_length, "tokens": ids}
+        if _flag(body, "return_token_strs", False):
+            out["token_strs"] = engine.tokenizer.convert_ids_to_tokens(ids)
+        return JSONResponse(out)
 
-    @app.post("/v1/completions")
+    @app.post("/detokenize", openapi_extra=schema.body("DetokenizeRequest"))
+    async def detokenize(request: Request) -> JSONResponse:
+        engine = _ready(state, request)
+        body = await _body(state, request, {"model", "tokens"})
+        ids = body.get("tokens")
+        vocab = len(engine.tokenizer)
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise bad(f"'tokens' must be a list of token ids below {vocab}", "tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(ids, clean_up_tokenization_spaces=False)})
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> JSONResponse:
+        engine = _ready(state, request)
+        tok = engine.tokenizer
+        info: dict[str, Any] = {"tokenizer_class": type(tok).__name__, "vocab_size": len(tok), "model_max_length": engine.context_length}
+        for name in ("bos", "eos", "pad", "unk", "sep", "cls"):
+            info[f"{name}_token"] = getattr(tok, f"{name}_token", None)
+            info[f"{name}_token_id"] = getattr(tok, f"{name}_token_id", None)
+        return JSONResponse(info)
+
+
+def _completion_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/completions", openapi_extra=schema.body("CompletionRequest"))
     async def completions(request: Request) -> Response:
         engine = _ready(state, request)
-        req = completion_request(parse_json(await _read_body(request)))
+        req = completion_request(await _body(state, request))
         _check_model(state, req.model)
-        job = await _started(request, CompletionJob(state, engine, req, request.scope.setdefault("aigc_usage", {})))
-        if req.stream:
-            return StreamingResponse(job.sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await _unless_disconnected(request, job.collect()))
+        return await _respond(request, CompletionJob(state, engine, req, request.scope.setdefault("aigc_usage", {})), lambda x: x)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=schema.body("ChatCompletionRequest"))
     async def chat(request: Request) -> Response:
         engine = _ready(state, request)
         if state.options.chat_template is None:
             raise bad(
-                "GPT-2 has no chat format: send the text to continue to /v1/completions, "
-                "or start the server with --chat-template FILE",
+                "GPT-2 has no chat format: send the text to continue to /v1/completions, or start the server with --chat-template FILE",
                 None,
                 "chat_not_supported",
             )
-        body = chat_request(parse_json(await _read_body(request)), state.options.chat_template, engine.tokenizer)
+        body = chat_request(await _body(state, request), state.options.chat_template, engine.tokenizer)
         req = completion_request(body)
         _check_model(state, req.model)
-        job = await _started(request, CompletionJob(state, engine, req, request.scope.setdefault("aigc_usage", {})))
-        if req.stream:
-            return StreamingResponse(_chat_chunks(job.sse()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return JSONResponse(chat_response(await _unless_disconnected(request, job.collect())))
-
-    return app
+        return await _respond(request, CompletionJob(state, engine, req, request.scope.setdefault("aigc_usage", {})), chat_response, chat=True)
 
 
-async def _started(request: Request, job: CompletionJob) -> CompletionJob:
-    """The job with its claim on the engine; the claim is freed once the response is over, however
-    it ends (the access log's middleware runs the request's clean-ups)."""
+async def _respond(request: Request, job: CompletionJob, shape: Callable[[dict[str, Any]], dict[str, Any]], chat: bool = False) -> Response:
+    """Start the job (its claim is freed once the response is over, however it ends: the access
+    log's middleware runs the request's clean-ups), then stream it or answer with its body."""
     await job.start()
     request.scope.setdefault("aigc_cleanup", []).append(job.close)
-    return job
+    if job.req.stream:
+        lines = _chat_chunks(job.sse()) if chat else job.sse()
+        return StreamingResponse(lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return JSONResponse(shape(await _unless_disconnected(request, job.collect())))
 
 
 async def _chat_chunks(lines: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -141,25 +186,16 @@ async def _chat_chunks(lines: AsyncIterator[str]) -> AsyncIterator[str]:
             yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
 
-def _model_card(state: ServerState, engine: Engine) -> dict[str, Any]:
-    return {
-        "id": state.options.spec.name,
-        "object": "model",
-        "created": state.created,
-        "owned_by": "aigc",
-        "max_model_len": engine.context_length,
-        "revision": engine.lm.revision,
-    }
-
-
 def _ready(state: ServerState, request: Request) -> Engine:
-    """The key check, then the engine (503 while it loads)."""
+    """The key check, then the engine (503 while it loads, or once the server is draining)."""
     key = state.options.api_key
     if key is not None:
         given = request.headers.get("authorization", "")
         token = given[7:] if given[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode(), key.encode()):
+        if not hmac.compare_digest(token.encode("utf-8", "replace"), key.encode()):
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+    if state.draining:
+        raise APIError(503, "the server is shutting down", code="shutting_down")
     if state.engine is None or state.loop is None:
         raise APIError(503, "the model is still loading", code="loading")
     return state.engine
@@ -167,20 +203,42 @@ def _ready(state: ServerState, request: Request) -> Engine:
 
 def _check_model(state: ServerState, name: Any) -> None:
     if name != state.options.spec.name:
-        raise APIError(404, f"the model '{name}' does not exist; this server serves '{state.options.spec.name}'", "model", "model_not_found")
+        served = state.options.spec.name
+        raise APIError(404, f"the model {quoted(name)} does not exist; this server serves {quoted(served)}", "model", "model_not_found")
 
 
-async def _read_body(request: Request) -> bytes:
+async def _body(state: ServerState, request: Request, keys: set[str] | None = None) -> dict[str, Any]:
+    """The request's JSON object, read up to --max-body bytes and parsed in a worker thread (a
+    large body never holds up the streams in flight); `keys`: the only fields allowed."""
+    limit = state.options.max_body
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY:
-        raise APIError(413, f"the request body is larger than {MAX_BODY} bytes", code="body_too_large")
+    too_big = APIError(413, f"the request body is larger than {limit:,} bytes (--max-body)", code="body_too_large")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise APIError(413, f"the request body is larger than {MAX_BODY} bytes", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(499, "the client went away while sending its request") from None
+    raw = b"".join(chunks)
+    body = await asyncio.to_thread(parse_json, raw) if len(raw) > 1 << 16 else parse_json(raw)
+    if "model" in body and keys is not None:
+        _check_model(state, body["model"])
+    unknown = next((k for k in body if k not in keys), None) if keys is not None else None
+    if unknown is not None:
+        raise bad(f"unknown parameter {quoted(unknown)}", None, "unknown_parameter")
+    return body
+
+
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise bad(f"'{key}' must be true or false", key)
+    return value
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:

@@ -1,4 +1,5 @@
-"""The server's state: its options, the engine once loaded, the engine loop; loading runs beside the socket."""
+"""The server's state: its options, the engine once loaded, the engine loop, the requests in flight;
+loading runs beside the socket, so /health answers while the model loads."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from typing import Any
 from aigc_cli.core.errors import AigcError, ExitCode
 from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.engine.engine import Engine
-from aigc_cli.engine.engine import Request as EngineRequest
+from aigc_cli.engine.requests import Request as EngineRequest
 from aigc_cli.engine.loop import EngineLoop
 
-MAX_BODY = 4 << 20  # bytes of request body
+MAX_BODY = 4 << 20  # bytes of request body (--max-body)
+MAX_TOKENIZE_CHARS = 1 << 20  # characters /tokenize takes in one request
 RETRY_AFTER = "1"  # seconds, on 503
-SHUTDOWN_GRACE = 10  # seconds SIGTERM waits for requests in flight before cancelling them
+SHUTDOWN_TIMEOUT = 10.0  # seconds SIGTERM waits for requests in flight (--shutdown-timeout)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -30,6 +32,8 @@ class ServerOptions:
     batch_size: int | None = None  # None: auto, as in `aigc generate`
     metrics: bool = False
     chat_template: str | None = None  # the template's text
+    max_body: int = MAX_BODY
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT
 
 
 @dataclass
@@ -43,6 +47,8 @@ class ServerState:
     serial: Any = field(default_factory=itertools.count)
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Any = None
+    jobs: set[Any] = field(default_factory=set)  # completion requests in flight (to end them at shutdown)
+    draining: bool = False  # a signal came: no new work, /health answers 503
 
     def load(self) -> None:
         """Load the model and start the engine loop (a background thread while the socket serves /health)."""
