@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,63 +17,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-KEY = "test-key"
-MODEL = "tiny-random"
-
-
-class Server:
-    def __init__(self, tmp: Path, *args: str, key: str | None = KEY) -> None:
-        self.log = tmp / f"server-{time.monotonic_ns()}.log"
-        env = {k: v for k, v in os.environ.items() if k not in ("AIGC_API_KEY", "AIGC_SERVER")}
-        cmd = [sys.executable, "-m", "aigc_cli", "serve", "--model", MODEL, "--port", "0", *args]
-        if key is not None:
-            cmd += ["--api-key", key]
-        with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
-        self.port = self._port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._wait_ready()
-
-    def _port(self) -> int:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            for line in self.log.read_text().splitlines():
-                if "listening on http://127.0.0.1:" in line:
-                    return int(line.split("127.0.0.1:")[1].split()[0])
-            assert self.proc.poll() is None, self.log.read_text()
-            time.sleep(0.05)
-        raise AssertionError("the server did not start: " + self.log.read_text())
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert self.proc.poll() is None, self.log.read_text()
-            time.sleep(0.1)
-        raise AssertionError("the server did not get ready: " + self.log.read_text())
-
-    def client(self, key: str = KEY, **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
-
-    def raw(self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        data = json.dumps(body).encode() if isinstance(body, dict) else body
-        conn.request(method, path, body=data, headers={"Authorization": f"Bearer {KEY}", **(headers or {})})
-        r = conn.getresponse()
-        out = r.status, dict(r.getheaders()), r.read()
-        conn.close()
-        return out
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
+from tests.serving import KEY, MODEL, Server
 
 TEMPLATE = "{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 

@@ -184,6 +184,7 @@ SURFACE_DIFFERENCES = {
     "max_new_tokens": "api: max_tokens defaults to 16, as in the OpenAI API, and may be 0 with echo (score the prompt only)",
     "top_k": "api: sampling has no top-k unless asked (OpenAI has none; vLLM's -1 also means none); the CLI and JSONL default to 50",
     "decoding": "api: without 'decoding', num_beams above 1 selects beam search",
+    "num_beams": "api: num_beams above 1 without 'decoding' selects beam search (the CLI and JSONL refuse beams with sampling)",
     "num_sequences": "api: best_of sequences are generated and the n best returned",
     "stop": "cli: --stop reads backslash escapes (\\n, \\t, ...); the API and JSONL take JSON strings as they are",
 }

@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aigc_cli.core.errors import RecordError, ref
-from aigc_cli.core.settings import GenerationSettings, text_problem
+from aigc_cli.core.settings import GenerationSettings, shown, text_problem
 from aigc_cli.engine.requests import Completion, Request, check_length, prompt_ids
 
 if TYPE_CHECKING:
@@ -107,10 +107,12 @@ class Engine:
         vocab = len(self.tokenizer)
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise RecordError("bad_token", f"token id {bad} is not in the model's vocabulary of {vocab}", field="prompt")
+            raise RecordError("bad_token", f"token id {shown(bad)} is not in the model's vocabulary of {vocab}", field="prompt")
         bad = next((t for t in settings.stop_token_ids if t >= vocab), None)
         if bad is not None:
-            raise RecordError("bad_token", f"stop token id {bad} is not in the model's vocabulary of {vocab}", field="stop_token_ids")
+            raise RecordError(
+                "bad_token", f"{ref('stop_token_ids')}: token id {shown(bad)} is not in the model's vocabulary of {vocab}", field="stop_token_ids"
+            )
         wanted = settings.max_new_tokens if new_tokens is None else new_tokens
         check_length(len(ids), wanted, self.context_length)
         self._check_memory(settings, len(ids) + wanted)

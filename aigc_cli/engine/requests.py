@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aigc_cli.core.errors import RecordError, ref
-from aigc_cli.core.settings import GenerationSettings
+from aigc_cli.core.settings import GenerationSettings, shown
 
 
 def prompt_ids(prompt: str, tokenize: Callable[[str], Sequence[int]]) -> list[int]:
@@ -29,8 +29,8 @@ def check_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
     if total > context:
         raise RecordError(
             "prompt_too_long",
-            f"the prompt has {prompt_tokens} tokens and {ref('max_new_tokens')} is {max_new_tokens}: "
-            f"{total} is more than the model's context of {context} tokens",
+            f"the prompt has {prompt_tokens} tokens and {ref('max_new_tokens')} is {shown(max_new_tokens)}: "
+            f"{shown(total)} is more than the model's context of {context} tokens",
             field="max_new_tokens",
         )
 

@@ -13,7 +13,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aigc_cli.core.settings import BY_PARAM, MAX_SEQUENCES, REGISTRY, Decoding, GenerationSettings, SettingsError, coerce, text_problem
+from aigc_cli.core.settings import (
+    BY_PARAM,
+    MAX_SEQUENCES,
+    REGISTRY,
+    Decoding,
+    GenerationSettings,
+    SettingsError,
+    check_value,
+    coerce,
+    text_problem,
+)
 from aigc_cli.protocol.errors import bad, quoted
 
 MAX_LOGPROBS = 20  # top alternatives per token (vLLM's limit; OpenAI's is 5)
@@ -164,6 +174,10 @@ def _options(body: dict[str, Any]) -> tuple[int, int, bool, dict[str, Any], int 
     """(n, best_of, stream, stream_options, logprobs, indices), checked against each other."""
     n = body.get("n")
     n = 1 if n is None else _setting_value("n", n)
+    try:
+        check_value("num_sequences", n)
+    except SettingsError as exc:
+        raise bad(exc.render("api"), "n") from None
     best_of = body.get("best_of")
     best_of = n if best_of is None else best_of
     if best_of < n:
