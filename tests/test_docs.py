@@ -218,7 +218,7 @@ def _run_console(cli, work: Path, block: Block, command: str) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`aigc serve --model tiny-random --port 0`, for the python examples that are clients."""
-    from tests.test_server import Server
+    from tests.serving import Server
 
     s = Server(tmp_path_factory.mktemp("docs-serve"), key=None)
     yield s

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -63,17 +62,6 @@ def test_completion_equals_the_engine_and_streams_the_same_text(server, engine):
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks].count(None) == len(chunks) - 1
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
-
-
-def test_the_readme_openai_example_runs(server):
-    import re
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "openai" in b]
-    code = block.replace("http://127.0.0.1:8000", server.url).replace('"unused"', repr(KEY)).replace('model="gpt2"', f"model={MODEL!r}")
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    assert len(scope["r"].choices) == 2
 
 
 def test_chat_with_a_template_continues_the_rendered_conversation(server):
