@@ -323,7 +323,6 @@ def test_a_model_that_cannot_load_stops_the_server_with_exit_3(tmp_path):
 
 def test_serve_without_the_extra_names_it(cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)
-    monkeypatch.delitem(sys.modules, "aigc_cli.frontends.server.app", raising=False)
     result = cli("serve", "--model", MODEL)
     assert result.exit_code == 2
     assert 'pip install "aigc[serve]"' in result.stderr

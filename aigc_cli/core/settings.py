@@ -106,7 +106,7 @@ class Setting:
         lo, hi = _num(self.low), _num(self.high)
         if self.low is not None and self.high is not None:
             if self.kind == "int":
-                return f"must be from {lo} to {hi}"
+                return f"must be at least {lo} and below {hi}" if self.high_open else f"must be from {lo} to {hi}"
             return f"must be in {'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
         if self.low is not None:
             if self.low_open:

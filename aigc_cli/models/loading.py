@@ -127,10 +127,9 @@ def resolve(name: str) -> Resolution:
     snapshot = _cached_snapshot(name)
     if snapshot is not None:
         return Resolution(name, "hub-cache", snapshot)
-    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
-        raise ModelUnavailableError(
-            f"--model {name}: not in the Hugging Face cache and HF_HUB_OFFLINE is set", hint=OFFLINE_HINT
-        )
+    offline = next((var for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _env_true(var)), None)
+    if offline is not None:
+        raise ModelUnavailableError(f"--model {name}: not in the Hugging Face cache and {offline} is set", hint=OFFLINE_HINT)
     if not _hub_reachable():
         raise ModelUnavailableError(
             f"--model {name}: not in the Hugging Face cache and the Hub ({_hub_endpoint()}) cannot be reached",

@@ -35,7 +35,8 @@ def command(model: o.ModelOpt = "gpt2", debug: o.DebugOpt = False) -> None:
     spec = o.model_spec(model, "auto", "auto")
     res = resolve(spec.name)
     where = {
-        "builtin": "built-in tiny random GPT-2 (no download)",
+        "builtin": ("built-in tiny random Chinese GPT-2, BERT-style character vocabulary" if spec.name.endswith("-zh") else "built-in tiny random GPT-2")
+        + " (no download)",
         "local": f"local directory {res.path}",
         "hub-cache": f"Hugging Face cache {res.path}",
         "hub": "Hugging Face Hub (will be downloaded and cached on first use)",

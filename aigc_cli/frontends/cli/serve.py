@@ -55,6 +55,9 @@ def command(
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key: must not be empty")
     try:
+        import fastapi  # noqa: F401 - the server extra, checked before anything starts
+        import uvicorn  # noqa: F401
+
         from aigc_cli.frontends.server.startup import ServerOptions, serve
     except ImportError as exc:
         raise UsageError(f'aigc serve needs the server extra ({exc.name} is missing): pip install "aigc[serve]"') from None
