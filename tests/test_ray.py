@@ -359,3 +359,8 @@ def test_without_ray_the_message_names_the_extra(cli, tmp_path, monkeypatch):
 def test_ray_flags_need_the_ray_backend(cli):
     r = cli("generate", "Hi", "--workers", "3", "--model", MODEL)
     assert r.exit_code == 2 and "--backend ray" in r.stderr
+
+
+def test_a_negative_worker_gpus_is_named(cli):
+    r = cli("generate", "Hi", "--backend", "ray", "--worker-gpus", "-1", "--model", MODEL)
+    assert r.exit_code == 2 and "--worker-gpus not negative (got 2, 1, -1)" in r.stderr
