@@ -10,13 +10,38 @@ Ray Core actors rather than Ray Data's `map_batches`: a Ray Data pipeline needs 
 a Dataset, while the driver here reads the file lazily and must write records as soon as they and
 everything before them are done (kill -9 safety); windows of small Datasets would start a new
 actor pool, and load the model again, for every window.
+
+Fail fast, leave nothing behind. Every wait on Ray is bounded: the address answers a TCP connect
+before `ray.init`, which runs within INIT_TIMEOUT_S; the workers' resources are checked against the
+cluster's nodes (and what its autoscaler may add) and reserved by a placement group before any
+actor starts; start-up and each chunk have a time limit. SIGINT and SIGTERM stay aigc's (exit 130
+with the resume hint): `ray.init` installs its own, they are put back. A local instance is started
+under a directory of its own by a thread that lives until `close` (Ray starts its processes with
+PR_SET_PDEATHSIG, so they die with that thread, that is with the driver), and a watchdog process,
+woken by a pipe that closes with the driver however it ends (SIGKILL too), kills whatever still
+holds a file there (Ray's agents outlive their raylet) and removes it. On a cluster joined with
+--ray-address, the actors and the placement group belong to the driver's job: Ray ends them when the
+driver goes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aigc_cli.engine.requests import Completion, Request, check_length, prompt_ids
@@ -26,6 +51,16 @@ from aigc_cli.core.modelspec import ModelSpec
 T = TypeVar("T")
 CHUNK_ROWS = 64  # sequences per task: an auto batch (engine.DEFAULT_CPU_BATCH) for one actor
 EXTRA_HINT = 'pip install "aigc[ray]"'
+CONNECT_TIMEOUT_S = 5.0  # a TCP connect to the cluster's address
+INIT_TIMEOUT_S = 60.0  # ray.init starting a local instance
+JOIN_TIMEOUT_S = 25.0  # ray.init joining a cluster that accepted a TCP connection
+SHUTDOWN_TIMEOUT_S = 5.0  # ray.shutdown (~1 s; minutes when the instance died first, e.g. of a group's SIGTERM)
+PLACE_TIMEOUT_S = 15.0  # the workers' resources, on a cluster that has them but lends them to others now
+GROW_TIMEOUT_S = 600.0  # ... on a cluster whose autoscaler can add the nodes
+START_TIMEOUT_S = 600.0  # every worker up with its model loaded (a download on a fresh node included)
+TASK_TIMEOUT_S = 600.0  # one chunk: this, plus STEP_TIMEOUT_S per new token of its longest request
+STEP_TIMEOUT_S = 5.0  # a decoding step of a 64-row batch: ~100x what GPT-2 small takes on one CPU
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def import_ray() -> Any:
@@ -70,20 +105,18 @@ class RayEngine:
         model = spec.name
         self.tokenizer, base = load_tokenizer(model)
         self._ray = ray
-        self._owns = not ray.is_initialized()
-        if self._owns:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        remote = ray.remote(max_restarts=-1, max_task_retries=-1)(_Worker)
-        threads = max(1, int(worker_cpus))
-        self.actors = [
-            remote.options(num_cpus=worker_cpus, num_gpus=worker_gpus).remote(spec, threads)
-            for _ in range(workers)
-        ]
-        try:
-            infos = ray.get([a.info.remote() for a in self.actors])
-        except Exception as exc:  # noqa: BLE001 - a worker could not load the model
+        self.actors: list[Any] = []
+        self._group: Any = None
+        self._link: _Link | None = None
+        try:  # whatever was made is undone on any failure, Ctrl-C included
+            if not ray.is_initialized():
+                self._link = _Link(ray, address)
+            where = self._link.where if self._link is not None else "the Ray cluster"
+            self._group = _place(ray, workers, _need(worker_cpus, worker_gpus), where)
+            infos = self._start(spec, workers, worker_cpus, worker_gpus)
+        except BaseException:
             self.close()
-            raise AigcError(f"--backend ray: a worker could not load {model}: {_cause(exc)}") from None
+            raise
         self.worker_pids = [i["pid"] for i in infos]
         self.name, self.revision, self.context_length = infos[0]["name"], infos[0]["revision"], infos[0]["context"]
         for i, info in enumerate(infos):
@@ -94,15 +127,42 @@ class RayEngine:
                     f"sees {base} (and worker 0 {self.revision}): every node must read the same model"
                 )
 
+    def _start(self, spec: ModelSpec, workers: int, cpus: float, gpus: float) -> list[dict[str, Any]]:
+        """The actors, one to a bundle of the placement group, each with its model loaded."""
+        ray = self._ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        remote = ray.remote(max_restarts=-1, max_task_retries=-1)(_Worker)
+        threads = max(1, int(cpus))
+        for i in range(workers):
+            strategy = PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=i)
+            self.actors.append(remote.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy).remote(spec, threads))
+        refs = [a.info.remote() for a in self.actors]
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=START_TIMEOUT_S)
+        if late:
+            raise AigcError(f"--backend ray: {len(late)} of {workers} workers did not come up within {START_TIMEOUT_S:.0f} s (loading {spec.name})")
+        try:
+            return list(ray.get(refs))
+        except Exception as exc:  # noqa: BLE001 - a worker could not load the model
+            raise AigcError(f"--backend ray: a worker could not load {spec.name}: {_cause(exc)}") from None
+
     def close(self) -> None:
-        for actor in getattr(self, "actors", []):
-            try:
-                self._ray.kill(actor)
-            except Exception:  # noqa: BLE001 - shutting down anyway
-                pass
+        """The actors ended and their resources freed: with the connection made here (the job ends with
+        it, and Ray kills its actors and removes its placement group; killing them first would have
+        Ray print, on stdout, that their chunks in flight will be retried), else one by one."""
+        ray = self._ray
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        else:
+            for actor in self.actors:
+                with contextlib.suppress(Exception):  # shutting down anyway
+                    ray.kill(actor)
+            if self._group is not None:
+                with contextlib.suppress(Exception):
+                    ray.util.remove_placement_group(self._group)
         self.actors = []
-        if self._owns and self._ray.is_initialized():
-            self._ray.shutdown()
+        self._group = None
 
     def encode(self, prompt: str, settings: Any) -> list[int]:
         ids = prompt_ids(prompt, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
@@ -117,7 +177,8 @@ class RayEngine:
         on_text: Callable[[Completion, str], None] | None = None,
     ) -> Iterator[tuple[T, list[Completion] | RecordError]]:
         """Each item with its request's completions (or RecordError), in input order; chunks of about
-        CHUNK_ROWS sequences go to the actors in turn, at most two per actor in flight."""
+        CHUNK_ROWS sequences go to the actors in turn, at most two per actor in flight; each has its
+        time limit (TASK_TIMEOUT_S and STEP_TIMEOUT_S per new token)."""
         ray = self._ray
         pending: deque[tuple[T, Any, int]] = deque()  # (item, chunk ref or None, position in the chunk)
         chunk: list[Request] = []
@@ -125,12 +186,16 @@ class RayEngine:
         turn = 0
         limit = 2 * len(self.actors)
         in_flight: deque[Any] = deque()
+        bounds: dict[Any, tuple[int, int, float]] = {}  # chunk ref: (worker, requests, seconds allowed)
 
         def send() -> None:
             nonlocal chunk, waiting, turn
             if not waiting:
                 return
-            ref = self.actors[turn % len(self.actors)].run.remote(chunk, batch_size) if chunk else None
+            worker = turn % len(self.actors)
+            ref = self.actors[worker].run.remote(chunk, batch_size) if chunk else None
+            if ref is not None:
+                bounds[ref] = (worker, len(chunk), TASK_TIMEOUT_S + STEP_TIMEOUT_S * max(r.settings.max_new_tokens for r in chunk))
             turn += 1
             position = 0
             for item, req in waiting:
@@ -169,8 +234,11 @@ class RayEngine:
                 yield item, []
                 continue
             if ref not in results:
+                worker, size, seconds = bounds.pop(ref)
                 try:
-                    results[ref] = ray.get(ref)
+                    results[ref] = ray.get(ref, timeout=seconds)
+                except ray.exceptions.GetTimeoutError:
+                    raise AigcError(f"--backend ray: worker {worker} did not return its {size} requests within {seconds:.0f} s") from None
                 except Exception as exc:  # noqa: BLE001 - Ray gave up on the task
                     raise AigcError(f"--backend ray: a worker failed: {_cause(exc)}") from None
                 if in_flight and in_flight[0] == ref:
@@ -188,3 +256,232 @@ _END: Any = object()
 def _cause(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
+
+
+class _Link:
+    """The driver's connection to Ray, made by `RayEngine`: `ray.init` in a thread that lives until
+    `close` (a local instance's processes die with the thread that started them), bounded in time,
+    SIGINT and SIGTERM left to aigc; a local instance gets a directory of its own and a watchdog."""
+
+    def __init__(self, ray: Any, address: str | None) -> None:
+        self._ray = ray
+        self._up = threading.Event()
+        self._release = threading.Event()
+        self._failure: BaseException | None = None
+        self._lifeline: int | None = None
+        target = address or os.environ.get("RAY_ADDRESS") or None
+        flag = "--ray-address" if address else "RAY_ADDRESS"
+        local = target in (None, "local")
+        self.where = "the local Ray instance" if local else f"the Ray cluster at {target}"
+        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        if local:
+            root = tempfile.mkdtemp(prefix="aigc-ray-", dir=os.environ.get("RAY_TMPDIR"))
+            self._lifeline = _watch(root)
+            options.update(address="local", _temp_dir=root)
+        else:
+            if target != "auto":
+                _answers(str(target), flag)
+            options.update(address=target)
+        saved = {s: signal.getsignal(s) for s in SIGNALS}
+        threading.Thread(target=self._init, args=(options,), name="aigc-ray", daemon=True).start()
+        try:
+            try:
+                up = self._up.wait(INIT_TIMEOUT_S if local else JOIN_TIMEOUT_S)
+            finally:
+                _restore(saved)  # ray.init installs its own (a native SIGTERM handler among them)
+            if local and (not up or self._failure is not None):
+                cause = f"not up within {INIT_TIMEOUT_S:.0f} s" if not up else _cause(self._failure)
+                raise AigcError(f"--backend ray: could not start a local Ray instance: {cause}")
+            if not up:
+                raise UsageError(f"{flag}: {target} accepts connections but no Ray cluster answered within {JOIN_TIMEOUT_S:.0f} s")
+            if self._failure is not None:
+                raise UsageError(f"{flag}: could not join the Ray cluster at {target}: {_cause(self._failure)}")
+        except BaseException:  # a failure, a time limit, Ctrl-C: what was started goes
+            self.close()
+            raise
+
+    def _init(self, options: dict[str, Any]) -> None:
+        def quiet(record: logging.LogRecord) -> bool:  # Ray's warning that it set no SIGTERM handler: aigc's stays
+            return "not the main thread" not in record.getMessage()
+
+        logging.getLogger("ray._private.worker").addFilter(quiet)
+        try:
+            self._ray.init(**options)
+        except BaseException as exc:  # noqa: BLE001 - reported by the thread that waits
+            self._failure = exc
+        finally:
+            logging.getLogger("ray._private.worker").removeFilter(quiet)
+        self._up.set()
+        self._release.wait()  # Ray starts a local instance with PR_SET_PDEATHSIG: its processes die with this thread
+
+    def close(self) -> None:
+        if self._up.is_set():  # else ray.init still runs: the watchdog ends what it started
+            ending = threading.Thread(target=self._shutdown, name="aigc-ray-shutdown", daemon=True)
+            ending.start()
+            ending.join(SHUTDOWN_TIMEOUT_S)  # past it, the driver goes on (and the watchdog ends the rest)
+        self._release.set()
+        if self._lifeline is not None:  # the watchdog kills what is left and removes the directory
+            os.close(self._lifeline)
+            self._lifeline = None
+
+    def _shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            self._ray.shutdown()
+
+
+def _restore(handlers: dict[Any, Any]) -> None:
+    for sig, handler in handlers.items():
+        if handler is not None:  # None: not installed from Python, cannot be put back
+            with contextlib.suppress(ValueError):  # not the main thread
+                signal.signal(sig, handler)
+
+
+def _answers(address: str, flag: str) -> None:
+    """UsageError unless something at the address (HOST:PORT or ray://HOST:PORT) accepts a TCP
+    connection within CONNECT_TIMEOUT_S."""
+    client = "://" in address
+    parts = urllib.parse.urlsplit("//" + address.split("://", 1)[-1])
+    try:
+        host, port = parts.hostname, parts.port or (10001 if client else 6379)
+    except ValueError:
+        host = None
+    if not host:
+        raise UsageError(f"{flag}: {address} is not an address (HOST:PORT)")
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise UsageError(f"{flag}: nothing answers at {host}:{port} ({reason}); is the Ray cluster up?") from None
+
+
+def _need(cpus: float, gpus: float) -> dict[str, float]:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+
+
+def _fits(resources: dict[str, float], need: dict[str, float]) -> int:
+    """How many bundles of `need` one node with these resources holds."""
+    return min(math.floor(resources.get(key, 0) / amount + 1e-9) for key, amount in need.items())
+
+
+def _cluster_config() -> Any:
+    """The node types the cluster's autoscaler may start (Ray's ClusterConfig), or None without one."""
+    try:
+        from ray._private.state import state
+
+        return state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler, or a Ray that keeps its configuration elsewhere
+        return None
+
+
+def _growth(config: Any, need: dict[str, float]) -> int:
+    """How many workers the nodes that an autoscaler of this configuration may start could hold (0:
+    no autoscaler, or none of its node types fits a worker)."""
+    total = 0
+    for group in getattr(config, "node_group_configs", None) or []:
+        each = _fits(dict(group.resources), need)
+        if each and group.max_count:
+            if group.max_count < 0:  # no limit
+                return sys.maxsize
+            total += each * group.max_count
+    return total
+
+
+def _place(ray: Any, workers: int, need: dict[str, float], where: str) -> Any:
+    """A placement group of one bundle per worker, ready: the workers can all start. A UsageError
+    naming the flag when the nodes cannot hold them and no autoscaler can add the nodes, or when
+    they are busy for PLACE_TIMEOUT_S."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    room = sum(_fits(r, need) for r in nodes)
+    grows = room < workers and _growth(_cluster_config(), need) >= workers
+    asked = f"{_flags(nodes, workers, need)}: {_count(workers, 'worker')} of {_amounts(need, need)} each"
+    if room < workers and not grows:
+        raise UsageError(f"{asked} do not fit {where} ({_amounts(_sum(nodes))} on {_count(len(nodes), 'node')}: room for {room})")
+    group = ray.util.placement_group([need] * workers, strategy="PACK")
+    seconds = GROW_TIMEOUT_S if grows else PLACE_TIMEOUT_S
+    ready, _ = ray.wait([group.ready()], timeout=seconds)
+    if not ready:
+        with contextlib.suppress(Exception):
+            ray.util.remove_placement_group(group)
+        free = _amounts(ray.available_resources(), need)
+        state = "did not grow to hold them" if grows else f"has room for them but only {free} free (other work holds the rest)"
+        raise UsageError(f"{asked}: {where} {state} after {seconds:.0f} s")
+    return group
+
+
+def _flags(nodes: list[dict[str, float]], workers: int, need: dict[str, float]) -> str:
+    """The flags to change: those of the resource that is short, else all three."""
+    if "GPU" not in need:
+        return "--workers/--worker-cpus"
+    if sum(_fits(r, {"GPU": need["GPU"]}) for r in nodes) < workers:
+        return "--worker-gpus"
+    if sum(_fits(r, {"CPU": need["CPU"]}) for r in nodes) < workers:
+        return "--workers/--worker-cpus"
+    return "--workers/--worker-cpus/--worker-gpus"
+
+
+def _sum(nodes: list[dict[str, float]]) -> dict[str, float]:
+    return {key: sum(r.get(key, 0) for r in nodes) for key in ("CPU", "GPU")}
+
+
+def _amounts(resources: dict[str, float], keys: Iterable[str] = ("CPU", "GPU")) -> str:
+    """'2 CPUs and 0 GPUs', '1 CPU': the amounts of `keys` in `resources`."""
+    return " and ".join(_count(resources.get(k, 0), k) for k in keys)
+
+
+def _count(n: float, what: str) -> str:
+    return f"{n:g} {what}{'' if n == 1 else 's'}"
+
+
+def _watch(root: str) -> int:
+    """Start the watchdog of a local instance under `root`; returns the write end of its lifeline, a
+    pipe that closes when the driver ends, whichever way it ends (or when `_Link.close` closes it)."""
+    read_end, write_end = os.pipe()
+    package = str(Path(__file__).resolve().parents[2])
+    code = f"import sys; sys.path.insert(0, {package!r}); from aigc_cli.frontends.ray_backend import _watchdog; _watchdog()"
+    subprocess.Popen(
+        [sys.executable, "-c", code, str(read_end), root, str(os.getpid())],
+        pass_fds=(read_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # out of the terminal's reach: Ctrl-C and a group's SIGTERM are the driver's to handle
+    )
+    os.close(read_end)
+    return write_end
+
+
+def _watchdog() -> None:
+    """The watchdog process (argv: lifeline fd, directory, driver pid): once the lifeline closes,
+    kill every other process that holds a file under the directory (the session's logs: Ray's
+    processes, agents and workers), until none does, then remove the directory."""
+    lifeline, root, driver = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    while os.read(lifeline, 4096):
+        pass
+    spared = {os.getpid(), driver}  # the driver, when it closed the lifeline itself, still holds its log
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = [pid for pid in _holding(root) if pid not in spared]
+        if not left:
+            break
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _holding(root: str) -> list[int]:
+    """The processes with a file open under `root` (from /proc: none are found where there is none)."""
+    prefix = os.path.realpath(root) + os.sep
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                fds = os.listdir(f"/proc/{entry}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}").startswith(prefix):
+                        found.append(int(entry))
+                        break
+    return found

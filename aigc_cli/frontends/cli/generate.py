@@ -111,7 +111,7 @@ def _loader(
         if server is not None:
             raise UsageError("--backend ray: generates on a Ray cluster; --server on a running aigc serve: choose one")
         if workers < 1 or cpus <= 0 or gpus < 0:
-            raise UsageError(f"--workers must be at least 1 and --worker-cpus above 0 (got {workers}, {cpus})")
+            raise UsageError(f"--workers must be at least 1, --worker-cpus above 0 and --worker-gpus not negative (got {workers}, {cpus:g}, {gpus:g})")
         from aigc_cli.frontends.ray_backend import RayEngine, import_ray
 
         import_ray()  # the missing extra is a usage error before anything is opened
