@@ -230,8 +230,10 @@ def test_resume_refuses_other_settings_or_data(corpus, tmp_path):
         (lambda d: ((d / "in.txt").write_text(CORPUS), (d / "out").mkdir(), (d / "out" / "config.json").write_text("{}")), [], "--overwrite"),
         (lambda d: (d / "in.txt").write_text(CORPUS), ["--resume"], "no checkpoint"),
         (lambda d: ((d / "in.txt").write_text(CORPUS), (d / "in.jsonl").write_text("not json\n")), ["--val", "IN.jsonl"], "line 1"),
+        (lambda d: (d / "in.txt").write_text(CORPUS), ["--sample-every", "1", "--sample-prompt", "the sea " * 600], "--sample-prompt"),
     ],
-    ids=["empty", "binary", "not-utf8", "block-size", "lr", "holds-a-model", "resume-nothing", "bad-jsonl"],
+    ids=["empty", "binary", "not-utf8", "block-size", "lr", "holds-a-model", "resume-nothing", "bad-jsonl", "sample-prompt"],
+
 )
 def test_bad_input_is_refused_in_one_line(cli, tmp_path, setup, extra, message):
     setup(tmp_path)
@@ -254,3 +256,32 @@ def test_an_unwritable_output_is_refused(cli, tmp_path, corpus):
 def test_training_on_a_gpu_uses_bf16_autocast(corpus, tmp_path):
     r = _aigc("finetune", str(corpus), "-o", str(tmp_path / "m"), *TRAIN, "--steps", "5", "--device", "cuda")
     assert r.returncode == 0, r.stderr
+
+
+# -- the default block on a 1024-token context --------------------------------------------------
+
+
+def test_the_default_block_fits_a_1024_context_in_training_and_in_evaluation(cli, tmp_path, monkeypatch):
+    """No --block-size on tiny-random (1024 positions) with documents longer than a block: the
+    blocks are 1024 ids, and the held-out perplexity (BOS + 1024 ids) slides windows of 1024."""
+    from aigc_cli.models import loading
+
+    widths: list[int] = []
+    real = loading.load_trainable
+
+    def load(*a, **kw):
+        model, tokenizer, context = real(*a, **kw)
+        model.transformer.register_forward_pre_hook(lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+        return model, tokenizer, context
+
+    monkeypatch.setattr(loading, "load_trainable", load)
+    words = "the sea is calm tonight tide full moon lies fair upon straits French coast light gleams gone".split()
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(120)) + ".\n" for i in range(200)))
+    out = tmp_path / "model"
+    r = cli("finetune", str(corpus), "-o", str(out), "--model", "tiny-random", "--steps", "1", "--batch-size", "2", "--save-every", "0")
+    assert r.exit_code == 0, r.stderr
+    assert "up to 1024 tokens" in r.stderr
+    assert max(widths) == 1024  # training blocks and evaluation windows fill the context, and no more
+    log = [json.loads(x) for x in (out / "training_log.jsonl").read_text().splitlines()]
+    assert len([x for x in log if "val_perplexity" in x]) == 2

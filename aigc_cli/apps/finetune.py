@@ -35,6 +35,7 @@ LOG = "training_log.jsonl"
 # Positions per LM-head chunk in the loss: 256 x 50,257 float32 logits are 51 MB. Measured on 2
 # cores, GPT-2 small, 4 x 256 blocks, seconds per step: chunks of 256 4.9, 512 5.5, 1024 5.5.
 _HEAD_CHUNK = 256
+_SAMPLE_TOKENS = 40  # new tokens per sample (--sample-every)
 
 
 @dataclass(frozen=True)
@@ -270,12 +271,13 @@ class Trainer:
         self.s, self.schedule, self.out, self.say = settings, schedule, out, say
         self.device = pick_device(device)
         self.autocast = self.device == "cuda" and dtype in ("auto", "bfloat16")
-        self.model, self.tokenizer, context = load_trainable(settings.model, self.device)
+        self.model, self.tokenizer, self.context = load_trainable(settings.model, self.device)
         _fuse_activations(self.model)
         _reuse_freed_memory()
-        block = settings.block_size or min(context, 1024)
-        if block > context:
-            raise UsageError(f"--block-size: {block} is more than the model's context of {context} tokens")
+        block = settings.block_size or min(self.context, 1024)
+        if block > self.context:
+            raise UsageError(f"--block-size: {block} is more than the model's context of {self.context} tokens")
+        self._check_sample_prompt()
         examples = make_examples(self.tokenizer, docs, block, settings.line_by_line)
         if not examples:
             raise UsageError("the data has no tokens to train on")
@@ -297,6 +299,15 @@ class Trainer:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, settings.warmup_steps, self.total)
         self.state = State()
         self._step_start: tuple[State, torch.Tensor, Any] | None = None  # (state, rng states) when the running step began
+
+    def _check_sample_prompt(self) -> None:
+        """A sample (the prompt and its 40 new tokens) must fit the model's context."""
+        if self.schedule.sample_every and self.schedule.sample_prompt:
+            n = len(self.tokenizer.encode(self.schedule.sample_prompt, add_special_tokens=False))
+            if n + _SAMPLE_TOKENS > self.context:
+                raise UsageError(
+                    f"--sample-prompt: {n} tokens; with the sample's {_SAMPLE_TOKENS} it must fit the model's context of {self.context}"
+                )
 
     def _groups(self) -> list[dict[str, Any]]:
         """Weight decay on matrices, not on biases and norms (as transformers' Trainer does)."""
@@ -359,7 +370,8 @@ class Trainer:
 
     @torch.inference_mode()
     def val_perplexity(self) -> float | None:
-        """Perplexity of the validation examples, by `aigc score`'s computation on each."""
+        """Perplexity of the validation examples, by `aigc score`'s computation on each: BOS and the
+        example in one window when they fit the model's context, else sliding windows that do."""
         if not self.val:
             return None
         from aigc_cli.models.backends import TransformersBackend
@@ -370,7 +382,7 @@ class Trainer:
         bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
         nll = count = 0.0
         for example in self.val:
-            p = perplexity(backend, example, bos, self.block + 1, device=self.device)
+            p = perplexity(backend, example, bos, min(self.block + 1, self.context), device=self.device)
             nll += p.nll * p.tokens
             count += p.tokens
         self.model.train()
@@ -388,7 +400,7 @@ class Trainer:
         prompt = self.schedule.sample_prompt or self.tokenizer.decode(self.train[0][:8])
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) or [self.tokenizer.eos_token_id]
         lm = SimpleNamespace(model=TransformersBackend(self.model), tokenizer=self.tokenizer, device=self.device)
-        settings = GenerationSettings(max_new_tokens=40, seed=self.s.seed).resolved()
+        settings = GenerationSettings(max_new_tokens=_SAMPLE_TOKENS, seed=self.s.seed).resolved()
         with _rng_kept():
             (row,) = generate_rows(lm, [ids], settings, [self.s.seed + self.state.step])
         self.model.train()
