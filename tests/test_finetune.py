@@ -104,7 +104,7 @@ def test_a_tiny_corpus_is_memorised_and_the_result_loads_everywhere(corpus, tmp_
     steps = [x for x in log if "loss" in x]
     assert [x["step"] for x in steps] == list(range(1, 151)) and steps[-1]["loss"] < steps[0]["loss"] / 10
     assert all({"lr", "tokens_per_s"} <= set(x) for x in steps)
-    assert not (out / "checkpoint").exists()
+    assert not (out / "checkpoint").exists() and not (out / ".aigc-finetune.lock").exists()
 
     prefix = "The sea is calm tonight. The tide"
     (rec,) = cli.jsonl("generate", prefix, "--model", str(out), "--temperature", "0", "--max-new-tokens", "20")
@@ -285,3 +285,31 @@ def test_the_default_block_fits_a_1024_context_in_training_and_in_evaluation(cli
     assert max(widths) == 1024  # training blocks and evaluation windows fill the context, and no more
     log = [json.loads(x) for x in (out / "training_log.jsonl").read_text().splitlines()]
     assert len([x for x in log if "val_perplexity" in x]) == 2
+
+
+# -- one run per output directory ------------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_directory_is_refused_before_it_touches_anything(cli, corpus, tmp_path):
+    out = tmp_path / "model"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "state.pt").write_bytes(b"the first run's checkpoint")
+    (out / "training_log.jsonl").write_text('{"step": 1}\n')
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from aigc_cli.apps.finetune import OutputLock\n"
+         "with OutputLock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # as a running aigc finetune holds it
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        r = cli("finetune", str(corpus), "-o", str(out), *TRAIN, "--steps", "3")
+        assert r.exit_code == 2, r.stderr
+        assert f"pid {holder.pid}" in r.stderr and str(out) in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    r = cli("finetune", str(corpus), "-o", str(out), *TRAIN, "--steps", "3")  # the lock went with its holder
+    assert r.exit_code == 0, r.stderr
+    assert not (out / ".aigc-finetune.lock").exists()

@@ -10,7 +10,10 @@ whole (GPT-2: 206 MB per 4 x 256 batch, twice over with their gradient).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -29,9 +32,11 @@ import torch
 
 from aigc_cli.core import jsondata
 from aigc_cli.core.errors import UsageError
+from aigc_cli.jobs.outfile import _lock_holder
 
 CHECKPOINT = "checkpoint"  # DIR/checkpoint/state.pt
 LOG = "training_log.jsonl"
+LOCK = ".aigc-finetune.lock"  # held (flock) by the run writing DIR
 # Positions per LM-head chunk in the loss: 256 x 50,257 float32 logits are 51 MB. Measured on 2
 # cores, GPT-2 small, 4 x 256 blocks, seconds per step: chunks of 256 4.9, 512 5.5, 1024 5.5.
 _HEAD_CHUNK = 256
@@ -480,20 +485,57 @@ class Trainer:
         shutil.rmtree(self.out / CHECKPOINT, ignore_errors=True)
 
 
+class OutputLock:
+    """The -o directory, made if need be and locked for the whole run: an flock on DIR/LOCK, a file
+    that also holds the holder's pid. A second run on the directory is refused (exit 2, naming the
+    holder's pid) before it changes anything there. The lock goes with the process however it ends;
+    the file goes at the end, and so does a directory made for a run that failed before writing."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.path, self.fd, self.made = out, out / LOCK, -1, False
+
+    def __enter__(self) -> OutputLock:
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"-o {self.out}: is a file, not a directory")
+        self.made = not self.out.exists()
+        while self.fd < 0:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise UsageError(f"-o {self.out}: cannot write there ({exc.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    holder = _lock_holder(fd) or os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise UsageError(
+                        f"-o {self.out}: another aigc finetune (pid {holder}) is writing there; "
+                        "wait for it to finish, or choose another directory"
+                    ) from None
+            if os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                self.fd = fd
+            else:  # its last holder removed it between our open and our lock: lock the new one
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.path.unlink(missing_ok=True)  # while still locked: a run that opened it will retry
+        os.close(self.fd)
+        if self.made:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()  # only when empty
+
+
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """DIR must be writable; a DIR holding a model is refused unless --overwrite (or --resume)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"-o {out}: is a file, not a directory")
+    """DIR (locked by OutputLock) must be writable; a DIR holding a model is refused unless
+    --overwrite (or --resume). A new run (no --resume) drops the old log and checkpoint."""
     holds_model = (out / "config.json").exists() or any(out.glob("*.safetensors"))
     if holds_model and not (overwrite or resume):
         raise UsageError(f"-o {out}: already holds a model; pass --overwrite to replace it, or another directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".aigc-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"-o {out}: cannot write there ({exc.strerror})") from None
     if not resume:
         (out / LOG).unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)

@@ -1,10 +1,11 @@
-"""`aigc finetune`: check the flags, read the data, then run the trainer (apps.finetune) with a
-progress bar; Ctrl-C and SIGTERM save a checkpoint and exit 130."""
+"""`aigc finetune`: check the flags, lock the output directory (a second run there is refused),
+read the data, then run the trainer (apps.finetune) with a progress bar; Ctrl-C and SIGTERM save a
+checkpoint and exit 130."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -12,6 +13,9 @@ from aigc_cli.core.errors import ExitCode, UsageError
 from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.frontends.cli import options as o
 from aigc_cli.frontends.cli.render import Messages, Streams
+
+if TYPE_CHECKING:
+    from aigc_cli.apps.finetune import Schedule, TrainSettings
 
 EPILOG = (
     "Examples:\n\n"
@@ -49,7 +53,7 @@ def command(
     max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this.")] = 1.0,
 ) -> None:
     """Fine-tune the model on your text; the result is a model directory for --model DIR."""
-    from aigc_cli.apps.finetune import Schedule, Trainer, TrainSettings, prepare_output, read_documents
+    from aigc_cli.apps.finetune import OutputLock, Schedule, TrainSettings
 
     if spec.dtype not in ("auto", "float32", "bfloat16"):
         raise UsageError(f"--dtype: training runs in float32, with bfloat16 autocast on a GPU (got {spec.dtype})")
@@ -64,13 +68,22 @@ def command(
         warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
     )
     settings.check()
+    schedule = Schedule(eval_every, sample_every, sample_prompt, save_every)
+    with OutputLock(Path(output)) as lock:
+        _train(spec, settings, schedule, data, val, lock.out, resume, overwrite)
+
+
+def _train(
+    spec: ModelSpec, settings: TrainSettings, schedule: Schedule, data: list[str], val: str | None, out: Path, resume: bool, overwrite: bool
+) -> None:
+    """The run, in the locked directory: read the data, load the model, train, save."""
+    from aigc_cli.apps.finetune import Trainer, prepare_output, read_documents
+
     messages = Messages(Streams())
     docs, data_hash = read_documents(data)
     val_docs = read_documents([val])[0] if val is not None else None
-    out = Path(output)
     prepare_output(out, resume, overwrite)
     with messages.status(f"Loading {spec.name}..."):
-        schedule = Schedule(eval_every, sample_every, sample_prompt, save_every)
         trainer = Trainer(settings, schedule, out, docs, data_hash, val_docs, spec.device, spec.dtype, messages.info)
     if resume:
         trainer.load_checkpoint()
