@@ -76,15 +76,15 @@ def command(
 def _train(
     spec: ModelSpec, settings: TrainSettings, schedule: Schedule, data: list[str], val: str | None, out: Path, resume: bool, overwrite: bool
 ) -> None:
-    """The run, in the locked directory: read the data, load the model, train, save."""
-    from aigc_cli.apps.finetune import Trainer, prepare_output, read_documents
+    """The run, in the locked directory: check the data, load the model, tokenize, train, save."""
+    from aigc_cli.apps.finetune import Trainer, prepare_output, scan_data
 
     messages = Messages(Streams())
-    docs, data_hash = read_documents(data)
-    val_docs = read_documents([val])[0] if val is not None else None
+    corpus = scan_data(data, out)
+    val_corpus = scan_data([val], out) if val is not None else None
     prepare_output(out, resume, overwrite)
-    with messages.status(f"Loading {spec.name}..."):
-        trainer = Trainer(settings, schedule, out, docs, data_hash, val_docs, spec.device, spec.dtype, messages.info)
+    with messages.status(f"Loading {spec.name} and tokenizing the data..."):
+        trainer = Trainer(settings, schedule, out, corpus, val_corpus, spec.device, spec.dtype, messages.info)
     if resume:
         trainer.load_checkpoint()
     messages.info(
