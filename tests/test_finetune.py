@@ -233,7 +233,6 @@ def test_resume_refuses_other_settings_or_data(corpus, tmp_path):
         (lambda d: (d / "in.txt").write_text(CORPUS), ["--sample-every", "1", "--sample-prompt", "the sea " * 600], "--sample-prompt"),
     ],
     ids=["empty", "binary", "not-utf8", "block-size", "lr", "holds-a-model", "resume-nothing", "bad-jsonl", "sample-prompt"],
-
 )
 def test_bad_input_is_refused_in_one_line(cli, tmp_path, setup, extra, message):
     setup(tmp_path)
@@ -473,3 +472,96 @@ def test_a_file_that_changes_between_its_check_and_its_tokenization_is_refused(t
     with pytest.raises(UsageError, match="growing.txt: changed"):
         for doc in corpus.documents():
             list(doc)
+
+
+# -- a full disk -------------------------------------------------------------------------------
+
+
+def _one_error(stderr: str) -> str:
+    """The error line, which must be the only one and the last (info lines come before it)."""
+    lines = stderr.strip().splitlines()
+    assert [x for x in lines if x.startswith("aigc: error")] == lines[-1:] and "Traceback" not in stderr, stderr
+    return lines[-1]
+
+
+def _no_temp_files(out: Path) -> bool:
+    return not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".staging" in p.parts]
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_good_one_and_resume_continues(cli, corpus, tmp_path, uninterrupted, monkeypatch):
+    """The second checkpoint (step 14) fails part-way with ENOSPC: one line naming the file, the
+    space needed and free, and the checkpoint of step 7, kept whole; --resume ends as an
+    uninterrupted run does."""
+    import errno
+
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"x" * 5000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "model"
+    args = ["finetune", str(corpus), "-o", str(out), *TRAIN, "--steps", "120", "--save-every", "7"]
+    r = cli(*args)
+    state = out / "checkpoint" / "state.pt"
+    assert r.exit_code == 1, r.stderr
+    error = _one_error(r.stderr)
+    assert f"{state}: no space left on device (needs about 4.5 MB, " in error and " free)" in error, error
+    assert f"last good checkpoint (step 7) is kept in {state}" in error and "--resume" in error, error
+    assert _no_temp_files(out)
+    assert torch.load(state, weights_only=False)["state"]["step"] == 7
+    monkeypatch.undo()
+    r = _aigc(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert _same(_weights(out), uninterrupted)
+
+
+def test_a_full_disk_at_the_final_save_loses_no_step(cli, corpus, tmp_path, uninterrupted, monkeypatch):
+    """--save-every 0, and the model's weights fail part-way (safetensors reports the OS error in
+    its message): the last step's checkpoint, written first, is where --resume continues."""
+    from transformers import modeling_utils
+
+    def save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"x" * 5000)
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", save_file)
+    out = tmp_path / "model"
+    args = ["finetune", str(corpus), "-o", str(out), *TRAIN, "--steps", "120", "--save-every", "0"]
+    r = cli(*args)
+    assert r.exit_code == 1, r.stderr
+    error = _one_error(r.stderr)
+    assert f"{out / 'model.safetensors'}: no space left on device (needs about 1.5 MB, " in error, error
+    assert f"last good checkpoint (step 120) is kept in {out / 'checkpoint' / 'state.pt'}" in error, error
+    assert _no_temp_files(out) and not (out / "model.safetensors").exists()
+    monkeypatch.undo()
+    r = _aigc(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert _same(_weights(out), uninterrupted) and not (out / "checkpoint").exists()
+    log = [json.loads(x) for x in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log if "loss" in x] == list(range(1, 121))
+    assert [x["step"] for x in log if "val_perplexity" in x] == [0, 120]  # "after" logged once
+
+
+def test_a_write_that_torch_reports_as_enforce_fail_names_the_file_and_cause(corpus, tmp_path):
+    """A real failed write (a file-size limit of 2 MB, under the checkpoint's 4.5 MB): torch.save's
+    "enforce fail at inline_container.cc" becomes one line with the cause; no temporary file."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+
+    out = tmp_path / "model"
+    r = subprocess.run(
+        [sys.executable, "-m", "aigc_cli", "finetune", str(corpus), "-o", str(out), *TRAIN, "--steps", "10", "--save-every", "5"],
+        capture_output=True, text=True, timeout=300, preexec_fn=limit,
+    )
+    assert r.returncode == 1, r.stderr
+    error = _one_error(r.stderr)
+    assert f"{out / 'checkpoint' / 'state.pt'}: cannot write (File too large; needs about 4.5 MB, " in error, error
+    assert error.endswith("there is no checkpoint to resume from") and _no_temp_files(out)

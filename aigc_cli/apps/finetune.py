@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from aigc_cli.core import jsondata
-from aigc_cli.core.errors import UsageError
+from aigc_cli.core.errors import OutputError, UsageError
 from aigc_cli.jobs.outfile import _lock_holder
 
 CHECKPOINT = "checkpoint"  # DIR/checkpoint/state.pt
@@ -183,6 +183,8 @@ def _source(path: str, spool_dir: Path, stdin: Any) -> Source:
             with contextlib.nullcontext(stdin or sys.stdin.buffer) if path == "-" else open(path, "rb") as fh:
                 shutil.copyfileobj(fh, src.spool, _READ)
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the copy's fault, not the input's
+            raise write_failure(spool_dir / f"(a copy of {name})", exc, None) or exc from None
         raise UsageError(f"{name}: cannot read ({exc.strerror})") from None
     return src
 
@@ -551,6 +553,7 @@ class Trainer:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, settings.warmup_steps, self.total)
         self.state = State()
         self._step_start: tuple[State, torch.Tensor, Any] | None = None  # (state, rng states) when the running step began
+        self.saved_step: int | None = None  # the step of the checkpoint in DIR, if there is one
 
     def _examples(self, data: Corpus, val_data: Corpus | None) -> tuple[Examples, Examples]:
         """(training, validation) examples: the validation file's, or a split of the data's."""
@@ -589,7 +592,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Everything the run needs to continue exactly, as of the last whole step (an interruption
         mid-step drops that step's partial gradients, data position and dropout draws), written
-        atomically (write, then rename)."""
+        atomically (see `write_atomically`): the last good checkpoint stays until this one is whole."""
         target = self.out / CHECKPOINT
         target.mkdir(parents=True, exist_ok=True)
         at, rng, cuda_rng = self._step_start if self._step_start is not None else (self.state, torch.get_rng_state(), None)
@@ -602,12 +605,11 @@ class Trainer:
             "state": dataclasses.asdict(at),
             "fingerprint": self.fingerprint,
         }
-        tmp = target / "state.pt.tmp"
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target / "state.pt")
+        try:
+            write_atomically(target / "state.pt", lambda fh: torch.save(state, fh), _tensor_bytes(state))
+        except OutputError as exc:
+            raise self._failure(target / "state.pt", exc, None) from None
+        self.saved_step = at.step
 
     def load_checkpoint(self) -> None:
         path = self.out / CHECKPOINT / "state.pt"
@@ -628,6 +630,7 @@ class Trainer:
         if saved.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         self.state = State(**saved["state"])
+        self.saved_step = self.state.step
         log = self.out / LOG
         if log.exists():  # lines written after the checkpoint are written again
             lines = log.read_text().splitlines(keepends=True)[: self.state.log_lines]
@@ -676,8 +679,12 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------
 
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.out / LOG, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        """One line of the training log (a line cut short by a full disk is cut off by --resume)."""
+        try:
+            with open(self.out / LOG, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise self._failure(self.out / LOG, exc, None) from None
         self.state.log_lines += 1
 
     def run(self, progress: Callable[[int, float, float], None]) -> dict[str, Any]:
@@ -727,6 +734,7 @@ class Trainer:
                 self.say(f"sample at step {self.state.step}: {self.sample()!r}")
             if every.save_every and self.state.step % every.save_every == 0 and self.state.step < self.total:
                 self.save_checkpoint()
+        self._checkpoint_the_end()
         after = self.val_perplexity()
         if after is not None:
             self.say(f"validation perplexity after: {after:.2f}")
@@ -734,18 +742,52 @@ class Trainer:
         self.save_model()
         return {"steps": self.state.step, "val_perplexity_before": before, "val_perplexity_after": after}
 
+    def _checkpoint_the_end(self) -> None:
+        """The last step's checkpoint, written before the model (whatever --save-every says): if the
+        model cannot be written, --resume continues from here and loses no step. If this checkpoint
+        cannot be written, the model is still tried (it is smaller)."""
+        if self.saved_step == self.state.step:
+            return
+        try:
+            self.save_checkpoint()
+        except OutputError as exc:
+            self.say(f"aigc: warning: {exc.message}")
+
     def save_model(self) -> None:
-        """The standard model directory, each file written whole before it replaces the old one;
-        the checkpoint goes once the model is there."""
+        """The standard model directory, each file written whole (and synced) before it replaces the
+        old one; the checkpoint goes once the model is there. A failed write leaves nothing half
+        written, and its error says where the last checkpoint is."""
         staging = self.out / ".staging"
         shutil.rmtree(staging, ignore_errors=True)
         self.model.eval()
-        self.model.save_pretrained(staging, safe_serialization=True)
-        self.tokenizer.save_pretrained(staging)
+        try:
+            self.model.save_pretrained(staging, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging)
+            for f in staging.iterdir():
+                _sync(f)
+        except Exception as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            name = Path(exc.filename).name if isinstance(exc, OSError) and exc.filename else "model.safetensors"
+            raise self._failure(self.out / name, exc, _tensor_bytes(self.model.state_dict())) from None
         for f in staging.iterdir():
             os.replace(f, self.out / f.name)
         staging.rmdir()
+        _sync(self.out)
         shutil.rmtree(self.out / CHECKPOINT, ignore_errors=True)
+
+    def _failure(self, path: Path, exc: BaseException, needed: int | None) -> BaseException:
+        """A failed write of `path` as one line that also says where the last good checkpoint is
+        (`exc` itself when it is not a failed write)."""
+        failure = exc if isinstance(exc, OutputError) else write_failure(path, exc, needed)
+        if failure is None:
+            return exc
+        if self.saved_step is None:
+            return OutputError(f"{failure.message}; there is no checkpoint to resume from")
+        where = self.out / CHECKPOINT / "state.pt"
+        return OutputError(
+            f"{failure.message}; the last good checkpoint (step {self.saved_step}) is kept in {where}: "
+            "make room, then rerun the same command with --resume to continue from it"
+        )
 
 
 class OutputLock:
@@ -781,8 +823,9 @@ class OutputLock:
                 self.fd = fd
             else:  # its last holder removed it between our open and our lock: lock the new one
                 os.close(fd)
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
+        with contextlib.suppress(OSError):  # for people; /proc/locks names the holder even without it
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"{os.getpid()}\n".encode())
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -795,13 +838,120 @@ class OutputLock:
 
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
     """DIR (locked by OutputLock) must be writable; a DIR holding a model is refused unless
-    --overwrite (or --resume). A new run (no --resume) drops the old log and checkpoint."""
+    --overwrite (or --resume). What a killed run left half-written goes; a new run (no --resume)
+    also drops the old log and checkpoint."""
     holds_model = (out / "config.json").exists() or any(out.glob("*.safetensors"))
     if holds_model and not (overwrite or resume):
         raise UsageError(f"-o {out}: already holds a model; pass --overwrite to replace it, or another directory")
+    shutil.rmtree(out / ".staging", ignore_errors=True)
+    for tmp in (out / CHECKPOINT).glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
     if not resume:
         (out / LOG).unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+
+
+# -- writing files --------------------------------------------------------------------------------
+
+
+class _Recording:
+    """A binary file that keeps the first error of its writes: torch.save turns a failed write into
+    "RuntimeError: [enforce fail at inline_container.cc]", which names neither file nor cause."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self.fh.write(data))
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def write_atomically(path: Path, write: Callable[[Any], None], needed: int) -> None:
+    """`write(file)` into a temporary file beside `path`, flushed and synced, then renamed over
+    `path`: the old file stays whole until the new one is. On any failure the temporary file goes;
+    a failed write is an OutputError naming `path` (and for a full disk, the space needed, about
+    `needed` bytes, and free)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_failure(path, exc, needed) or exc from None
+    out = _Recording(os.fdopen(fd, "wb"))
+    try:
+        with out.fh:
+            write(out)
+            out.fh.flush()
+            os.fsync(out.fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        failure = write_failure(path, out.error or exc, needed)
+        if failure is None:
+            raise
+        raise failure from None
+    _sync(path.parent)
+
+
+def write_failure(path: Path, exc: BaseException, needed: int | None) -> OutputError | None:
+    """A failed write of `path` as one line (a full disk: with the space needed and free); None for
+    an exception that is not a failed write. The cause is an OSError's errno, or the one a Rust
+    library (safetensors) writes in its message."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    match = re.search(r"os error (\d+)", str(exc)) if code is None else None
+    code = int(match.group(1)) if match else code
+    if code is None:
+        return None
+    try:
+        free = f"{_size(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = "free space unknown"
+    space = f"needs about {_size(needed)}, {free}" if needed is not None else free
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"{path}: no space left on device ({space})")
+    return OutputError(f"{path}: cannot write ({os.strerror(code)}; {space})")
+
+
+def _size(n: int) -> str:
+    """A byte count for people: "4.5 MB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state, each storage counted once: about what it takes on disk."""
+    storages: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return sum(storages.values())
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable once its directory is synced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # a file system that cannot sync a directory
+    finally:
+        os.close(fd)
 
 
 def _fuse_activations(model: Any) -> None:
