@@ -1,10 +1,11 @@
-"""`aigc finetune`: check the flags, read the data, then run the trainer (apps.finetune) with a
-progress bar; Ctrl-C and SIGTERM save a checkpoint and exit 130."""
+"""`aigc finetune`: check the flags, lock the output directory (a second run there is refused),
+read the data, then run the trainer (apps.finetune) with a progress bar; Ctrl-C and SIGTERM save a
+checkpoint and exit 130."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -12,6 +13,9 @@ from aigc_cli.core.errors import ExitCode, UsageError
 from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.frontends.cli import options as o
 from aigc_cli.frontends.cli.render import Messages, Streams
+
+if TYPE_CHECKING:
+    from aigc_cli.apps.finetune import Schedule, TrainSettings
 
 EPILOG = (
     "Examples:\n\n"
@@ -40,8 +44,8 @@ def command(
     eval_every: Annotated[int, typer.Option(help="Validation perplexity every N steps (0: before and after only).")] = 0,
     sample_every: Annotated[int, typer.Option(help="Print a sample every N steps (0: never).")] = 0,
     sample_prompt: Annotated[str, typer.Option(help="Prompt of the samples (default: the start of the data).", metavar="TEXT")] = "",
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only on Ctrl-C).")] = 100,
-    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in -o DIR (same data and settings).")] = False,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only on Ctrl-C); the last step's checkpoint is also written before the model, and removed once the model is saved.")] = 100,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in -o DIR (same data and settings), e.g. after Ctrl-C or a full disk.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a model already in -o DIR.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the initial state, data order, split and dropout.")] = 0,
     warmup_steps: Annotated[int, typer.Option(help="Steps of linear learning-rate warm-up.")] = 0,
@@ -49,7 +53,7 @@ def command(
     max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this.")] = 1.0,
 ) -> None:
     """Fine-tune the model on your text; the result is a model directory for --model DIR."""
-    from aigc_cli.apps.finetune import Schedule, Trainer, TrainSettings, prepare_output, read_documents
+    from aigc_cli.apps.finetune import OutputLock, Schedule, TrainSettings
 
     if spec.dtype not in ("auto", "float32", "bfloat16"):
         raise UsageError(f"--dtype: training runs in float32, with bfloat16 autocast on a GPU (got {spec.dtype})")
@@ -64,14 +68,23 @@ def command(
         warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
     )
     settings.check()
+    schedule = Schedule(eval_every, sample_every, sample_prompt, save_every)
+    with OutputLock(Path(output)) as lock:
+        _train(spec, settings, schedule, data, val, lock.out, resume, overwrite)
+
+
+def _train(
+    spec: ModelSpec, settings: TrainSettings, schedule: Schedule, data: list[str], val: str | None, out: Path, resume: bool, overwrite: bool
+) -> None:
+    """The run, in the locked directory: check the data, load the model, tokenize, train, save."""
+    from aigc_cli.apps.finetune import Trainer, prepare_output, scan_data
+
     messages = Messages(Streams())
-    docs, data_hash = read_documents(data)
-    val_docs = read_documents([val])[0] if val is not None else None
-    out = Path(output)
+    corpus = scan_data(data, out)
+    val_corpus = scan_data([val], out) if val is not None else None
     prepare_output(out, resume, overwrite)
-    with messages.status(f"Loading {spec.name}..."):
-        schedule = Schedule(eval_every, sample_every, sample_prompt, save_every)
-        trainer = Trainer(settings, schedule, out, docs, data_hash, val_docs, spec.device, spec.dtype, messages.info)
+    with messages.status(f"Loading {spec.name} and tokenizing the data..."):
+        trainer = Trainer(settings, schedule, out, corpus, val_corpus, spec.device, spec.dtype, messages.info)
     if resume:
         trainer.load_checkpoint()
     messages.info(
