@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.serving import KEY, MODEL, Server, sse_events
+from tests.serving import KEY, Server, sse_events
 
 EOS = 256  # tiny-random's <|endoftext|>
 NEWLINE = 10  # its "\n" byte token

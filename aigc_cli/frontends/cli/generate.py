@@ -55,6 +55,9 @@ def command(
         Optional[str], typer.Option("--output", "-o", help="Write JSONL records to this file (never one of the inputs; one run at a time).", metavar="FILE")
     ] = None,
     resume: Annotated[bool, typer.Option(help="With -o: skip records the file already holds, append the rest.")] = False,
+    retry_errors: Annotated[
+        bool, typer.Option(help="With --resume: run again the records the file holds error records for; their new records take those lines' places.")
+    ] = False,
     strict: Annotated[bool, typer.Option(help="Stop at the first bad input record instead of writing an error record.")] = False,
     batch_size: Annotated[
         str, typer.Option(help="Rows decoded together, or auto: up to 64, on CPU fewer when their KV cache would pass 1 GiB.", metavar="N|auto")
@@ -82,6 +85,8 @@ def command(
         raise UsageError("--template: renders records of -f FILE or stdin, not prompt arguments")
     if resume and output is None:
         raise UsageError("--resume: needs -o/--output FILE (the file to continue)")
+    if retry_errors and not resume:
+        raise UsageError("--retry-errors: only with --resume (it retries the error records of the -o file)")
     ray = (ray_address, workers, worker_cpus, worker_gpus)
     load = _loader(spec, named_model, server, api_key, backend, ray, Messages(Streams()))
     tmpl = load_template(template) if template is not None else None
@@ -96,6 +101,7 @@ def command(
         batch_size=1 if deterministic else o.batch_size(batch_size),
         strict=strict or source.kind == "args",
         provenance=fmt is OutputFormat.jsonl,
+        retry_errors=retry_errors,
     )
     _run(GeneratePipeline(job), load, source, fmt, output)
 
@@ -156,5 +162,5 @@ def _run(pipeline: GeneratePipeline, load: Callable[[], Any], source: PromptSour
             messages.error(f"interrupted after {done} records")
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     if summary.errors:
-        messages.warn(f"{summary.errors} of {summary.records} records could not be processed (see their error records)")
+        messages.warn(f"{summary.errors} of {summary.records} records could not be processed: {summary.error_counts()} (see their error records)")
         raise typer.Exit(int(ExitCode.PARTIAL))
