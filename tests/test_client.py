@@ -83,7 +83,10 @@ class Fake:
 
     def _handle(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as f:
-            method, path, _ = f.readline().decode().split(" ", 2)
+            first = f.readline().decode()
+            if not first:
+                return  # a client that closed before asking (the requests dropped after a failure)
+            method, path, _ = first.split(" ", 2)
             length = 0
             while (line := f.readline().strip()) != b"":
                 name, _, value = line.decode().partition(":")
@@ -345,7 +348,7 @@ def card(**fields: Any) -> bytes:
         ("v1_models", http(200, b""), "an empty body"),
         ("v1_models", PAGE_500, "HTTP 500: '<html> <head><title>500 Internal Server Error"),
         ("v1_models", http(502, b""), "HTTP 502: an empty body"),
-        ("v1_models", js([1, 2]), "JSON that is not an object"),
+        ("v1_models", js([1, 2]), "a body that is not a JSON object"),
         ("v1_models", js({"object": "list"}), "'data' is not a list"),
         ("v1_models", js({"data": "fake"}), "'data' is not a list"),
         ("v1_models", js({"data": [{"name": "fake"}]}), "model 0 has no 'id' string"),
@@ -365,8 +368,8 @@ def card(**fields: Any) -> bytes:
         ("v1_completions", HTML, "text/html instead of an event stream"),
         ("v1_completions", http(200, b"", ""), "instead of an event stream"),
         ("v1_completions", PAGE_500, "HTTP 500"),
-        ("v1_completions", sse(b"hello"), "an event that is not JSON ('hello')"),
-        ("v1_completions", sse([1]), "an event that is not a JSON object"),
+        ("v1_completions", sse(b"hello"), "a stream event that is not JSON ('hello')"),
+        ("v1_completions", sse([1]), "a stream event that is not a JSON object"),
         ("v1_completions", sse({"id": "x"}), "an event without a 'choices' list"),
         ("v1_completions", sse({"choices": {"index": 0}}), "an event without a 'choices' list"),
         ("v1_completions", sse({"choices": ["x"]}), "a choice with an index that was not asked for"),
@@ -399,7 +402,7 @@ def test_a_reply_too_large_is_refused_unread(cli, fake, monkeypatch):
     server = fake(v1_completions=lambda body: sse(b'{"choices": [], "pad": "' + b"x" * 2000 + b'"}'))
     result = cli("generate", "Hi", "--server", server.url)
     assert result.exit_code == 1
-    one_line_error(result, "/v1/completions", "longer than 1,000 bytes")
+    one_line_error(result, "/v1/completions", "a line of its stream is larger than 1,000 bytes")
 
 
 # -- prompts: the checks and error records of a local run --------------------------------------------

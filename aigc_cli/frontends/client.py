@@ -148,8 +148,11 @@ class _Server:
         assert sock is not None
         sock.settimeout(self.timeouts.read)
         with self._lock:
-            self._sockets.add(sock)
-        return conn, True
+            if not self.closed:  # (close may have run meanwhile)
+                self._sockets.add(sock)
+                return conn, True
+        self._drop()
+        raise AigcError(f"--server {self.url}: the client was closed")
 
     def _drop(self) -> None:
         """Close this thread's connection (after a failure, or a reply it cannot carry on from)."""
@@ -202,22 +205,29 @@ class _Server:
             self._read(response, path)
             time.sleep(min(_retry_after(response.getheader("Retry-After")), left))
 
-    def _read(self, response: http.client.HTTPResponse, path: str) -> bytes:
-        """A reply's whole body, at most MAX_REPLY bytes."""
+    def _receive(self, path: str, read: Callable[[int], bytes], what: str, broken: Callable[[str], AigcError]) -> bytes:
+        """What `read(MAX_REPLY + 1)` gets from the connection: silence past the read timeout, a
+        failure (`broken(reason)`) and more than MAX_REPLY bytes (`what`) are errors."""
         try:
-            data = response.read(MAX_REPLY + 1)
+            data = read(MAX_REPLY + 1)
         except TimeoutError:
             self._drop()
             raise self.silent(path) from None
         except (OSError, http.client.HTTPException) as exc:
             self._drop()
-            raise AigcError(f"--server {self.url}: {path}: the connection failed in the middle of the reply ({_reason(exc)})") from None
+            raise broken(_reason(exc)) from None
         if len(data) > MAX_REPLY:
             self._drop()
-            raise self.unexpected(path, f"a body larger than {MAX_REPLY:,} bytes")
+            raise self.unexpected(path, f"{what} is larger than {MAX_REPLY:,} bytes")
+        return data
+
+    def _read(self, response: http.client.HTTPResponse, path: str) -> bytes:
+        """A reply's whole body."""
+        where = f"--server {self.url}: {path}"
+        data = self._receive(path, response.read, "its body", lambda why: AigcError(f"{where}: the connection failed in the middle of the reply ({why})"))
         if response.length:  # a Content-Length the connection did not deliver
             self._drop()
-            raise AigcError(f"--server {self.url}: {path}: the connection closed after {len(data):,} bytes of the reply")
+            raise AigcError(f"{where}: the connection closed after {len(data):,} bytes of the reply")
         return data
 
     def call(self, method: str, path: str, body: dict[str, Any] | None, record: bool = False) -> dict[str, Any]:
@@ -226,15 +236,19 @@ class _Server:
         data = self._read(response, path)
         if response.status != 200:
             raise self.refusal(response.status, data, path, record)
+        return self._object(path, data, "body")
+
+    def _object(self, path: str, data: bytes, what: str) -> dict[str, Any]:
+        """`data` (a reply's body, an event's data) as the JSON object it must be."""
         if not data.strip():
-            raise self.unexpected(path, "an empty body")
+            raise self.unexpected(path, f"an empty {what}")
         try:
-            reply = jsondata.loads(data)
+            value = jsondata.loads(data)
         except ValueError:
-            raise self.unexpected(path, f"a body that is not JSON ({_glimpse(data)})") from None
-        if not isinstance(reply, dict):
-            raise self.unexpected(path, f"JSON that is not an object ({_glimpse(data)})")
-        return reply
+            raise self.unexpected(path, f"a {what} that is not JSON ({_glimpse(data)})") from None
+        if not isinstance(value, dict):
+            raise self.unexpected(path, f"a {what} that is not a JSON object ({_glimpse(data)})")
+        return value
 
     def refusal(self, status: int, data: bytes, path: str, record: bool) -> AigcError:
         """The error of an answer other than 200, with the server's message (OpenAI's error shape)."""
@@ -272,12 +286,7 @@ class _Server:
             if payload == b"[DONE]":
                 self._end(response)
                 return
-            try:
-                event = jsondata.loads(payload)
-            except ValueError:
-                raise self.unexpected(path, f"an event that is not JSON ({_glimpse(payload)})") from None
-            if not isinstance(event, dict):
-                raise self.unexpected(path, f"an event that is not a JSON object ({_glimpse(payload)})")
+            event = self._object(path, payload, "stream event")
             if "error" in event:
                 error = _error_body(payload)
                 self._drop()
@@ -304,19 +313,10 @@ class _Server:
                 data.append(value[1:] if value.startswith(b" ") else value)
 
     def _line(self, response: http.client.HTTPResponse, path: str) -> bytes:
-        """The stream's next line (b"" at its end), at most MAX_REPLY bytes."""
-        try:
-            line = response.readline(MAX_REPLY + 1)
-        except TimeoutError:
-            self._drop()
-            raise self.silent(path) from None
-        except (OSError, http.client.HTTPException) as exc:
-            self._drop()
-            raise self.cut(path, f"the connection failed in the middle of the stream ({_reason(exc)})") from None
-        if len(line) > MAX_REPLY:
-            self._drop()
-            raise self.unexpected(path, f"a line of its stream is longer than {MAX_REPLY:,} bytes")
-        return line
+        """The stream's next line (b"" at its end)."""
+        return self._receive(
+            path, response.readline, "a line of its stream", lambda why: self.cut(path, f"the connection failed in the middle of the stream ({why})")
+        )
 
     def _end(self, response: http.client.HTTPResponse) -> None:
         """After data: [DONE], the end of the response, so that the connection can carry the next
