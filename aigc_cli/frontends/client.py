@@ -62,7 +62,7 @@ def server_address(url: str) -> urllib.parse.SplitResult:
     except ValueError as exc:
         raise UsageError(f"--server {url}: not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https"):
-        hint = f"did you mean http://{url}?" if "://" not in url else None
+        hint = f"did you mean http://{url}?" if url and "://" not in url else None
         raise UsageError(f"--server {url}: not an http:// or https:// URL", hint)
     if any(ch.isspace() or not ch.isprintable() for ch in url):
         raise UsageError(f"--server {url!r}: the URL has a space or a control character")
