@@ -37,6 +37,7 @@ import torch
 from aigc_cli.core import jsondata
 from aigc_cli.core.textrules import TOKEN_CUTS
 from aigc_cli.jobs.textfiles import Problems
+from aigc_cli.models.conventions import document_frame
 from aigc_cli.core.errors import OutputError, UsageError
 from aigc_cli.jobs.outfile import _lock_holder
 
@@ -398,26 +399,32 @@ def _batched(items: Iterable[str | None]) -> Iterator[list[str | None]]:
 
 
 def _packed(tokenizer: Any, documents: Iterable[Iterable[str]], cut: bool, out: _Ids) -> None:
-    """The ids of every document, each followed by EOS, into `out`."""
+    """The ids of every document in its frame (GPT-2: followed by end-of-text; a BERT vocabulary:
+    [CLS] ... [SEP]; models.conventions), into `out`."""
+    head, tail = document_frame(tokenizer)
 
     def items() -> Iterator[str | None]:
         for doc in documents:
+            yield _START
             yield from _pieces(doc, cut)
             yield None  # the end of a document
 
-    eos = tokenizer.eos_token_id
     for batch in _batched(items()):
-        encoded = iter(_encode(tokenizer, [t for t in batch if t is not None]))
+        encoded = iter(_encode(tokenizer, [t for t in batch if t is not None and t is not _START]))
         flat: list[int] = []
         for item in batch:
-            flat.extend([eos] if item is None else next(encoded))
+            flat.extend(tail if item is None else head if item is _START else next(encoded))
         out.extend(flat)
+
+
+_START = "\x00 start of a document"  # (a document never holds NUL: such files are left out)
 
 
 def _line_examples(tokenizer: Any, documents: Iterable[Iterable[str]], block: int, cut: bool, out: _Ids) -> torch.Tensor:
     """The first `block` ids of each non-empty line, one after another, into `out`; their counts.
     A line longer than a piece is encoded a piece at a time until it has `block` ids."""
     lines = (line for doc in documents for line in _lines(doc) if line.strip())
+    frame = document_frame(tokenizer)
     lengths = _Ids(0)
     for batch in _batched(lines):
         short = iter(_encode(tokenizer, [t for t in batch if t is not None and len(t) <= _PIECE]))
@@ -425,10 +432,11 @@ def _line_examples(tokenizer: Any, documents: Iterable[Iterable[str]], block: in
         counts: list[int] = []
         for line in batch:
             assert line is not None
-            head = next(short) if len(line) <= _PIECE else _head_ids(tokenizer, line, block, cut)
-            if head:
-                flat.extend(head[:block])
-                counts.append(min(len(head), block))
+            ids = next(short) if len(line) <= _PIECE else _head_ids(tokenizer, line, block, cut)
+            if ids:
+                framed = (frame[0] + ids + frame[1] if frame[0] else ids)[:block]  # [CLS] line [SEP] for a BERT vocabulary
+                flat.extend(framed)
+                counts.append(len(framed))
         out.extend(flat)
         lengths.extend(counts)
     return lengths.done()
