@@ -56,7 +56,7 @@ def driver_rate(model: Path, n: int) -> float:
     from aigc_cli.jobs.pipeline import GenerateJob, GeneratePipeline
     from aigc_cli.core.settings import GenerationSettings
 
-    tokenizer, _ = load_tokenizer(str(model))
+    tokenizer, _, _ = load_tokenizer(str(model))
 
     class Instant:
         name, revision, context_length = "stand-in", "none", 1024

@@ -408,12 +408,12 @@ def test_a_reply_too_large_is_refused_unread(cli, fake, monkeypatch):
 # -- prompts: the checks and error records of a local run --------------------------------------------
 
 
-def test_the_client_checks_prompts_before_it_asks_the_server_and_tokenizes_without_special_tokens(cli, fake, tmp_path):
+def test_the_client_checks_prompts_before_it_asks_the_server_and_tokenizes_them_as_the_model_sees_them(cli, fake, tmp_path):
     server = fake()
     (tmp_path / "in.jsonl").write_text('{"prompt": "bad \\ud800"}\n{"prompt": ""}\n{"prompt": "Hi there"}\n')
     result = cli("generate", "-f", str(tmp_path / "in.jsonl"), "--server", server.url)
     assert result.exit_code == 4, result.stderr
-    assert [body for path, body in server.requests if path == "/tokenize"] == [{"model": "fake", "prompt": "Hi there", "add_special_tokens": False}]
+    assert [body for path, body in server.requests if path == "/tokenize"] == [{"model": "fake", "prompt": "Hi there", "add_special_tokens": True}]
 
 
 def test_the_servers_refusal_of_a_prompt_is_that_records_error(cli, fake, tmp_path):
@@ -463,14 +463,16 @@ def test_error_records_through_a_server_equal_a_local_runs(cli, live, tmp_path):
         {"id": 7, "prompt": "Hi", "stop_token_ids": [5000]},  # refused by the server (the client does not know the vocabulary)
         {"id": 8, "prompt": "Last one"},
     ]
-    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    from tests.test_records import BAD
+
+    src.write_text("".join(json.dumps(r) + "\n" for r in records) + "".join(v + "\n" for v in BAD.values()) + '{"prompt": "After them"}\n')
     args = ("generate", "-f", str(src), "--seed", "3", "--max-new-tokens", "4")
     here = cli(*args, "--model", MODEL)
     remote = cli(*args, env={"AIGC_SERVER": live.url, "AIGC_API_KEY": KEY})
     assert here.exit_code == remote.exit_code == 4, remote.stderr
     assert remote.stdout == here.stdout
     codes = [json.loads(line).get("error", {}).get("code") for line in here.stdout.splitlines()]
-    assert codes == [None, "invalid_text", "empty_prompt", "prompt_too_long", "empty_prompt", "prompt_too_long", "bad_token", None]
+    assert codes == [None, "invalid_text", "empty_prompt", "prompt_too_long", "empty_prompt", "prompt_too_long", "bad_token", None, *BAD, None]
 
 
 def test_a_sequence_ended_by_a_stop_token_counts_as_a_local_runs(cli, live):

@@ -54,7 +54,7 @@ class Sub:
 
 SUBSTITUTIONS: tuple[Sub, ...] = (
     Sub(
-        r'(--model |"model": "|model="|Engine\.load\(")(?:gpt2|/shared/models/gpt2|uer/gpt2-chinese-poem)\b',
+        r'(--model |"model": "|model="|Engine\.load\(")(?:gpt2|/shared/models/gpt2|uer/gpt2-chinese-[\w-]+|\./gpt2-chinese-[\w-]+)(?![\w/-])',
         r"\g<1>{model}",
         "the Hub is out of reach in tests: the built-in model instead of a download",
     ),

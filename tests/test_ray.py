@@ -10,6 +10,7 @@ from aigc_cli.core.modelspec import ModelSpec
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from tests.test_records import BAD
 
 ray = pytest.importorskip("ray")
 
@@ -66,9 +69,11 @@ def _write_input(path: Path, n: int) -> None:
             lines.append({"id": "empty", "prompt": ""})  # an error record
         elif i == 5:
             lines.append({"id": "long", "prompt": "word " * 2000})  # too long for the context
+        elif i == 7:
+            lines.extend(BAD.values())  # every kind of bad record (raw lines)
         else:
             lines.append({"id": f"r{i}", "prompt": f"Record {i} begins with", **({"max_new_tokens": 4 + i % 9} if i % 2 else {})})
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -115,7 +120,7 @@ def test_ray_records_equal_the_local_backend(tmp_path, no_stray_ray):
     assert local.returncode == far.returncode == 4, far.stderr  # two error records
     assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
     errors = [json.loads(x) for x in (tmp_path / "ray.jsonl").read_text().splitlines() if '"error"' in x]
-    assert sorted(e["error"]["code"] for e in errors) == ["empty_prompt", "prompt_too_long"]
+    assert sorted(e["error"]["code"] for e in errors) == sorted(["empty_prompt", "prompt_too_long", *BAD])
 
 
 def test_a_worker_killed_mid_job_is_restarted_and_the_records_are_identical(tiny_lm, no_stray_ray):
@@ -364,3 +369,19 @@ def test_ray_flags_need_the_ray_backend(cli):
 def test_a_negative_worker_gpus_is_named(cli):
     r = cli("generate", "Hi", "--backend", "ray", "--worker-gpus", "-1", "--model", MODEL)
     assert r.exit_code == 2 and "--worker-gpus not negative (got 2, 1, -1)" in r.stderr
+
+
+def test_ray_records_on_a_chinese_model_equal_the_local_backend(tmp_path, no_stray_ray):
+    """tiny-random-zh (BERT vocabulary): the driver puts [CLS] before every prompt, as the local
+    engine does, so the records are the same, texts written without spaces between characters."""
+    src = tmp_path / "in.jsonl"
+    prompts = ["在寂静的夜晚", "春风吹绿江南岸", "明月, 清风", "hello 山水", "", "月" * 600]
+    src.write_text("".join(json.dumps({"id": k, "prompt": p}) + "\n" for k, p in enumerate(prompts)))
+    common = ["generate", "-f", str(src), "--model", "tiny-random-zh", "--seed", "2", "-n", "2", "--max-new-tokens", "10"]
+    local = _aigc(*common, "-o", str(tmp_path / "local.jsonl"))
+    far = _aigc(*common, "-o", str(tmp_path / "ray.jsonl"), "--backend", "ray", "--workers", "1")
+    assert local.returncode == far.returncode == 4, far.stderr
+    assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
+    texts = [json.loads(x)["text"] for x in (tmp_path / "ray.jsonl").read_text().splitlines() if '"text"' in x]
+    assert texts and not any(re.search("[\u4e00-\u9fff] [\u4e00-\u9fff]", t) for t in texts)  # no space between characters
+    assert not any(special in t for t in texts for special in ("[CLS]", "[SEP]", "[PAD]", "[MASK]"))

@@ -148,6 +148,40 @@ class FastTokenizer:
             return join_wordpiece(self.convert_ids_to_tokens(list(ids)), self._specials)
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def pieces(self, ids: list[int], before: int | None = None) -> list[str]:
+        """What each token adds to `decode(ids)`, in order (joined, they are that text); `before`
+        is the token just before them, whose end decides a WordPiece token's leading space. A
+        special token adds nothing to a WordPiece text; byte-level BPE tokens are decoded one by one."""
+        if not self.wordpiece:
+            return [self.decode([i]) for i in ids]
+        tokens = self.convert_ids_to_tokens(list(ids))
+        after_word = False
+        if before is not None:
+            last = join_wordpiece([self.convert_ids_to_tokens(before)], self._specials)
+            after_word = _latin(last[-1:])
+        out = []
+        for token in tokens:
+            piece = join_wordpiece([token], self._specials)
+            if piece and after_word and _latin(piece[:1]) and not (token or "").startswith("##"):
+                piece = " " + piece
+            out.append(piece)
+            if piece:
+                after_word = _latin(piece[-1:])
+        return out
+
+    def typed_pieces(self, text: str) -> list[str] | None:
+        """For a WordPiece vocabulary, each token's stretch of `text` as the user typed it (the
+        whitespace before it included): an [UNK] shows the character typed, a folded full-width
+        comma the comma typed, and the pieces join to the text. None for byte-level BPE, whose
+        tokens decode to their own pieces (`pieces`)."""
+        if not self.wordpiece:
+            return None
+        at, out = 0, []
+        for _, end in self._tok.encode(self.fit(text), add_special_tokens=False).offsets:
+            out.append(text[at:end])
+            at = max(at, end)
+        return out
+
     def batch_decode(self, rows: Any, clean_up_tokenization_spaces: bool = False, skip_special_tokens: bool = False) -> list[str]:
         if self.wordpiece:
             return [self.decode(r) for r in rows]

@@ -67,21 +67,28 @@ class _Row:
     end_logprob: float | None = None
     _head: str = ""
     _cut: int = 0
+    before: int | None = None  # the prompt's last token: a WordPiece text's first space depends on it
 
-    def _decode(self, ids: list[int]) -> str:
+    def _decode(self, ids: list[int], at: int = 0) -> str:
+        """The text of `ids`, which start at generated[at]. A WordPiece token alone does not carry
+        the space before it (between two Latin words), so there the token before them decides it;
+        byte-level BPE tokens carry their own spaces."""
+        if getattr(self.tokenizer, "wordpiece", False):
+            before = self.generated[at - 1] if at > 0 else self.before
+            return "".join(self.tokenizer.pieces(ids, before))  # type: ignore[attr-defined]
         return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
     def text_with(self, token: int) -> str:
-        return self._head + self._decode(self.generated[self._cut :] + [token])
+        return self._head + self._decode(self.generated[self._cut :] + [token], self._cut)
 
     def _tail(self) -> str:
         """The text after `_head`, settling all but the last few tokens into the head when that
         does not change the text."""
         ids = self.generated
-        tail = self._decode(ids[self._cut :])
+        tail = self._decode(ids[self._cut :], self._cut)
         if len(ids) - self._cut >= 2 * _KEEP:
             k = len(ids) - _KEEP
-            left, right = self._decode(ids[self._cut : k]), self._decode(ids[k:])
+            left, right = self._decode(ids[self._cut : k], self._cut), self._decode(ids[k:], k)
             if left + right == tail:
                 self._head, self._cut, tail = self._head + left, k, right
         return tail
@@ -172,7 +179,7 @@ class _Decoder:
         width = max(len(p) for p in prompts)
         self.prompt_width = width
         self.rows = [
-            _Row(self.tok, self.tok.decode(p[-16:], clean_up_tokenization_spaces=False)) for p in prompts
+            _Row(self.tok, self.tok.decode(p[-16:], clean_up_tokenization_spaces=False), before=p[-1] if p else None) for p in prompts
         ]
         ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -529,8 +536,8 @@ class _BanLogits:
         scores = scores.clone()
         tail = self.dec.rows[0].prompt_tail
         for b in range(input_ids.shape[0]):
-            row = _Row(self.dec.tok, tail, [int(t) for t in input_ids[b, self.dec.prompt_width :]])
-            row.text = self.dec.tok.decode(row.generated, clean_up_tokenization_spaces=False)
+            row = _Row(self.dec.tok, tail, [int(t) for t in input_ids[b, self.dec.prompt_width :]], before=self.dec.rows[0].before)
+            row.text = row._decode(row.generated)
             _mask_banned_top(self.dec, row, scores[b], self.width)
         return scores
 
@@ -554,7 +561,7 @@ def generate_beam(
     sequences = _beam_loop(dec, lm.model)
     results = []
     for seq in sequences:
-        row = _Row(lm.tokenizer, "")
+        row = _Row(lm.tokenizer, "", before=prompt[-1] if prompt else None)
         for step, token in enumerate(seq):
             if row.finish_reason is not None:
                 break
@@ -563,7 +570,7 @@ def generate_beam(
     return results
 
 
-def _beam_loop(dec: _Decoder, model: Backend) -> list[list[int]]:
+def _beam_loop(dec: _Decoder, model: Backend) -> list[list[int]]:  # kept whole: a line-by-line port of transformers' loop, compared with it in one read
     """transformers' `_beam_search` for one prompt (batch size 1), on any backend: same scores,
     length penalty, early-stop heuristic and finished-beam bookkeeping (tested against `generate`)."""
     s, nb, eos = dec.s, dec.s.beams, dec.eos

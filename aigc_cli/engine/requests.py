@@ -22,14 +22,21 @@ def prompt_ids(prompt: str, tokenize: Callable[[str], Sequence[int]]) -> list[in
     return ids
 
 
-def checked_prompt_ids(prompt: str, tokenize: Callable[[str], Sequence[int]], settings: GenerationSettings, context: int) -> list[int]:
+def checked_prompt_ids(
+    prompt: str,
+    tokenize: Callable[[str], Sequence[int]],
+    settings: GenerationSettings,
+    context: int,
+    prefix: Sequence[int] = (),
+) -> list[int]:
     """A prompt's token ids once it passes the checks every engine makes, in the same order and
     with the same RecordErrors: valid text, not empty, some tokens, and room in the context for
-    them and the settings' new tokens. `tokenize` may raise a RecordError of its own."""
+    them and the settings' new tokens. `prefix` is what the model puts before every prompt ([CLS]
+    for a BERT vocabulary; see models.conventions); `tokenize` may raise a RecordError of its own."""
     problem = text_problem(prompt)
     if problem is not None:
         raise RecordError("invalid_text", f"the prompt is {problem}")
-    ids = prompt_ids(prompt, tokenize)
+    ids = [*prefix, *prompt_ids(prompt, tokenize)]
     check_length(len(ids), settings.max_new_tokens, context)
     return ids
 

@@ -408,7 +408,8 @@ class Scheduler:
     def _start(self, spec: RowSpec) -> _Live:
         rules = self._rules_for(spec.settings)
         tail = self.tok.decode(spec.prompt_ids[-16:], clean_up_tokenization_spaces=False)
-        return _Live(spec, _Row(self.tok, tail), rules, rules.processors(len(spec.prompt_ids)))
+        before = spec.prompt_ids[-1] if spec.prompt_ids else None
+        return _Live(spec, _Row(self.tok, tail, before=before), rules, rules.processors(len(spec.prompt_ids)))
 
     def _drop_cancelled(self) -> None:
         if not self._cancel or not self.live:

@@ -386,8 +386,9 @@ class RemoteEngine:
         return checked_prompt_ids(prompt, self._tokenize, settings, self.context_length)
 
     def _tokenize(self, text: str) -> list[int]:
-        """The server's token ids of a text, as the local engine tokenizes (no special tokens)."""
-        body = {"model": self.name, "prompt": text, "add_special_tokens": False}
+        """The server's token ids of a prompt as its model sees it (with the prefix a BERT-vocabulary
+        model puts before every prompt: [CLS]), so that the length checks count what the server will."""
+        body = {"model": self.name, "prompt": text, "add_special_tokens": True}
         tokens: Any = self._server.call("POST", "/tokenize", body, record=True).get("tokens")
         if not _is_ids(tokens):
             raise self._server.unexpected("/tokenize", f"'tokens' is not a list of token ids ({_glimpse(tokens)})")

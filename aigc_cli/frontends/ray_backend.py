@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aigc_cli.engine.requests import Completion, Request, check_length, prompt_ids
+from aigc_cli.engine.requests import Completion, Request, checked_prompt_ids
 from aigc_cli.core.errors import AigcError, RecordError, UsageError
 from aigc_cli.core.modelspec import ModelSpec
 
@@ -103,7 +103,8 @@ class RayEngine:
 
         ray = import_ray()
         model = spec.name
-        self.tokenizer, base = load_tokenizer(model)
+        self.tokenizer, base, conventions = load_tokenizer(model)
+        self.prefix = conventions.prefix  # [CLS] for a BERT vocabulary, as the workers' engines would put
         self._ray = ray
         self.actors: list[Any] = []
         self._group: Any = None
@@ -165,11 +166,10 @@ class RayEngine:
         self._group = None
 
     def encode(self, prompt: str, settings: Any) -> list[int]:
-        ids = prompt_ids(prompt, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
-        check_length(len(ids), settings.max_new_tokens, self.context_length)
-        return ids
+        tokenize = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        return checked_prompt_ids(prompt, tokenize, settings, self.context_length, self.prefix)
 
-    def stream(
+    def stream(  # kept whole: one loop owns the chunks in flight, their order and their time limits
         self,
         items: Iterable[T],
         request_of: Callable[[T], Request | None],

@@ -92,6 +92,20 @@ def _config_ids_outside(directory: Path | None, size: int) -> list[str]:
     return notes
 
 
+def fix_config_ids(config: Any, conventions: Conventions, size: int) -> None:
+    """Put the settled start, end and pad ids into a transformers config (or generation config)
+    where it holds none or one outside the vocabulary, so that a model directory aigc saves (after
+    fine-tuning) tells transformers the same: its `generate` stops at [SEP] for a BERT vocabulary.
+    Ids inside the vocabulary are left as they are (GPT-2's configs are saved unchanged)."""
+    settled = {"bos_token_id": conventions.start_id, "eos_token_id": conventions.end_id, "pad_token_id": conventions.pad_id}
+    bert = bool(conventions.prefix)
+    for key, value in settled.items():
+        current = getattr(config, key, None)
+        outside = isinstance(current, int) and not 0 <= current < size
+        if value is not None and (outside or (current is None and bert)):
+            setattr(config, key, value)
+
+
 def document_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The ids a training document is framed with once `settle` decided the tokenizer's tokens:
     ([CLS], [SEP]) for a BERT vocabulary, as its models were trained; (nothing, end-of-text) for

@@ -18,7 +18,7 @@ from aigc_cli.core.caches import cache_dir, file_identity
 from aigc_cli.core.errors import ModelUnavailableError, UsageError
 from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.core.tokenizer import load_wordpiece
-from aigc_cli.models.conventions import Conventions, settle
+from aigc_cli.models.conventions import Conventions, fix_config_ids, settle
 from aigc_cli.models.tiny import TINY_MODELS
 
 if TYPE_CHECKING:
@@ -325,9 +325,10 @@ def _where(res: Resolution) -> str:
     return res.path if res.path else f"--model {res.name}"
 
 
-def load_tokenizer(name: str) -> tuple[Any, str]:
-    """The tokenizer of a model without its weights, and the base of its revision (the weights' hash
-    or Hub commit, no precision suffix): what a driver needs when workers hold the model."""
+def load_tokenizer(name: str) -> tuple[Any, str, Conventions]:
+    """The tokenizer of a model without its weights, the base of its revision (the weights' hash or
+    Hub commit, no precision suffix) and its conventions: what a driver needs when workers hold the
+    model."""
     res = resolve(name)
     if res.kind == "builtin":
         from aigc_cli.models import tiny
@@ -341,8 +342,7 @@ def load_tokenizer(name: str) -> tuple[Any, str]:
 
         tokenizer = load_fast(path) or load_wordpiece(path) or _load_tokenizer(res)
         base = weights_sha256(path) if res.kind == "local" else path.name
-    settle(tokenizer, Path(res.path) if res.path else None, _where(res))
-    return tokenizer, base
+    return tokenizer, base, settle(tokenizer, Path(res.path) if res.path else None, _where(res))
 
 
 def load_trainable(name: str, device: str) -> tuple[Any, Any, int]:
@@ -350,9 +350,9 @@ def load_trainable(name: str, device: str) -> tuple[Any, Any, int]:
     fine-tuning: the same resolution and checks as `load`, never remote code."""
     import torch
 
+    _quiet_transformers()
     res = resolve(name)
     if res.kind == "builtin":  # transformers' model with the native weights, transformers' tokenizer
-        _quiet_transformers()
         from aigc_cli.models import tiny
 
         model, tokenizer = tiny.build_hf(name)
@@ -365,7 +365,10 @@ def load_trainable(name: str, device: str) -> tuple[Any, Any, int]:
         _preflight(Path(res.path or "."), torch.float32)
         tokenizer = _load_tokenizer(res)
         model, _ = _load_pretrained(res, torch.float32, tokenizer=False)
-    settle(tokenizer, Path(res.path) if res.path else None, _where(res))
+    conventions = settle(tokenizer, Path(res.path) if res.path else None, _where(res))
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None:
+            fix_config_ids(config, conventions, len(tokenizer))
     model = model.to(device=device, dtype=torch.float32).train()
     return model, tokenizer, int(_context_of(model.config))
 

@@ -292,13 +292,19 @@ def finish_reason(aigc_reason: str) -> str:
 
 
 def logprobs_body(
-    tokens: Sequence[str], token_logprobs: Sequence[float | None], top: Sequence[dict[str, float] | None], offset: int
+    tokens: Sequence[str],
+    token_logprobs: Sequence[float | None],
+    top: Sequence[dict[str, float] | None],
+    offset: int,
+    widths: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """The legacy completions `logprobs` object; offsets count characters from `offset`."""
+    """The legacy completions `logprobs` object; offsets count characters from `offset`, each token
+    taking `widths` characters of the text (default: its own length; a special token shown by its
+    name, such as [CLS], takes none)."""
     offsets, at = [], offset
-    for t in tokens:
+    for k, t in enumerate(tokens):
         offsets.append(at)
-        at += len(t)
+        at += widths[k] if widths is not None else len(t)
     return {"tokens": list(tokens), "token_logprobs": list(token_logprobs), "top_logprobs": list(top), "text_offset": offsets}
 
 

@@ -41,7 +41,7 @@ class Backend(str, Enum):
 
 @o.with_model(named=True)
 @o.with_settings(*SETTINGS)
-def command(
+def command(  # long only in its option declarations (Typer reads them from the signature); the body is short
     spec: ModelSpec,
     named_model: Optional[str],
     settings: GenerationSettings,

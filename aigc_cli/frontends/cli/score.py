@@ -33,7 +33,8 @@ def command(
     """Perplexity, mean negative log-likelihood and token count of a text under the model.
 
     Every token is scored, the first one conditioned on the model's start token (<|endoftext|>
-    for GPT-2); texts longer than the context use a sliding window.
+    for GPT-2, [CLS] for a Chinese model with a BERT vocabulary); texts longer than the context
+    use a sliding window.
     """
     if stride is not None and stride < 1:
         raise UsageError(f"--stride: must be at least 1 (got {stride})")

@@ -232,9 +232,34 @@ class CompletionJob:
         return choice.prompt * self.req.n + choice.index
 
     def _token_text(self, token: int) -> str:
+        """How a token is shown in `tokens` and `top_logprobs`: its text, or its name for a special
+        token that has none in a WordPiece text ([CLS], [SEP])."""
         if token not in self._texts:
-            self._texts[token] = self.engine.tokenizer.decode([token], clean_up_tokenization_spaces=False)
+            tok = self.engine.tokenizer
+            text = tok.decode([token], clean_up_tokenization_spaces=False)
+            self._texts[token] = text if text or not getattr(tok, "wordpiece", False) else str(tok.convert_ids_to_tokens(token))
         return self._texts[token]
+
+    def _shown(self, ids: list[int], before: int | None) -> tuple[list[str], list[int]] | None:
+        """(the tokens as shown, the characters each adds to the text) for a WordPiece vocabulary,
+        where a token alone does not carry its leading space; None for byte-level BPE (each token's
+        text is what it adds)."""
+        tok: Any = self.engine.tokenizer  # aigc's FastTokenizer (a transformers tokenizer has no WordPiece flag)
+        if not getattr(tok, "wordpiece", False):
+            return None
+        pieces = tok.pieces(ids, before)
+        return [p or self._token_text(t) for p, t in zip(pieces, ids)], [len(p) for p in pieces]
+
+    def _echo_shown(self, p: int) -> tuple[list[str], list[int]] | None:
+        """The echoed prompt's tokens as typed (an [UNK] shows the character the user typed) after
+        the model's prefix ([CLS], shown by name, taking no characters): WordPiece only."""
+        ids, prompt = self.prompt_ids[p], self.req.prompts[p]
+        tok: Any = self.engine.tokenizer
+        typed = tok.typed_pieces(prompt) if isinstance(prompt, str) and getattr(tok, "wordpiece", False) else None
+        n = len(self.engine.prefix)
+        if typed is None or len(typed) != len(ids) - n:
+            return self._shown(ids, None)
+        return [self._token_text(t) for t in ids[:n]] + typed, [0] * n + [len(t) for t in typed]
 
     def _top(self, alternatives: Alternatives | None, chosen: int, logprob: float | None) -> dict[str, float] | None:
         """The top_logprobs entry of one position: the k most likely tokens and the chosen one."""
@@ -247,33 +272,39 @@ class CompletionJob:
             out.setdefault(self._token_text(chosen), logprob)
         return out
 
-    def _generated(self, choice: _Choice, start: int, end: int) -> tuple[list[str], list[float | None], list[Any]]:
+    def _generated(self, choice: _Choice, start: int, end: int) -> tuple[list[str], list[int], list[float | None], list[Any]]:
         """Tokens, log-probabilities and top entries of the generated tokens start..end-1 (the end
         token is the one after the last generated one)."""
-        tokens, chosen, tops = [], [], []
+        ids, chosen, tops = [], [], []
         for k in range(start, end):
             if k < len(choice.token_ids):
                 token, lp, top = choice.token_ids[k], _at(choice.logprobs, k), _at(choice.top, k)
             else:
                 assert choice.end is not None
                 token, lp, top = choice.end
-            tokens.append(self._token_text(token))
+            ids.append(token)
             chosen.append(lp)
             tops.append(self._top(top, token, lp))
-        return tokens, chosen, tops
+        prompt = self.prompt_ids[choice.prompt]
+        before = choice.token_ids[start - 1] if 0 < start <= len(choice.token_ids) else (prompt[-1] if prompt else None)
+        shown = self._shown(ids, before)
+        tokens, widths = shown if shown is not None else ([self._token_text(t) for t in ids], [len(self._token_text(t)) for t in ids])
+        return tokens, widths, chosen, tops
 
-    def _echoed(self, choice: _Choice) -> tuple[list[str], list[float | None], list[Any]]:
-        tokens, chosen, tops = [], [], []
-        for token, entry in zip(self.prompt_ids[choice.prompt], self.echo_logprobs[choice.prompt]):
-            tokens.append(self._token_text(token))
+    def _echoed(self, choice: _Choice) -> tuple[list[str], list[int], list[float | None], list[Any]]:
+        ids = self.prompt_ids[choice.prompt]
+        chosen, tops = [], []
+        for token, entry in zip(ids, self.echo_logprobs[choice.prompt]):
             chosen.append(entry[0] if entry else None)
             tops.append(self._top(entry[1], token, entry[0]) if entry else None)
-        return tokens, chosen, tops
+        shown = self._echo_shown(choice.prompt)
+        tokens, widths = shown if shown is not None else ([self._token_text(t) for t in ids], [len(self._token_text(t)) for t in ids])
+        return tokens, widths, chosen, tops
 
     def _logprobs(self, choice: _Choice, start: int, end: int, echo: bool, offset: int) -> dict[str, Any]:
-        tokens, chosen, tops = self._echoed(choice) if echo else ([], [], [])
+        tokens, widths, chosen, tops = self._echoed(choice) if echo else ([], [], [], [])
         more = self._generated(choice, start, end)
-        return logprobs_body(tokens + more[0], chosen + more[1], tops + more[2], offset)
+        return logprobs_body(tokens + more[0], chosen + more[2], tops + more[3], offset, widths + more[1])
 
     def _choice_body(self, choice: _Choice, number: int) -> dict[str, Any]:
         prefix = self.prompt_texts[choice.prompt] if self.req.echo else ""

@@ -111,8 +111,10 @@ def _tokenizer_routes(app: FastAPI, state: ServerState) -> None:
             raise bad(f"'prompt' is {problem}", "prompt", "invalid_text")
         if len(prompt) > MAX_TOKENIZE_CHARS:
             raise bad(f"'prompt' has {len(prompt):,} characters; /tokenize takes at most {MAX_TOKENIZE_CHARS:,}", "prompt", "too_long")
-        special = _flag(body, "add_special_tokens", True)
-        ids = await asyncio.to_thread(engine.tokenizer.encode, prompt, add_special_tokens=special)  # the streams go on meanwhile
+        # With special tokens: the prompt as the model sees it (usage's prompt_tokens), i.e. with the
+        # prefix a BERT-vocabulary model puts first ([CLS]); never a [SEP] the tokenizer would append.
+        prefix = engine.prefix if _flag(body, "add_special_tokens", True) else []
+        ids = prefix + await asyncio.to_thread(engine.tokenizer.encode, prompt, add_special_tokens=False)  # the streams go on meanwhile
         out: dict[str, Any] = {"count": len(ids), "max_model_len": engine.context_length, "tokens": ids}
         if _flag(body, "return_token_strs", False):
             out["token_strs"] = engine.tokenizer.convert_ids_to_tokens(ids)
@@ -136,6 +138,7 @@ def _tokenizer_routes(app: FastAPI, state: ServerState) -> None:
         for name in ("bos", "eos", "pad", "unk", "sep", "cls"):
             info[f"{name}_token"] = getattr(tok, f"{name}_token", None)
             info[f"{name}_token_id"] = getattr(tok, f"{name}_token_id", None)
+        info["prompt_prefix"] = engine.prefix  # aigc: the ids every prompt starts with ([CLS] for a BERT vocabulary)
         return JSONResponse(info)
 
 
