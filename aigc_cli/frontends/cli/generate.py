@@ -4,7 +4,6 @@ pipeline, render the records."""
 from __future__ import annotations
 
 from contextlib import nullcontext
-from enum import Enum
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -13,6 +12,7 @@ from aigc_cli.core.errors import ExitCode, UsageError
 from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.core.settings import GenerationSettings
 from aigc_cli.frontends.cli import options as o
+from aigc_cli.frontends.cli.where import Backend, job_loader, remote_options
 from aigc_cli.frontends.cli.render import Messages, OutputFormat, SequenceRenderer, Streams
 from aigc_cli.jobs.pipeline import GenerateJob, GeneratePipeline
 from aigc_cli.jobs.records import InputFormat, load_template, parse_shard
@@ -32,11 +32,6 @@ SETTINGS = (
     "num_beams", "length_penalty", "early_stopping", "penalty_alpha", "repetition_penalty", "no_repeat_ngram_size", "stop", "ban",
     "seed", "stop_token_ids",
 )
-
-
-class Backend(str, Enum):
-    local = "local"
-    ray = "ray"
 
 
 @o.with_model(named=True)
@@ -82,7 +77,7 @@ def command(  # long only in its option declarations (Typer reads them from the 
 ) -> None:
     """Generate N numbered continuations of each prompt (arguments, a file, or stdin)."""
     settings = settings.resolved()
-    remote = _remote(server, api_key, connect_timeout, read_timeout)  # a bad URL or timeout before anything is opened
+    remote = remote_options(server, api_key, connect_timeout, read_timeout)  # a bad URL or timeout before anything is opened
     source = prompt_source(prompts, file)
     if template is not None and source.kind == "args":
         raise UsageError("--template: renders records of -f FILE or stdin, not prompt arguments")
@@ -91,7 +86,7 @@ def command(  # long only in its option declarations (Typer reads them from the 
     if retry_errors and not resume:
         raise UsageError("--retry-errors: only with --resume (it retries the error records of the -o file)")
     ray = (ray_address, workers, worker_cpus, worker_gpus)
-    load = _loader(spec, named_model, remote, backend, ray, Messages(Streams()))
+    load = job_loader(spec, named_model, remote, backend, ray, Messages(Streams()))
     tmpl = load_template(template) if template is not None else None
     fmt = OutputFormat.jsonl if output is not None or (source.kind != "args" and output_format is OutputFormat.auto) else output_format
     job = GenerateJob(
@@ -107,50 +102,6 @@ def command(  # long only in its option declarations (Typer reads them from the 
         retry_errors=retry_errors,
     )
     _run(GeneratePipeline(job), load, source, fmt, output)
-
-
-def _remote(server: str | None, api_key: str | None, connect_timeout: float | None, read_timeout: float | None) -> Any:
-    """With --server: what `RemoteEngine.connect` needs, its URL and timeouts checked (usage errors)."""
-    if server is None:
-        if connect_timeout is not None or read_timeout is not None:
-            raise UsageError("--connect-timeout and --read-timeout: only with --server (or AIGC_SERVER)")
-        return None
-    from aigc_cli.frontends.client import Timeouts, server_address
-
-    server_address(server)
-    return server, api_key, Timeouts.checked(connect_timeout, read_timeout)
-
-
-def _loader(
-    spec: ModelSpec, named: str | None, remote: tuple[str, str | None, Any] | None, backend: Backend, ray: tuple[Any, ...], messages: Messages
-) -> Callable[[], Any]:
-    """Where the job runs, checked now (usage errors before anything is opened), loaded later."""
-    address, workers, cpus, gpus = ray
-    server = remote[0] if remote is not None else None
-    if server is not None and not spec.defaults:
-        raise UsageError("--device, --dtype and --quantize: set them where the server runs (aigc serve), not with --server")
-    if backend is Backend.ray:
-        if server is not None:
-            raise UsageError("--backend ray: generates on a Ray cluster; --server on a running aigc serve: choose one")
-        if workers < 1 or cpus <= 0 or gpus < 0:
-            raise UsageError(f"--workers must be at least 1, --worker-cpus above 0 and --worker-gpus not negative (got {workers}, {cpus:g}, {gpus:g})")
-        from aigc_cli.frontends.ray_backend import RayEngine, import_ray
-
-        import_ray()  # the missing extra is a usage error before anything is opened
-
-        def on_ray() -> Any:
-            with messages.status(f"Starting {workers} Ray workers with {spec.name}..."):
-                return RayEngine(spec, address, workers, cpus, gpus)
-
-        return on_ray
-    if ray != (None, 2, 1.0, 0.0):
-        raise UsageError("--ray-address, --workers, --worker-cpus and --worker-gpus: only with --backend ray")
-    if remote is not None:
-        from aigc_cli.frontends.client import RemoteEngine
-
-        url, api_key, timeouts = remote
-        return lambda: RemoteEngine.connect(url, api_key, named, timeouts)
-    return lambda: o.load_engine(spec, messages)
 
 
 def _run(pipeline: GeneratePipeline, load: Callable[[], Any], source: PromptSource, fmt: OutputFormat, output: str | None) -> None:
