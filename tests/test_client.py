@@ -465,14 +465,15 @@ def test_error_records_through_a_server_equal_a_local_runs(cli, live, tmp_path):
     ]
     from tests.test_records import BAD
 
-    src.write_text("".join(json.dumps(r) + "\n" for r in records) + "".join(v + "\n" for v in BAD.values()) + '{"prompt": "After them"}\n')
+    text = "".join(json.dumps(r) + "\n" for r in records) + "".join(v + "\n" for v in BAD.values()) + '{"prompt": "After them"}\n'
+    src.write_bytes(text.encode() + b'{"prompt": "bad \xff byte"}\n{"prompt": "The end"}\n')  # a line that is not UTF-8
     args = ("generate", "-f", str(src), "--seed", "3", "--max-new-tokens", "4")
     here = cli(*args, "--model", MODEL)
     remote = cli(*args, env={"AIGC_SERVER": live.url, "AIGC_API_KEY": KEY})
     assert here.exit_code == remote.exit_code == 4, remote.stderr
     assert remote.stdout == here.stdout
     codes = [json.loads(line).get("error", {}).get("code") for line in here.stdout.splitlines()]
-    assert codes == [None, "invalid_text", "empty_prompt", "prompt_too_long", "empty_prompt", "prompt_too_long", "bad_token", None, *BAD, None]
+    assert codes == [None, "invalid_text", "empty_prompt", "prompt_too_long", "empty_prompt", "prompt_too_long", "bad_token", None, *BAD, None, "invalid_utf8", None]
 
 
 def test_a_sequence_ended_by_a_stop_token_counts_as_a_local_runs(cli, live):

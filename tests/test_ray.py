@@ -73,7 +73,8 @@ def _write_input(path: Path, n: int) -> None:
             lines.extend(BAD.values())  # every kind of bad record (raw lines)
         else:
             lines.append({"id": f"r{i}", "prompt": f"Record {i} begins with", **({"max_new_tokens": 4 + i % 9} if i % 2 else {})})
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    text = "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines)
+    path.write_bytes(text.encode() + b'{"prompt": "bad \xff byte"}\n')  # a line that is not UTF-8
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -120,7 +121,7 @@ def test_ray_records_equal_the_local_backend(tmp_path, no_stray_ray):
     assert local.returncode == far.returncode == 4, far.stderr  # two error records
     assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
     errors = [json.loads(x) for x in (tmp_path / "ray.jsonl").read_text().splitlines() if '"error"' in x]
-    assert sorted(e["error"]["code"] for e in errors) == sorted(["empty_prompt", "prompt_too_long", *BAD])
+    assert sorted(e["error"]["code"] for e in errors) == sorted(["empty_prompt", "prompt_too_long", "invalid_utf8", *BAD])
 
 
 def test_a_worker_killed_mid_job_is_restarted_and_the_records_are_identical(tiny_lm, no_stray_ray):
