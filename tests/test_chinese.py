@@ -199,6 +199,8 @@ def test_finetune_frames_documents_and_the_result_loads_in_transformers(cli, uer
     assert "bos_token_id must be" not in r.stderr  # transformers' complaint about 50256 is not shown
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (2, 3, 0)
+    again = cli.jsonl("generate", "春天, hello", "--model", str(out), "--max-new-tokens", "12", "--seed", "2")
+    assert not CJK_SPACE.search(again[0]["text"]) and not any(s in again[0]["text"] for s in SPECIALS)  # aigc's own tokenizer
     tok, model = BertTokenizer.from_pretrained(out), GPT2LMHeadModel.from_pretrained(out)
     ids = tok("春天", return_tensors="pt").input_ids[:, :-1]  # [CLS] 春 天
     with torch.no_grad():
@@ -283,3 +285,41 @@ def test_generate_through_the_server_equals_a_local_run(server, uer, cli, tmp_pa
     assert here.exit_code == there.exit_code == 0, there.stderr
     strip = lambda out: [{k: v for k, v in json.loads(x).items() if k not in ("model", "revision")} for x in out.splitlines()]  # noqa: E731
     assert strip(there.stdout) == strip(here.stdout)
+
+
+def test_a_vocabulary_without_start_or_end_tokens_is_refused_naming_it(cli, uer, tmp_path):
+    import shutil
+
+    d = tmp_path / "no-cls"
+    shutil.copytree(uer, d)
+    words = [w for w in (d / "vocab.txt").read_text(encoding="utf-8").split("\n") if w not in ("[CLS]", "[SEP]")]
+    (d / "vocab.txt").write_text("\n".join(words), encoding="utf-8")
+    (d / "special_tokens_map.json").write_text(json.dumps({"unk_token": "[UNK]", "pad_token": "[PAD]"}))
+    for args in (("score", "-"), ("generate", "春天")):
+        r = cli(*args, "--model", str(d), input="春天")
+        assert r.exit_code == 3, r.stderr
+        assert f"{d}: the tokenizer defines no start token" in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) <= 2
+
+
+def test_a_prompt_ending_in_whitespace_gets_no_space_before_the_completion(server, uer, reference):
+    """WordPiece drops a prompt's trailing newline: the completion must not put a space back, and
+    the echoed tokens cover the whole prompt, as typed, in the streamed and the whole answer."""
+    bert, _ = reference
+    for prompt in ("hello\n", "春天的 hello world"):  # (的 is [UNK], shown as typed)
+        body = {"model": str(uer), "prompt": prompt, "max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 1}
+        _, whole = _post(server, "/v1/completions", body)
+        choice = json.loads(whole)["choices"][0]
+        _, streamed = _post(server, "/v1/completions", {**body, "stream": True})
+        events = [e for e in sse_events(streamed) if e != "[DONE]"]
+        assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == choice["text"]
+        offsets = [o for e in events if e["choices"] and e["choices"][0]["logprobs"] for o in e["choices"][0]["logprobs"]["text_offset"]]
+        assert offsets == choice["logprobs"]["text_offset"]
+        completion = choice["text"][len(prompt) :]
+        assert completion[:1] != " " or not prompt[-1].isspace(), repr(choice["text"])
+        lp = choice["logprobs"]
+        for k, (token, top) in enumerate(zip(lp["tokens"], lp["top_logprobs"])):
+            if top is not None:
+                assert token in top, (k, token, top)  # the chosen token keyed as it is shown
+        n = len(bert.encode(prompt, add_special_tokens=False)) + 1
+        assert all(list(top) == [token] for token, top in zip(lp["tokens"][n:], lp["top_logprobs"][n:]))  # greedy: the top-1 is the chosen, once

@@ -607,7 +607,7 @@ class Trainer:
     def _check_sample_prompt(self) -> None:
         """A sample (the prompt and its 40 new tokens) must fit the model's context."""
         if self.schedule.sample_every and self.schedule.sample_prompt:
-            n = len(self.tokenizer.encode(self.schedule.sample_prompt, add_special_tokens=False))
+            n = len(self._sample_ids(self.schedule.sample_prompt))
             if n + _SAMPLE_TOKENS > self.context:
                 raise UsageError(
                     f"--sample-prompt: {n} tokens; with the sample's {_SAMPLE_TOKENS} it must fit the model's context of {self.context}"
@@ -684,13 +684,22 @@ class Trainer:
         self.model.eval()
         backend = TransformersBackend(self.model)
         bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        start = document_frame(self.tokenizer)[0]  # [CLS] for a BERT vocabulary: the condition, not a scored token
         nll = count = 0.0
         for i in range(len(self.val)):
-            p = perplexity(backend, self.val[i], bos, min(self.block + 1, self.context), device=self.device)
+            example = self.val[i]
+            if start and example[:1].tolist() == start:
+                example = example[1:]
+            p = perplexity(backend, example, bos, min(self.block + 1, self.context), device=self.device)
             nll += p.nll * p.tokens
             count += p.tokens
         self.model.train()
         return math.exp(nll / count) if count else None
+
+    def _sample_ids(self, prompt: str) -> list[int]:
+        """A sample prompt's ids as the model's prompts start ([CLS] first for a BERT vocabulary)."""
+        start = document_frame(self.tokenizer)[0]
+        return [*start, *self.tokenizer.encode(prompt, add_special_tokens=False)] or [self.tokenizer.eos_token_id]
 
     @torch.inference_mode()
     def sample(self) -> str:
@@ -701,8 +710,9 @@ class Trainer:
         from aigc_cli.core.settings import GenerationSettings
 
         self.model.eval()
-        prompt = self.schedule.sample_prompt or self.tokenizer.decode(self.train[0][:8].tolist())
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False) or [self.tokenizer.eos_token_id]
+        start = document_frame(self.tokenizer)[0]
+        prompt = self.schedule.sample_prompt or self.tokenizer.decode(self.train[0][:8].tolist(), skip_special_tokens=bool(start))
+        ids = self._sample_ids(prompt)
         lm = SimpleNamespace(model=TransformersBackend(self.model), tokenizer=self.tokenizer, device=self.device)
         settings = GenerationSettings(max_new_tokens=_SAMPLE_TOKENS, seed=self.s.seed).resolved()
         with _rng_kept():

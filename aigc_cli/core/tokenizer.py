@@ -70,6 +70,7 @@ class FastTokenizer:
         self.wordpiece = isinstance(tok.model, models.WordPiece)
         self._specials = {x for x in (eos_token, bos_token, pad_token, sep_token, unk_token, cls_token, mask_token) if x}
         self._vocab: dict[str, int] | None = None
+        self._widths: dict[int, str] | None = None  # fit's table
         self._lowercase = self.wordpiece and _lowercases(tok)
 
     @classmethod
@@ -81,7 +82,8 @@ class FastTokenizer:
 
             tok = Tokenizer.from_file(str(path / "tokenizer.json"))
         config = _json_object(path / "tokenizer_config.json")
-        special = {k: _content(config.get(k)) for k in ("eos_token", "bos_token", "pad_token", "sep_token", "unk_token")}
+        names = ("eos_token", "bos_token", "pad_token", "sep_token", "unk_token", "cls_token", "mask_token")
+        special = {k: _content(config.get(k)) for k in names}
         return cls(tok, **special)
 
     def _id(self, token: str | None) -> int | None:
@@ -125,16 +127,16 @@ class FastTokenizer:
     def fit(self, text: str) -> str:
         """`text` with each character the vocabulary lacks replaced by its full- or half-width
         form where the vocabulary has that one (WordPiece vocabularies keep one form of many)."""
-        vocab = self._known()
-        out = []
-        for ch in text:
-            key = ch.lower() if self._lowercase else ch
-            if key not in vocab and not ch.isspace():
+        if self._widths is None:  # the characters to swap, found once: then one str.translate per text
+            vocab = self._known()
+            known = (lambda c: c.lower() in vocab) if self._lowercase else (lambda c: c in vocab)
+            candidates = [chr(c) for c in (*range(0x21, 0x7F), *range(0xFF01, 0xFF5F))] + list(_WIDE_EXTRA)
+            self._widths = {}
+            for ch in candidates:
                 other = _other_width(ch)
-                if other is not None and (other.lower() if self._lowercase else other) in vocab:
-                    ch = other
-            out.append(ch)
-        return "".join(out)
+                if other is not None and not known(ch) and known(other):
+                    self._widths[ord(ch)] = other
+        return text.translate(self._widths)
 
     def _known(self) -> dict[str, int]:
         if self._vocab is None:
@@ -180,6 +182,8 @@ class FastTokenizer:
         for _, end in self._tok.encode(self.fit(text), add_special_tokens=False).offsets:
             out.append(text[at:end])
             at = max(at, end)
+        if out:
+            out[-1] += text[at:]  # trailing whitespace, which has no token of its own
         return out
 
     def batch_decode(self, rows: Any, clean_up_tokenization_spaces: bool = False, skip_special_tokens: bool = False) -> list[str]:
@@ -225,7 +229,10 @@ def _other_width(ch: str) -> str | None:
         return chr(code - 0xFEE0)
     if 0x21 <= code <= 0x7E:
         return chr(code + 0xFEE0)
-    return {"。": ".", "、": ",", "「": '"', "」": '"'}.get(ch)
+    return _WIDE_EXTRA.get(ch)
+
+
+_WIDE_EXTRA = {"。": ".", "、": ",", "「": '"', "」": '"'}  # full-width forms outside U+FF01-FF5E
 
 
 def _lowercases(tok: Any) -> bool:
@@ -307,7 +314,9 @@ def _content(value: Any) -> str | None:
 
 
 def load_fast(path: Path) -> FastTokenizer | None:
-    """The fast tokenizer for a GPT-2-style directory (byte-level BPE in tokenizer.json), else None."""
+    """The fast tokenizer of a directory's tokenizer.json: byte-level BPE (GPT-2) or a BERT
+    WordPiece vocabulary (a Chinese GPT-2 saved by transformers, as `aigc finetune` saves one);
+    else None."""
     file = path / "tokenizer.json"
     if not file.is_file():
         return None
@@ -317,6 +326,9 @@ def load_fast(path: Path) -> FastTokenizer | None:
         tok = Tokenizer.from_file(str(file))
     except Exception:  # tokenizers raises plain Exception for a file it cannot read
         return None
+    if isinstance(tok.model, models.WordPiece):
+        bert = _json_object(path / "tokenizer_config.json").get("tokenizer_class") in (None, "BertTokenizer", "BertTokenizerFast")
+        return FastTokenizer.from_dir(path, tok) if bert else None
     if not isinstance(tok.model, models.BPE):
         return None
     return FastTokenizer.from_dir(path, tok)

@@ -165,6 +165,7 @@ class _Decoder:
         on_text: OnText | None,
         extra: ExtraProcessors | None = None,
         logprobs: bool = False,
+        joins: Sequence[bool] | None = None,
     ):
         self.model = lm.model
         self.logprobs = logprobs
@@ -179,7 +180,8 @@ class _Decoder:
         width = max(len(p) for p in prompts)
         self.prompt_width = width
         self.rows = [
-            _Row(self.tok, self.tok.decode(p[-16:], clean_up_tokenization_spaces=False), before=p[-1] if p else None) for p in prompts
+            _Row(self.tok, self.tok.decode(p[-16:], clean_up_tokenization_spaces=False), before=p[-1] if p and (joins is None or joins[i]) else None)
+            for i, p in enumerate(prompts)
         ]
         ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -261,6 +263,7 @@ def generate_rows(
     extra: ExtraProcessors | None = None,
     logprobs: bool = False,
     stop: Callable[[], bool] | None = None,
+    joins: Sequence[bool] | None = None,
 ) -> list[RowResult]:
     """Generate one sequence per prompt row (rows may repeat a prompt); `settings` must be resolved.
     `logprobs`: record each generated token's log-probability under the unprocessed model
@@ -268,7 +271,7 @@ def generate_rows(
     when true, Cancelled is raised."""
     if settings.decoding is Decoding.beam:
         raise ValueError("beam search generates several rows per prompt: use generate_beam")
-    dec = _Decoder(lm, prompts, settings, on_text, extra, logprobs and settings.decoding is not Decoding.contrastive)
+    dec = _Decoder(lm, prompts, settings, on_text, extra, logprobs and settings.decoding is not Decoding.contrastive, joins)
     dec.stop = stop
     if settings.decoding is Decoding.contrastive:
         _contrastive_loop(dec)
@@ -545,7 +548,7 @@ class _BanLogits:
 @torch.inference_mode()
 def generate_beam(
     lm: Any, prompt: list[int], settings: GenerationSettings, extra_processors: ExtraProcessors | None = None,
-    stop: Callable[[], bool] | None = None,
+    stop: Callable[[], bool] | None = None, joins: bool = True,
 ) -> list[RowResult]:
     """Beam search for one prompt; returns the best -n beams, best first.
 
@@ -554,14 +557,14 @@ def generate_beam(
     are token for token those of transformers' `generate` (tested); other models use `generate`.
     """
     s = settings
-    dec = _Decoder(lm, [prompt], s, None, extra_processors)
+    dec = _Decoder(lm, [prompt], s, None, extra_processors, joins=[joins])
     dec.stop = stop
     if dec.ban:
         dec.processors.append(_BanLogits(dec, 2 * s.beams))
     sequences = _beam_loop(dec, lm.model)
     results = []
     for seq in sequences:
-        row = _Row(lm.tokenizer, "", before=prompt[-1] if prompt else None)
+        row = _Row(lm.tokenizer, "", before=dec.rows[0].before)
         for step, token in enumerate(seq):
             if row.finish_reason is not None:
                 break

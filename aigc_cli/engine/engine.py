@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aigc_cli.core.errors import RecordError, ref
 from aigc_cli.core.settings import GenerationSettings, shown, text_problem
-from aigc_cli.engine.requests import Completion, Request, check_length, prompt_ids
+from aigc_cli.engine.requests import Completion, Request, check_length, joins, prompt_ids
 
 if TYPE_CHECKING:
     from aigc_cli.core.modelspec import ModelSpec
@@ -173,7 +173,8 @@ class Engine:
         specs = []
         for index in request.wanted():
             stream = self._streamer(request, index, on_text) if on_text is not None else None
-            specs.append(RowSpec(key(index), ids, request.settings, row_seed(request.seed, request.id, index), stream, logprobs, top))
+            seed = row_seed(request.seed, request.id, index)
+            specs.append(RowSpec(key(index), ids, request.settings, seed, stream, logprobs, top, joins(request.prompt)))
         return specs
 
     def _streamer(self, request: Request, index: int, on_text: OnText) -> Callable[[str], None]:

@@ -41,6 +41,13 @@ def checked_prompt_ids(
     return ids
 
 
+def joins(prompt: str) -> bool:
+    """Whether a completion's first token follows the prompt's last token as in one text (a
+    WordPiece text puts a space between two Latin words): not when the prompt ends in whitespace,
+    which a WordPiece tokenizer drops from the ids."""
+    return not prompt[-1:].isspace()
+
+
 def check_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
     """RecordError when a prompt and its new tokens do not fit the model's context (shared with the
     CLI's server client, which checks before it sends)."""

@@ -50,6 +50,7 @@ class RowSpec:
     on_text: Callable[[str], None] | None = None  # called with the row's whole text as it grows
     logprobs: bool = False  # record each token's log-probability under the unprocessed model
     top_logprobs: int = 0  # and this many of the most likely tokens at each step, with theirs
+    joins: bool = True  # the text goes on from the prompt's last token (requests.joins)
 
 
 @dataclass
@@ -408,7 +409,7 @@ class Scheduler:
     def _start(self, spec: RowSpec) -> _Live:
         rules = self._rules_for(spec.settings)
         tail = self.tok.decode(spec.prompt_ids[-16:], clean_up_tokenization_spaces=False)
-        before = spec.prompt_ids[-1] if spec.prompt_ids else None
+        before = spec.prompt_ids[-1] if spec.prompt_ids and spec.joins else None
         return _Live(spec, _Row(self.tok, tail, before=before), rules, rules.processors(len(spec.prompt_ids)))
 
     def _drop_cancelled(self) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from aigc_cli.core.errors import AigcError, RecordError
-from aigc_cli.engine.requests import Cancelled, Completion, Request
+from aigc_cli.engine.requests import Cancelled, Completion, Request, joins
 
 if TYPE_CHECKING:
     from aigc_cli.engine.engine import Engine, OnText
@@ -197,7 +197,7 @@ class _Static:
 
         (entry,) = entries
         req = _req(entry)
-        beams = generate_beam(self.engine.lm, list(req.prompt_ids or ()), req.settings, self.processors, self.stop)
+        beams = generate_beam(self.engine.lm, list(req.prompt_ids or ()), req.settings, self.processors, self.stop, joins(req.prompt))
         for index in req.wanted():
             entry.done[index] = self.engine.completion(req, index, beams[index])
 
@@ -218,7 +218,8 @@ class _Static:
                 stream = lambda _i, text: lone(text)  # noqa: E731
             seeds = [row_seed(_req(e).seed, _req(e).id, i) for e, i in chunk]
             prompts = [list(_req(e).prompt_ids or ()) for e, _ in chunk]
-            out = generate_rows(self.engine.lm, prompts, settings, seeds, stream, self.processors, self.logprobs, self.stop)
+            follows = [joins(_req(e).prompt) for e, _ in chunk]
+            out = generate_rows(self.engine.lm, prompts, settings, seeds, stream, self.processors, self.logprobs, self.stop, follows)
             for (e, i), res in zip(chunk, out):
                 e.done[i] = self.engine.completion(_req(e), i, res)
 

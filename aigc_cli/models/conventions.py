@@ -32,15 +32,6 @@ class Conventions:
     why: tuple[str, ...]  # how each was decided, for `aigc info`
     source: str  # where the tokenizer's files are (named in errors)
 
-    def need(self, role: str, purpose: str) -> int:
-        """The id of the "start", "end" or "pad" token; ModelUnavailableError (exit 3) naming the
-        token and the files when the model defines none."""
-        value = {"start": self.start_id, "end": self.end_id, "pad": self.pad_id}[role]
-        if value is None:
-            wanted = {"start": "a start (bos or [CLS])", "end": "an end-of-text (eos or [SEP])", "pad": "a padding ([PAD] or eos)"}[role]
-            raise ModelUnavailableError(f"{self.source}: the tokenizer defines no {wanted} token, which {purpose} needs")
-        return value
-
 
 def settle(tokenizer: Any, directory: Path | None, source: str) -> Conventions:
     """Decide the model's start, end and pad tokens from its tokenizer, set them on the tokenizer
@@ -51,7 +42,7 @@ def settle(tokenizer: Any, directory: Path | None, source: str) -> Conventions:
     bert = bool(cls and sep and (not eos or eos == sep))  # (eos == sep: settled before)
     if bert:
         tokenizer.bos_token, tokenizer.eos_token = tokenizer.cls_token, tokenizer.sep_token
-        why.append(f"a BERT vocabulary without bos or eos: texts start with {tokenizer.cls_token} and end with {tokenizer.sep_token}")
+        why.append(f"a BERT vocabulary: texts start with {tokenizer.cls_token} and end with {tokenizer.sep_token}, as its models were trained")
     elif getattr(tokenizer, "bos_token", None) is None and getattr(tokenizer, "eos_token", None):
         tokenizer.bos_token = tokenizer.eos_token
         why.append(f"no bos token: texts start with the end-of-text token {tokenizer.eos_token}, as GPT-2 was trained")
@@ -59,6 +50,11 @@ def settle(tokenizer: Any, directory: Path | None, source: str) -> Conventions:
         tokenizer.pad_token = tokenizer.eos_token
         why.append(f"no pad token: {tokenizer.eos_token} pads")
     start, end, pad = (_checked(tokenizer, name, size) for name in ("bos_token", "eos_token", "pad_token"))
+    if start[1] is None or end[1] is None:  # every command frames texts with them (scoring, padding, stopping)
+        raise ModelUnavailableError(
+            f"{source}: the tokenizer defines no {'start' if start[1] is None else 'end-of-text'} token "
+            "(GPT-2's <|endoftext|>, or a BERT vocabulary's [CLS] and [SEP]), which aigc needs to frame texts"
+        )
     prefix = (start[1],) if bert and start[1] is not None else ()
     return Conventions(start[0], start[1], end[0], end[1], pad[0], pad[1], prefix, tuple(why), source)
 

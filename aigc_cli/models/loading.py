@@ -325,10 +325,10 @@ def _where(res: Resolution) -> str:
     return res.path if res.path else f"--model {res.name}"
 
 
-def load_tokenizer(name: str) -> tuple[Any, str, Conventions]:
+def load_tokenizer(name: str, revision: bool = True) -> tuple[Any, str, Conventions]:
     """The tokenizer of a model without its weights, the base of its revision (the weights' hash or
     Hub commit, no precision suffix) and its conventions: what a driver needs when workers hold the
-    model."""
+    model. `revision=False` leaves the base out (hashing a local directory reads every weight)."""
     res = resolve(name)
     if res.kind == "builtin":
         from aigc_cli.models import tiny
@@ -341,7 +341,7 @@ def load_tokenizer(name: str) -> tuple[Any, str, Conventions]:
         from aigc_cli.core.tokenizer import load_fast
 
         tokenizer = load_fast(path) or load_wordpiece(path) or _load_tokenizer(res)
-        base = weights_sha256(path) if res.kind == "local" else path.name
+        base = weights_sha256(path) if res.kind == "local" and revision else path.name  # (hashing reads every weight)
     return tokenizer, base, settle(tokenizer, Path(res.path) if res.path else None, _where(res))
 
 

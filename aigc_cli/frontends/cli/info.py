@@ -50,7 +50,7 @@ def _conventions(name: str) -> None:
     """The model's start, end and pad tokens, and why (models.conventions), from its tokenizer alone."""
     from aigc_cli.models.loading import load_tokenizer
 
-    tokenizer, _, c = load_tokenizer(name)
+    tokenizer, _, c = load_tokenizer(name, revision=False)
     for role, token, token_id in (("start", c.start, c.start_id), ("end", c.end, c.end_id), ("pad", c.pad, c.pad_id)):
         typer.echo(f"{role} token: {token} ({token_id})" if token is not None else f"{role} token: none")
     prefix = ", ".join(tokenizer.convert_ids_to_tokens(list(c.prefix))) if c.prefix else "nothing"

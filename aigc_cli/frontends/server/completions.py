@@ -22,7 +22,7 @@ from aigc_cli.core.errors import RecordError
 from aigc_cli.core.textrules import find_stop, stream_safe_length
 from aigc_cli.engine.engine import Engine
 from aigc_cli.engine.loop import Done, QueueFullError, StoppingError, Ticket, TooBigError
-from aigc_cli.engine.requests import Cancelled, Completion
+from aigc_cli.engine.requests import Cancelled, Completion, joins
 from aigc_cli.engine.requests import Request as EngineRequest
 from aigc_cli.engine.scheduler import Failed, Finished, Token
 from aigc_cli.engine.seeds import run_seed
@@ -250,6 +250,11 @@ class CompletionJob:
         pieces = tok.pieces(ids, before)
         return [p or self._token_text(t) for p, t in zip(pieces, ids)], [len(p) for p in pieces]
 
+    def _before(self, p: int) -> int | None:
+        """The token a completion of prompt `p` goes on from (None after trailing whitespace)."""
+        ids = self.prompt_ids[p]
+        return ids[-1] if ids and joins(self.prompt_texts[p]) else None
+
     def _echo_shown(self, p: int) -> tuple[list[str], list[int]] | None:
         """The echoed prompt's tokens as typed (an [UNK] shows the character the user typed) after
         the model's prefix ([CLS], shown by name, taking no characters): WordPiece only."""
@@ -261,21 +266,33 @@ class CompletionJob:
             return self._shown(ids, None)
         return [self._token_text(t) for t in ids[:n]] + typed, [0] * n + [len(t) for t in typed]
 
-    def _top(self, alternatives: Alternatives | None, chosen: int, logprob: float | None) -> dict[str, float] | None:
-        """The top_logprobs entry of one position: the k most likely tokens and the chosen one."""
+    def _top(
+        self, alternatives: Alternatives | None, chosen: int, logprob: float | None, shown: str, before: int | None
+    ) -> dict[str, float] | None:
+        """The top_logprobs entry of one position: the k most likely tokens and the chosen one, each
+        keyed as `tokens` would show it there (the chosen one exactly as shown; for a WordPiece
+        vocabulary what the token would add after `before`, its leading space or ## join included)."""
         if alternatives is None or self.req.logprobs is None:
             return None
+        tok: Any = self.engine.tokenizer
+        wordpiece = getattr(tok, "wordpiece", False)
+
+        def key(token: int) -> str:
+            if token == chosen:
+                return shown
+            return (tok.pieces([token], before)[0] or self._token_text(token)) if wordpiece else self._token_text(token)
+
         out: dict[str, float] = {}
         for token, lp in alternatives:
-            out.setdefault(self._token_text(token), lp)
+            out.setdefault(key(token), lp)
         if logprob is not None:
-            out.setdefault(self._token_text(chosen), logprob)
+            out.setdefault(shown, logprob)
         return out
 
     def _generated(self, choice: _Choice, start: int, end: int) -> tuple[list[str], list[int], list[float | None], list[Any]]:
         """Tokens, log-probabilities and top entries of the generated tokens start..end-1 (the end
         token is the one after the last generated one)."""
-        ids, chosen, tops = [], [], []
+        ids, chosen, alts = [], [], []
         for k in range(start, end):
             if k < len(choice.token_ids):
                 token, lp, top = choice.token_ids[k], _at(choice.logprobs, k), _at(choice.top, k)
@@ -284,21 +301,22 @@ class CompletionJob:
                 token, lp, top = choice.end
             ids.append(token)
             chosen.append(lp)
-            tops.append(self._top(top, token, lp))
-        prompt = self.prompt_ids[choice.prompt]
-        before = choice.token_ids[start - 1] if 0 < start <= len(choice.token_ids) else (prompt[-1] if prompt else None)
+            alts.append(top)
+        before = choice.token_ids[start - 1] if 0 < start <= len(choice.token_ids) else self._before(choice.prompt)
         shown = self._shown(ids, before)
         tokens, widths = shown if shown is not None else ([self._token_text(t) for t in ids], [len(self._token_text(t)) for t in ids])
+        befores = [before, *ids[:-1]]
+        tops = [self._top(a, t, lp, s, b) for a, t, lp, s, b in zip(alts, ids, chosen, tokens, befores)]
         return tokens, widths, chosen, tops
 
     def _echoed(self, choice: _Choice) -> tuple[list[str], list[int], list[float | None], list[Any]]:
         ids = self.prompt_ids[choice.prompt]
-        chosen, tops = [], []
-        for token, entry in zip(ids, self.echo_logprobs[choice.prompt]):
-            chosen.append(entry[0] if entry else None)
-            tops.append(self._top(entry[1], token, entry[0]) if entry else None)
         shown = self._echo_shown(choice.prompt)
         tokens, widths = shown if shown is not None else ([self._token_text(t) for t in ids], [len(self._token_text(t)) for t in ids])
+        chosen, tops = [], []
+        for k, (token, entry) in enumerate(zip(ids, self.echo_logprobs[choice.prompt])):
+            chosen.append(entry[0] if entry else None)
+            tops.append(self._top(entry[1], token, entry[0], tokens[k], ids[k - 1] if k else None) if entry else None)
         return tokens, widths, chosen, tops
 
     def _logprobs(self, choice: _Choice, start: int, end: int, echo: bool, offset: int) -> dict[str, Any]:
@@ -325,7 +343,11 @@ class CompletionJob:
         if choice.finish == "stop" and choice.end is not None:
             stop = choice.end[0]
         elif choice.finish == "stop" and self.req.settings.stop:
-            full = self.engine.tokenizer.decode(choice.token_ids, clean_up_tokenization_spaces=False)
+            tok: Any = self.engine.tokenizer
+            if getattr(tok, "wordpiece", False):  # the text as generated: with its space after a Latin word
+                full = "".join(tok.pieces(choice.token_ids, self._before(choice.prompt)))
+            else:
+                full = tok.decode(choice.token_ids, clean_up_tokenization_spaces=False)
             at = find_stop(full, self.req.settings.stop)
             stop = next((s for s in self.req.settings.stop if at is not None and full.startswith(s, at)), None)
         return {"finish_reason": finish_reason(choice.finish), "stop_reason": stop}
