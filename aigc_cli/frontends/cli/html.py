@@ -90,6 +90,8 @@ def _shown(piece: str) -> str:
 
 
 def _token(t: dict[str, Any]) -> str:
+    from aigc_cli.apps.tokenview import BUCKET_LABELS
+
     piece = escape(t["token"])
     if t["logprob"] is None:
         tip = "not scored: the first token of a window (--stride equals the context)"
@@ -100,8 +102,8 @@ def _token(t: dict[str, Any]) -> str:
     tip = (
         f"<code>{escape(_shown(t['token']))}</code> (id {t['id']})<br>"
         f"probability {math.exp(t['logprob']):.2%} (logprob {t['logprob']:.3f})<br>"
-        f"rank {t['rank']} ({escape(t['bucket'])}), entropy {t['entropy']:.2f} nats"
-        + (f"<table><tr><td>most likely</td><td></td></tr>{rows}</table>" if rows else "")
+        f"rank {t['rank']} ({escape(BUCKET_LABELS[t['bucket']])}), entropy {t['entropy']:.2f} nats"
+        + (f"<table><tr><td>most likely:</td><td></td></tr>{rows}</table>" if rows else "")
     )
     return f'<span class="tok b-{t["bucket"]}" tabindex="0">{piece}<span class="tip" role="tooltip">{tip}</span></span>'
 
