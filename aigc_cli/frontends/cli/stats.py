@@ -105,9 +105,10 @@ def command(
     if stats.overall.texts == 0:
         raise UsageError(f"{name}: no text to measure" + (f" ({len(problems)} bad lines)" if problems else ""))
     rows = stats.results(with_model=engine is not None)
-    if not jsonl:  # a table: the prompt in its group's cell, cut short (JSONL keeps it whole)
+    rich = streams.resolve(output_format) is OutputFormat.rich
+    if rich:  # a table for people: the prompt in its group's cell, cut short (plain and JSONL keep it whole)
         rows = [{**r, "group": r["group"] + (f": {_short(r['prompt'])}" if r["prompt"] is not None else "")} for r in rows]
-    columns = ["group", "texts", "unit", "distinct_1", "distinct_2", "distinct_3", "self_bleu", "rep_4", "length_mean"]
+    columns = ["group", *([] if rich else ["prompt"]), "texts", "unit", "distinct_1", "distinct_2", "distinct_3", "self_bleu", "rep_4", "length_mean"]
     if engine is not None:
         columns += ["mean_logprob", "perplexity"]
     sampled = any(r["bleu_sampled"] for r in rows)
