@@ -40,7 +40,7 @@ _BATCH = 16  # texts scored together with --model
 MAX_BLEU_SAMPLE = 100_000
 
 
-@o.with_model(named=True)
+@o.with_model(named=True, model_help="Given, the texts are also scored under it (mean log-probability, perplexity); --unit token uses its tokenizer.")
 def command(
     spec: ModelSpec,
     named_model: str | None,
