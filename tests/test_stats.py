@@ -177,3 +177,17 @@ def test_the_bleu_sample_is_uniform():
         for seq in g.sample:
             seen[int(seq[0])] += 1
     assert all(abs(s / runs - 0.3) < 0.035 for s in seen), seen  # 4 standard deviations
+
+
+def test_input_is_read_a_line_at_a_time(tmp_path):
+    """What streams a file larger than memory: lines come out while most of the file is unread."""
+    from aigc_cli.jobs.textfiles import read_lines
+
+    f = tmp_path / "big.txt"
+    f.write_bytes(b"\xef\xbb\xbf" + b"".join(b"line %d of the file\r\n" % i for i in range(20000)))
+    seen: list[tuple[int, int | None]] = []
+    lines = read_lines(str(f), on_bytes=lambda done, size: seen.append((done, size)))
+    first = next(lines)
+    assert first.text == "line 0 of the file" and seen[-1][0] < f.stat().st_size // 100
+    rest = list(lines)
+    assert len(rest) == 19999 and rest[-1].text == "line 19999 of the file" and seen[-1] == (f.stat().st_size,) * 2

@@ -55,7 +55,8 @@ def command(
     and perplexity) of generated texts, overall and per prompt.
 
     Distinct-n is the number of distinct n-grams over the number of n-grams of all texts of a group;
-    self-BLEU is Texygen's (each text against all the others, nltk, smoothing method1).
+    self-BLEU is Texygen's (each text against all the others; BLEU as nltk's sentence_bleu
+    computes it with smoothing method1).
     """
     o.check_range("--bleu-sample", bleu_sample, 2, MAX_BLEU_SAMPLE)
     if unit is Unit.token and named_model is None:
