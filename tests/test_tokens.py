@@ -163,3 +163,20 @@ def test_usage_errors(cli, args, message):
     r = cli("score", "-", *TINY, *args, input="hello")
     assert r.exit_code == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("model,text", [("tiny-random", TEXT), ("tiny-random-zh", "春不闻啼鸟。Hello world 2024, 春")])
+def test_decoded_pieces_concatenate_to_the_decoded_text(model, text):
+    """Tokenizers without character spans (transformers' own): pieces by incremental decoding; a
+    character split over tokens goes with the token that completes it."""
+    from aigc_cli.engine.tokens import pieces
+    from aigc_cli.models.loading import load
+
+    tok = load(model).tokenizer
+    ids = tok.encode(text)
+    got = pieces(tok, ids)
+    assert len(got) == len(ids) and "".join(got) == tok.decode(ids)
+    if model == "tiny-random":
+        robot = [p for p in got if "🤖" in p]
+        assert robot == [" 🤖"] or robot == ["🤖"]
+        assert "\ufffd" not in "".join(got)
