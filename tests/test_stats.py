@@ -217,3 +217,13 @@ def test_input_is_read_a_line_at_a_time(tmp_path, monkeypatch):
     assert first.text == "line 0 of the file" and taken[0] < size // 100
     rest = list(lines)
     assert len(rest) == 19999 and rest[-1].text == "line 19999 of the file" and seen[-1] == (size, size)
+
+
+def test_units_by_script():
+    from aigc_cli.apps.textstats import unit_of, units
+
+    assert unit_of("春眠不觉晓，处处闻啼鸟。") == "char"
+    assert unit_of("これはペンです。") == "char"  # Japanese: hiragana, katakana
+    assert unit_of("The cat sat on the mat.") == "word"
+    assert unit_of("Python 是一种编程语言") == "char" and unit_of("I like 猫 very much") == "word"
+    assert units("猫 が 好き", "auto") == ("char", ["猫", "が", "好", "き"])
