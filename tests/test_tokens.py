@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -131,7 +132,8 @@ def test_rich_view_has_colours_legend_and_summary(cli, tmp_path):
     assert "GLTR rank" in r.stdout and "top 1,000" in r.stdout and "perplexity" in r.stdout
     assert "\x1b[" in r.stdout and "Hello"[:2] in r.stdout
     r = cli("score", str(f), *TINY, "--tokens", "--format", "rich", env={"NO_COLOR": "1"})
-    assert "\x1b[3" not in r.stdout and "\x1b[4" not in r.stdout  # no colour at all under NO_COLOR
+    assert not re.search(r"\x1b\[[0-9;]*(3|4|9|10)[0-9](;|m)", r.stdout)  # no colour at all under NO_COLOR
+    assert "\x1b[7m beyond" in r.stdout and "\x1b[4m top 100" in r.stdout  # the buckets as text attributes
     r = cli("score", str(f), *TINY, "--tokens")  # a pipe: one row per token, no ANSI
     assert "\x1b" not in r.stdout
     rows = [line.split("\t") for line in r.stdout.splitlines()]

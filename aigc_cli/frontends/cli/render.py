@@ -337,6 +337,7 @@ def render_poems(
 # GLTR's colours for the rank buckets (apps.tokenview.BUCKETS), as backgrounds behind black text:
 # green, yellow, red, purple, picked from xterm's 256 colours so that every terminal shows them
 GLTR_COLOURS = {"top10": "#5fd75f", "top100": "#ffd75f", "top1000": "#ff8787", "beyond": "#d787ff"}
+_NO_COLOUR_STYLES = {"top10": "none", "top100": "underline", "top1000": "bold underline", "beyond": "reverse"}
 _TOKEN_COLUMNS = ["line", "index", "token", "id", "logprob", "rank", "entropy", "bucket"]
 
 
@@ -364,9 +365,11 @@ def render_token_views(streams: Streams, fmt: OutputFormat, records: list[dict[s
         streams.stdout.flush()
         return
     console = streams.out_console()
+    # under NO_COLOR the buckets are told apart by text attributes instead of colours
+    styles = _NO_COLOUR_STYLES if streams.no_color else {b: f"black on {c}" for b, c in GLTR_COLOURS.items()}
     legend = Text("GLTR rank: ")
     for name, label in BUCKET_LABELS.items():
-        legend.append(f" {label} ", style=f"black on {GLTR_COLOURS[name]}")
+        legend.append(f" {label} ", style=styles[name])
         legend.append(" ")
     legend.append(" not scored ", style="dim")
     console.print(legend)
@@ -374,8 +377,7 @@ def render_token_views(streams: Streams, fmt: OutputFormat, records: list[dict[s
         console.rule(Text(visible(name), style="bold"), align="left")
         text = Text()
         for t in record["tokens"]:
-            style = f"black on {GLTR_COLOURS[t['bucket']]}" if t["bucket"] else "dim"
-            text.append(visible(t["token"]), style=style)
+            text.append(visible(t["token"]), style=styles[t["bucket"]] if t["bucket"] else "dim")
         console.print(text, soft_wrap=True)
         shares = fractions(record)
         summary = Text("  ".join(f"{BUCKET_LABELS[b]} {shares[b]:.0%}" for b in shares), style="bold")
