@@ -124,6 +124,12 @@ class FastTokenizer:
             text = self.fit(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` and each token's (start, end) character span in it (a character that
+        byte-level BPE splits over tokens gives each of them the character's span)."""
+        enc = self._tok.encode(self.fit(text) if self.wordpiece else text, add_special_tokens=False)
+        return list(enc.ids), [tuple(span) for span in enc.offsets]
+
     def fit(self, text: str) -> str:
         """`text` with each character the vocabulary lacks replaced by its full- or half-width
         form where the vocabulary has that one (WordPiece vocabularies keep one form of many)."""

@@ -4,8 +4,9 @@ where a bad line is reported (file, line, reason) and the rest goes on; no torch
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,18 +45,48 @@ class Line:
     problem: str | None = None
 
 
-def read_lines(path: str, flag: str = "") -> Iterator[Line]:
+def read_lines(path: str, flag: str = "", on_bytes: Callable[[int, int | None], None] | None = None) -> Iterator[Line]:
     """A text file's lines, numbered, each decoded on its own: a line that is not UTF-8 comes
-    with its problem (and no text), so that the caller reports it and goes on."""
-    lines = read_bytes(path, flag).removeprefix(BOM).split(b"\n")
-    if lines[-1] == b"":  # the final newline ends the last line; it starts no new one
-        lines.pop()
-    for number, raw in enumerate(lines, start=1):
-        raw = raw.removesuffix(b"\r")
+    with its problem (and no text), so that the caller reports it and goes on. The file is read a
+    line at a time (files larger than memory stream through); `on_bytes(bytes read, file size or
+    None)` follows along."""
+    name = f"{flag} {path}".strip()
+    try:
+        fh = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115 - closed below
+    except IsADirectoryError:
+        raise UsageError(f"{name}: is a directory") from None
+    except OSError as exc:
+        raise UsageError(f"{name}: cannot read ({exc.strerror})") from None
+    try:
         try:
-            yield Line(number, raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            yield Line(number, None, f"not valid UTF-8 (byte {exc.start} of the line)")
+            size: int | None = os.fstat(fh.fileno()).st_size if path != "-" else None
+        except (OSError, ValueError):
+            size = None
+        done = 0
+        number = 0
+        while True:
+            try:
+                raw = fh.readline()
+            except IsADirectoryError:
+                raise UsageError(f"{name}: is a directory") from None
+            except OSError as exc:
+                raise UsageError(f"{name}: cannot read ({exc.strerror})") from None
+            if not raw:
+                break
+            done += len(raw)
+            if number == 0:
+                raw = raw.removeprefix(BOM)
+            number += 1
+            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+            if on_bytes is not None:
+                on_bytes(done, size)
+            try:
+                yield Line(number, raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield Line(number, None, f"not valid UTF-8 (byte {exc.start} of the line)")
+    finally:
+        if fh is not sys.stdin.buffer:
+            fh.close()
 
 
 @dataclass

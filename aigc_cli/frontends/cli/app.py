@@ -11,7 +11,7 @@ import typer
 
 from aigc_cli import __version__
 from aigc_cli.core.errors import AigcError, ExitCode
-from aigc_cli.frontends.cli import finetune, generate, info, poem, recommend, score, serve
+from aigc_cli.frontends.cli import finetune, generate, info, poem, recommend, score, serve, stats
 from aigc_cli.frontends.cli.options import EXIT_CODES_HELP
 from aigc_cli.frontends.cli.render import Messages, Streams
 
@@ -60,7 +60,7 @@ def boundary(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-for _module in (generate, poem, score, recommend, serve, finetune, info):
+for _module in (generate, poem, score, recommend, stats, serve, finetune, info):
     _name = _module.__name__.rsplit(".", 1)[1]
     app.command(name=_name, epilog=_module.EPILOG)(boundary(_module.command))
 

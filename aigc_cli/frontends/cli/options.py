@@ -61,13 +61,19 @@ def model_spec(model: str | None, device: str, dtype: str, quantize: str = "none
     return ModelSpec.parse(model, device, dtype, quantize)
 
 
-def with_model(quantize: bool = True, fmt: bool = True, named: bool = False) -> Callable[[F], F]:
+def with_model(quantize: bool = True, fmt: bool = True, named: bool = False, model_help: str | None = None) -> Callable[[F], F]:
     """Give a command the model options (--model, --device, --dtype, and --quantize, --format,
     --debug); it receives them parsed as `spec: ModelSpec` (and `output_format`). With `named`,
     --model has no default and the command also gets `named_model` (None when not given: with
-    --server, the server's model)."""
+    --server, the server's model; `model_help` says what it means for another command)."""
+    named_opt = GenerateModelOpt
+    if named and model_help is not None:
+        named_opt = Annotated[
+            Optional[str],
+            typer.Option("--model", "-m", envvar="AIGC_MODEL", help=_MODEL_HELP + " " + model_help, metavar="NAME|DIR", show_default=False),
+        ]
     added = [
-        ("model", GenerateModelOpt if named else ModelOpt, None if named else "gpt2"),
+        ("model", named_opt if named else ModelOpt, None if named else "gpt2"),
         ("device", DeviceOpt, "auto"),
         ("dtype", DtypeOpt, "auto"),
         *([("quantize", QuantizeOpt, "none")] if quantize else []),

@@ -332,3 +332,54 @@ def render_poems(
         console.print(
             Panel(Text("\n".join(lines_of(p))), title=Text(f"Poem {p.index + 1}: {title}"), subtitle=Text(f"score {p.score:.3f}"), expand=False)
         )
+
+
+# GLTR's colours for the rank buckets (apps.tokenview.BUCKETS), as backgrounds behind black text:
+# green, yellow, red, purple, picked from xterm's 256 colours so that every terminal shows them
+GLTR_COLOURS = {"top10": "#5fd75f", "top100": "#ffd75f", "top1000": "#ff8787", "beyond": "#d787ff"}
+_NO_COLOUR_STYLES = {"top10": "none", "top100": "underline", "top1000": "bold underline", "beyond": "reverse"}
+_TOKEN_COLUMNS = ["line", "index", "token", "id", "logprob", "rank", "entropy", "bucket"]
+
+
+def render_token_views(streams: Streams, fmt: OutputFormat, records: list[dict[str, Any]], names: list[str]) -> None:
+    """`aigc score --tokens`: each text's tokens coloured by GLTR bucket with a legend and a summary
+    (Rich); one row per token, tab-separated (plain); or one JSON object per text (JSONL).
+    `names` titles each record (a file name, or "line N")."""
+    from aigc_cli.apps.tokenview import BUCKET_LABELS, fractions
+
+    fmt = streams.resolve(fmt)
+    if fmt is OutputFormat.jsonl:
+        for record in records:
+            streams.stdout.write(json_line(record) + "\n")
+        streams.stdout.flush()
+        return
+    if fmt is OutputFormat.plain:
+        escape = streams.stdout_tty
+        streams.stdout.write("\t".join(_TOKEN_COLUMNS) + "\n")
+        for record in records:
+            for i, t in enumerate(record["tokens"]):
+                # the piece as a TSV cell: backslash, tab and newline escaped, so one token is one row
+                piece = t["token"].replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+                row = [record.get("line", ""), i, visible(piece) if escape else piece, t["id"], t["logprob"], t["rank"], t["entropy"], t["bucket"]]
+                streams.stdout.write("\t".join(_cell(v) for v in row) + "\n")
+        streams.stdout.flush()
+        return
+    console = streams.out_console()
+    # under NO_COLOR the buckets are told apart by text attributes instead of colours
+    styles = _NO_COLOUR_STYLES if streams.no_color else {b: f"black on {c}" for b, c in GLTR_COLOURS.items()}
+    legend = Text("GLTR rank: ")
+    for name, label in BUCKET_LABELS.items():
+        legend.append(f" {label} ", style=styles[name])
+        legend.append(" ")
+    legend.append(" not scored ", style="dim")
+    console.print(legend)
+    for record, name in zip(records, names):
+        console.rule(Text(visible(name), style="bold"), align="left")
+        text = Text()
+        for t in record["tokens"]:
+            text.append(visible(t["token"]), style=styles[t["bucket"]] if t["bucket"] else "dim")
+        console.print(text, soft_wrap=True)
+        shares = fractions(record)
+        summary = Text("  ".join(f"{BUCKET_LABELS[b]} {shares[b]:.0%}" for b in shares), style="bold")
+        summary.append(f"   perplexity {record['perplexity']:.2f} over {record['token_count']} tokens")
+        console.print(summary)
