@@ -227,3 +227,12 @@ def test_units_by_script():
     assert unit_of("The cat sat on the mat.") == "word"
     assert unit_of("Python 是一种编程语言") == "char" and unit_of("I like 猫 very much") == "word"
     assert units("猫 が 好き", "auto") == ("char", ["猫", "が", "好", "き"])
+
+
+def test_aigc_model_in_the_environment_does_not_make_stats_score(cli, tmp_path):
+    """AIGC_MODEL is set for generating; stats measures the texts alone unless --model is typed."""
+    f = tmp_path / "texts.txt"
+    f.write_text("the sea at night\nthe moon over the sea\n")
+    r = cli("stats", str(f), "--format", "jsonl", env={"AIGC_MODEL": "tiny-random"})
+    assert r.exit_code == 0, r.stderr
+    assert all("perplexity" not in json.loads(line) for line in r.stdout.splitlines())

@@ -184,13 +184,8 @@ class FastTokenizer:
         tokens decode to their own pieces (`pieces`)."""
         if not self.wordpiece:
             return None
-        at, out = 0, []
-        for _, end in self._tok.encode(self.fit(text), add_special_tokens=False).offsets:
-            out.append(text[at:end])
-            at = max(at, end)
-        if out:
-            out[-1] += text[at:]  # trailing whitespace, which has no token of its own
-        return out
+        _, spans = self.encode_spans(text)
+        return stretches(text, [end for _, end in spans])
 
     def batch_decode(self, rows: Any, clean_up_tokenization_spaces: bool = False, skip_special_tokens: bool = False) -> list[str]:
         if self.wordpiece:
@@ -201,6 +196,19 @@ class FastTokenizer:
         if isinstance(ids, int):
             return self._tok.id_to_token(ids)
         return [self._tok.id_to_token(i) for i in ids]
+
+
+def stretches(text: str, ends: Sequence[int]) -> list[str]:
+    """`text` cut at each token's end (the characters before a token's span, spaces say, go with
+    it; a token ending where the last one did gets ""), the rest after the last token going with
+    that one: the pieces join to `text` exactly."""
+    out, done = [], 0
+    for e in ends:
+        out.append(text[done:e] if e > done else "")
+        done = max(done, e)
+    if out:
+        out[-1] += text[done:]  # text no token covers (trailing spaces a tokenizer drops)
+    return out
 
 
 def join_wordpiece(tokens: list[str | None], specials: set[str]) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from aigc_cli.core.textrules import TOKEN_CUTS
+from aigc_cli.core.tokenizer import stretches
 from aigc_cli.engine.scoring import _HEAD_ROWS, _PIECE, encode_long, sliding_windows, start_token
 from aigc_cli.models.backends import Backend
 
@@ -142,13 +143,7 @@ def encode_pieces(tok: Any, text: str) -> tuple[list[int], list[str]]:
         ids += part_ids
         ends += [start + e for _, e in spans]
         start = end
-    out, done = [], 0
-    for e in ends:
-        out.append(text[done:e] if e > done else "")
-        done = max(done, e)
-    if out:
-        out[-1] += text[done:]  # text no token covers (trailing spaces a tokenizer drops)
-    return ids, out
+    return ids, stretches(text, ends)
 
 
 def _completes_later(tok: Any, ids: Sequence[int], anchor: int, i: int) -> bool:

@@ -65,12 +65,13 @@ def with_model(quantize: bool = True, fmt: bool = True, named: bool = False, mod
     """Give a command the model options (--model, --device, --dtype, and --quantize, --format,
     --debug); it receives them parsed as `spec: ModelSpec` (and `output_format`). With `named`,
     --model has no default and the command also gets `named_model` (None when not given: with
-    --server, the server's model; `model_help` says what it means for another command)."""
+    --server, the server's model; `model_help` says what it means for another command, whose
+    --model is then only what its user types: AIGC_MODEL, set for generating, does not turn it on)."""
     named_opt = GenerateModelOpt
     if named and model_help is not None:
         named_opt = Annotated[
             Optional[str],
-            typer.Option("--model", "-m", envvar="AIGC_MODEL", help=_MODEL_HELP + " " + model_help, metavar="NAME|DIR", show_default=False),
+            typer.Option("--model", "-m", help=_MODEL_HELP + " " + model_help, metavar="NAME|DIR", show_default=False),
         ]
     added = [
         ("model", named_opt if named else ModelOpt, None if named else "gpt2"),
