@@ -355,3 +355,17 @@ def test_one_running_row_takes_the_lean_step_with_the_batch_steps_logits_bit_for
     n = max(full.lengths)
     assert torch.equal(lean.keys[:, :2, :, :n], full.keys[:, :2, :, :n])
     assert torch.equal(lean.v[:, :2, :, :n], full.v[:, :2, :, :n])
+
+
+def test_a_lone_row_gets_a_cache_of_its_own_size_and_arrivals_grow_it_in_steps(tiny_lm):
+    """The first rows of an empty cache take exactly their slots (a lone 900-token prompt once
+    zeroed 8 rows of cache before its first token); rows arriving later grow it in steps."""
+    settings = GenerationSettings(decoding="greedy", max_new_tokens=5).resolved()
+    sched = Scheduler(tiny_lm, max_rows=16)
+    sched.submit(_spec(tiny_lm, "a", "the cat sat on the mat", settings))
+    sched.step()
+    assert sched.slots.capacity == (1, len(sched.live[0].spec.prompt_ids) + 5)
+    sched.submit(_spec(tiny_lm, "b", "he was", settings))
+    sched.step()
+    assert sched.slots.capacity[0] == 8
+    assert set(_drain(sched)) == {"a", "b"}
