@@ -437,7 +437,8 @@ class GPT2:
         self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False, first: int = 0
     ) -> torch.Tensor | Stepped:
         with _threads(self.threads):
-            if tokens is not None and tokens.shape[0] == 1 and not prompts and not states:
+            # CPU only until measured on a GPU (no GPU was lent when it was written)
+            if tokens is not None and tokens.shape[0] == 1 and not prompts and not states and self.device.type == "cpu":
                 return self._step_one(tokens, slots, first)
             return self._step(tokens, slots, prompts, states, first)
 
