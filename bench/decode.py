@@ -170,11 +170,46 @@ def _worker(kind: str, quantize: str, path: str, long_prompt: str) -> None:
     for line in sys.stdin:
         ask = json.loads(line)
         try:
-            answer = floor(ask["floor"]) if "floor" in ask else run(ask["case"], ask.get("breakdown", False))
+            if "floor" in ask:
+                answer = floor(ask["floor"])
+            elif "lean" in ask:
+                answer = _lean_against_batch_step(engine.lm.model, ask["lean"])
+            else:
+                answer = run(ask["case"], ask.get("breakdown", False))
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which names the engine
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         proto.write(json.dumps(answer) + "\n")
         proto.flush()
+
+
+def _lean_against_batch_step(model: Any, steps: int) -> dict[str, Any]:
+    """Wall and CPU time per decoding step of one row, `steps` steps through the lean one-row step
+    (`GPT2.step`) and as many through the batch step (`GPT2._step`) on the same model, alternating
+    in blocks of 8 steps; the logits are checked equal."""
+    import torch
+
+    out: dict[str, list[float]] = {"lean": [0.0, 0.0], "batch": [0.0, 0.0]}
+    caches = {name: model.new_slots() for name in out}
+    logits = {}
+    for name, slots in caches.items():
+        slots.reserve(1, steps + 8)
+        logits[name] = model.step(None, slots, [[15496, 11, 703, 389, 345, 30]])
+    token = logits["lean"].argmax(-1)
+    for _ in range(steps // 8):
+        for name, slots in caches.items():
+            started, cpu = time.perf_counter(), time.process_time()
+            for _ in range(8):
+                if name == "lean":
+                    logits[name] = model.step(token, slots, [])
+                else:
+                    logits[name] = model._step(token, slots, [], False, 0)
+            out[name][0] += time.perf_counter() - started
+            out[name][1] += time.process_time() - cpu
+        if not torch.equal(logits["lean"], logits["batch"]):
+            raise AssertionError("the lean step's logits differ from the batch step's")
+        token = logits["lean"].argmax(-1)
+    n = steps // 8 * 8
+    return {name: {"wall": w / n, "cpu": c / n} for name, (w, c) in out.items()}
 
 
 def _matrices(model: Any) -> list[tuple[Any, int, int]]:
@@ -369,7 +404,7 @@ def main() -> None:
     parser.add_argument("--old", type=Path, default=Path("/work/old-7937ef0"), help="the pre-scheduler build (a worktree of 7937ef0)")
     parser.add_argument("--build", action="append", default=[], metavar="NAME=DIR", help="another build to compare (repeatable)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--cases", default=",".join([*CASES, "readme"]), help="comma-separated: " + ", ".join([*CASES, "readme"]))
+    parser.add_argument("--cases", default=",".join([*CASES, "lean", "readme"]), help="comma-separated: " + ", ".join([*CASES, "lean", "readme"]))
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-decode.md")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in every engine (OMP_NUM_THREADS); 0: torch's default")
     parser.add_argument("--note", default="", help="a line about the machine's state for the results file")
@@ -449,6 +484,20 @@ def main() -> None:
             if root is not None and (root / "aigc_cli" / "engine" / "scheduler.py").exists():
                 breakdowns.setdefault(case, {})[name] = engines[(name, q)].ask(case=case, breakdown=True)["breakdown"]
         print(f"{spec['title']}: " + ", ".join(f"{n} {statistics.median(t):.3f} s" for n, t in times.items()), flush=True)
+
+    lean: dict[str, dict[str, list[float]]] = {}
+    if "lean" in cases:  # this tree's lean one-row step against its batch step, same model, same process
+        eng = engines.get(("aigc", "none")) or Engine("aigc (none)", "aigc", ROOT, "none", path, long_prompt)
+        if ("aigc", "none") not in engines:
+            eng.ready()
+            engines[("aigc", "none")] = eng
+        for _ in range(args.rounds):
+            got = eng.ask(lean=96)
+            for name, t in got.items():
+                lean.setdefault(name, {"wall": [], "cpu": []})
+                lean[name]["wall"].append(t["wall"])
+                lean[name]["cpu"].append(t["cpu"])
+        print("lean step: " + ", ".join(f"{n} {statistics.median(t['cpu']) * 1e3:.1f} ms CPU" for n, t in lean.items()), flush=True)
 
     # correctness: greedy and beam as transformers; seeded sampling as this tree
     checks: list[str] = []
@@ -573,6 +622,14 @@ def main() -> None:
                     f"{(rest if rest is not None else p['engine around the scheduler']) / steps * 1e3:.2f}{' (own loop)' if rest is not None else ''} | "
                     f"{b['conversions']}, {b['conversion_seconds'] / steps * 1e3:.2f} |"
                 )
+    if lean:
+        lines += ["", "## The lean one-row step against the batch step (this tree, same model and process, 96 steps a round)", ""]
+        lines += ["| step | wall per step (median) | CPU per step (median) |", "|---|---:|---:|"]
+        for name, t in lean.items():
+            label = "lean (`GPT2._step_one`, taken by `GPT2.step` for one running row)" if name == "lean" else "batch (`GPT2._step`, what one row ran before)"
+            lines.append(f"| {label} | {med(t['wall']) * 1e3:.2f} ms | {med(t['cpu']) * 1e3:.2f} ms |")
+        lines.append("")
+        lines.append("The logits of the two were checked equal (torch.equal) after every block of 8 steps.")
     if checks:
         lines += ["", "## Outputs", "", *[f"- {c}" for c in checks]]
     lines += ["", f"Rerun: `.venv/bin/python bench/decode.py --old /work/old-7937ef0 --build main=/work/old-89a47d9` (`--rounds 5` by default).", ""]
