@@ -72,6 +72,13 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
+def _set_tokens(n: int) -> None:
+    """New tokens of the single-stream cases (beam search: half as many)."""
+    for name in ("greedy", "int8", "sample"):
+        CASES[name]["tokens"] = n
+    CASES["beam"]["tokens"] = max(1, n // 2)
+
+
 def _cpu() -> tuple[str, str]:
     """(model name, the CPU's vector and matrix flags) from /proc/cpuinfo."""
     name, flags = platform.processor() or "unknown CPU", ""
@@ -332,13 +339,15 @@ class _Probe:
 class Engine:
     """A worker process and how to ask it."""
 
+    tokens = 128  # --tokens, passed on to every worker
+
     def __init__(self, label: str, kind: str, root: Path | None, quantize: str, path: str, long_prompt: str) -> None:
         self.label, self.kind, self.root, self.quantize = label, kind, root, quantize
         env = dict(os.environ)
         cwd = str(root) if root is not None else str(HERE)
         if root is not None:
             env["PYTHONPATH"] = str(root)
-        cmd = [sys.executable, str(HERE / "decode.py"), "--worker", kind, "--quantize", quantize, "--model", path]
+        cmd = [sys.executable, str(HERE / "decode.py"), "--worker", kind, "--quantize", quantize, "--model", path, "--tokens", str(self.tokens)]
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"long_prompt": long_prompt}) + "\n")
@@ -406,16 +415,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--cases", default=",".join([*CASES, "lean", "readme"]), help="comma-separated: " + ", ".join([*CASES, "lean", "readme"]))
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-decode.md")
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens of the batch-1 cases (beam search: half)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in every engine (OMP_NUM_THREADS); 0: torch's default")
     parser.add_argument("--note", default="", help="a line about the machine's state for the results file")
     args = parser.parse_args()
     if args.threads:  # inherited by every worker and whole process
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    _set_tokens(args.tokens)
     if args.worker:
         first = json.loads(sys.stdin.readline())
         _worker(args.worker, args.quantize, args.model, first["long_prompt"])
         return
 
+    Engine.tokens = args.tokens
     sys.path.insert(0, str(HERE))
     from make_model import build
 
@@ -462,7 +474,8 @@ def main() -> None:
     for case in (c for c in cases if c in CASES):
         spec = CASES[case]
         q = spec["quantize"]
-        contenders = [(name, engines[(name, q)]) for name in builds]
+        # the batch path (32 rows) is compared with the builds that have a scheduler only
+        contenders = [(name, engines[(name, q)]) for name in builds if case != "batch32" or name != "pre-scheduler"]
         if spec["decoding"] != "sample" or case == "sample":
             contenders.append(("transformers", engines[("transformers", "none")]))
         outputs[case] = {}
