@@ -1,6 +1,7 @@
 """Single-stream decoding against the weight-streaming floor (issue 26); writes bench/RESULTS-decode.md.
 
-    .venv/bin/python bench/decode.py --old /work/old-7937ef0 --build main=/work/old-89a47d9
+    git worktree add ../old-7937ef0 7937ef0
+    .venv/bin/python bench/decode.py --old ../old-7937ef0 --build main=../old-89a47d9 --threads 1
 
 Batch-1 decoding of GPT-2 small reads every weight matrix once per token, so its speed is bounded
 by how fast the CPU streams them. In one run this measures that floor (a batch-1 pass of the kernels
@@ -410,7 +411,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--old", type=Path, default=Path("/work/old-7937ef0"), help="the pre-scheduler build (a worktree of 7937ef0)")
+    parser.add_argument("--old", type=Path, default=ROOT.parent / "old-7937ef0", help="the pre-scheduler build (a worktree of 7937ef0; default ../old-7937ef0)")
     parser.add_argument("--build", action="append", default=[], metavar="NAME=DIR", help="another build to compare (repeatable)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--cases", default=",".join([*CASES, "lean", "readme"]), help="comma-separated: " + ", ".join([*CASES, "lean", "readme"]))
@@ -645,7 +646,8 @@ def main() -> None:
         lines.append("The logits of the two were checked equal (torch.equal) after every block of 8 steps.")
     if checks:
         lines += ["", "## Outputs", "", *[f"- {c}" for c in checks]]
-    lines += ["", f"Rerun: `.venv/bin/python bench/decode.py --old /work/old-7937ef0 --build main=/work/old-89a47d9` (`--rounds 5` by default).", ""]
+    lines += ["", "Rerun: `git worktree add ../old-7937ef0 7937ef0`, then `.venv/bin/python bench/decode.py --old ../old-7937ef0 "
+              "[--build NAME=DIR] [--threads 1] [--tokens 128] [--rounds 5]`.", ""]
     text = "\n".join(lines)
     print(text)
     tmp = args.out.with_suffix(".tmp")
