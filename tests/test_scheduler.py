@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from aigc_cli.engine.seeds import row_seed
 from aigc_cli.engine.scheduler import Failed, Finished, RowSpec, Scheduler, Token
@@ -322,3 +323,49 @@ def test_a_forward_pass_that_fails_is_split_until_only_the_row_that_cannot_run_f
     assert set(results) == set(clean) - {specs[5].key}
     for key, result in results.items():
         assert result.token_ids == clean[key].token_ids, key
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8", "fp16"])
+def test_one_running_row_takes_the_lean_step_with_the_batch_steps_logits_bit_for_bit(tiny_lm, quantize, monkeypatch):
+    """Batch-1 decoding runs `GPT2._step_one` (no batch bookkeeping); it must give exactly what the
+    batch step gives the same row, leave the same keys and values in the cache, and touch only
+    its own slot."""
+    from aigc_cli.models.gpt2 import GPT2, from_hf_model
+
+    model = tiny_lm.model if quantize == "none" else from_hf_model(tiny_lm.hf_model, quantize=quantize)
+    lean_calls = []
+    original = GPT2._step_one
+    monkeypatch.setattr(GPT2, "_step_one", lambda self, *a: lean_calls.append(a[2]) or original(self, *a))
+    tok = tiny_lm.tokenizer
+    prompts = [tok.encode("the cat sat on", add_special_tokens=False), tok.encode("he was in the house of his", add_special_tokens=False)]
+    lean, full = model.new_slots(), model.new_slots()
+    for slots in (lean, full):
+        slots.reserve(2, 64)
+        logits = model.step(None, slots, prompts)
+    tokens = logits.argmax(-1)
+    for _ in range(20):
+        for row in (1, 0):  # each row steps alone in its own slot; the other stays as it is
+            token = tokens[row : row + 1]
+            got = model.step(token, lean, [], first=row)
+            want = model._step(token, full, [], False, row)
+            assert torch.equal(got, want)
+            tokens[row] = got[0].argmax()
+    assert lean_calls == [1, 0] * 20
+    assert lean.lengths == full.lengths
+    n = max(full.lengths)
+    assert torch.equal(lean.keys[:, :2, :, :n], full.keys[:, :2, :, :n])
+    assert torch.equal(lean.v[:, :2, :, :n], full.v[:, :2, :, :n])
+
+
+def test_a_lone_row_gets_a_cache_of_its_own_size_and_arrivals_grow_it_in_steps(tiny_lm):
+    """The first rows of an empty cache take exactly their slots (a lone 900-token prompt once
+    zeroed 8 rows of cache before its first token); rows arriving later grow it in steps."""
+    settings = GenerationSettings(decoding="greedy", max_new_tokens=5).resolved()
+    sched = Scheduler(tiny_lm, max_rows=16)
+    sched.submit(_spec(tiny_lm, "a", "the cat sat on the mat", settings))
+    sched.step()
+    assert sched.slots.capacity == (1, len(sched.live[0].spec.prompt_ids) + 5)
+    sched.submit(_spec(tiny_lm, "b", "he was", settings))
+    sched.step()
+    assert sched.slots.capacity[0] == 8
+    assert set(_drain(sched)) == {"a", "b"}
