@@ -141,9 +141,18 @@ class CompletionJob:
                 ids = self.engine.encode(prompt, self.req.settings) if isinstance(prompt, str) else list(prompt)
                 self.engine.check_ids(ids, self.req.settings, self.req.generated_tokens)
             except RecordError as exc:
-                raise _refusal(exc, where, self.req) from None
+                raise _refusal(exc, where, self.req, exc.code == "prompt_too_long" and self._fits_alone(prompt)) from None
             self.prompt_ids.append(ids)
             self.prompt_texts.append(prompt if isinstance(prompt, str) else tok.decode(ids, clean_up_tokenization_spaces=False))
+
+    def _fits_alone(self, prompt: str | list[int]) -> bool:
+        """Whether a prompt refused as too long fits the context without new tokens (then the
+        new tokens are at fault); counted again only on this refusal's path."""
+        if isinstance(prompt, str):
+            if len(prompt) > self.engine.context_length * self.engine.longest_token:
+                return False
+            prompt = self.engine.tokenizer.encode(prompt, add_special_tokens=False)
+        return len(prompt) <= self.engine.context_length
 
     def _requests(self) -> list[EngineRequest]:
         record = self.req.record_id
@@ -396,10 +405,11 @@ def _result(event: Done) -> Any:
     return event.result
 
 
-def _refusal(exc: RecordError, where: str, req: CompletionRequest) -> APIError:
-    """A prompt the engine cannot take, as a 400 naming the request field at fault."""
+def _refusal(exc: RecordError, where: str, req: CompletionRequest, fits_alone: bool = False) -> APIError:
+    """A prompt the engine cannot take, as a 400 naming the request field at fault: a prompt too
+    long names max_tokens only when the client gave it and the prompt alone fits."""
     if exc.code == "prompt_too_long":
-        param = "prompt" if req.generated_tokens == 0 or "characters" in exc.text else "max_tokens"
+        param = "max_tokens" if fits_alone and req.generated_tokens and req.max_tokens_given else "prompt"
         return bad(f"{where}{exc.render('api')}", param, "context_length_exceeded")
     field = (req.settings.mode.kv_rows if exc.code == "too_big" else exc.field) or "prompt"
     param = BY_PARAM_NAME.get(field, field)

@@ -24,9 +24,9 @@ from aigc_cli.frontends.server.completions import CompletionJob
 from aigc_cli.frontends.server.observability import AccessLog, Metrics
 from aigc_cli.frontends.server.state import MAX_TOKENIZE_CHARS, RETRY_AFTER, ServerState
 from aigc_cli.protocol import schema
-from aigc_cli.protocol.chat import chat_chunk, chat_request, chat_response
+from aigc_cli.protocol.chat import chat_chunk, chat_error, chat_request, chat_response
 from aigc_cli.protocol.completions import completion_request
-from aigc_cli.protocol.errors import APIError, bad, parse_json, quoted
+from aigc_cli.protocol.errors import APIError, bad, parse_json, quoted, unknown_parameter
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -156,10 +156,14 @@ def _completion_routes(app: FastAPI, state: ServerState) -> None:
                 None,
                 "chat_not_supported",
             )
-        body = chat_request(await _body(state, request), state.options.chat_template, engine.tokenizer)
-        req = completion_request(body)
-        _check_model(state, req.model)
-        return await _respond(request, CompletionJob(state, engine, req, request.scope.setdefault("aigc_usage", {})), chat_response, chat=True)
+        sent = await _body(state, request)
+        body = chat_request(sent, state.options.chat_template, engine.tokenizer)
+        try:
+            req = completion_request(body)
+            _check_model(state, req.model)
+            return await _respond(request, CompletionJob(state, engine, req, request.scope.setdefault("aigc_usage", {})), chat_response, chat=True)
+        except APIError as exc:
+            raise chat_error(exc, sent) from None
 
 
 async def _respond(request: Request, job: CompletionJob, shape: Callable[[dict[str, Any]], dict[str, Any]], chat: bool = False) -> Response:
@@ -202,6 +206,12 @@ def _ready(state: ServerState, request: Request) -> Engine:
 
 
 def _check_model(state: ServerState, name: Any) -> None:
+    """400 for a model name that is not text, 404 for another model than the one served."""
+    if not isinstance(name, str):
+        raise bad(f"'model' must be a string (got {quoted(name)})", "model")
+    problem = text_problem(name)
+    if problem is not None:
+        raise bad(f"'model' is {problem}", "model", "invalid_text")
     if name != state.options.spec.name:
         served = state.options.spec.name
         raise APIError(404, f"the model {quoted(name)} does not exist; this server serves {quoted(served)}", "model", "model_not_found")
@@ -230,7 +240,7 @@ async def _body(state: ServerState, request: Request, keys: set[str] | None = No
         _check_model(state, body["model"])
     unknown = next((k for k in body if k not in keys), None) if keys is not None else None
     if unknown is not None:
-        raise bad(f"unknown parameter {quoted(unknown)}", None, "unknown_parameter")
+        raise unknown_parameter(unknown)
     return body
 
 
