@@ -40,6 +40,25 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def eos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-random with its end-of-text made the greedy choice wherever the model would begin a new
+    line (its head's end-of-text row, token 256, is 1.01 times the newline row, token 10): items
+    after which the model's next token is end-of-text, which the built-in model almost never
+    generates."""
+    import torch
+
+    from aigc_cli.models.tiny import build_tiny
+
+    model, tokenizer = build_tiny()
+    with torch.no_grad():
+        model.lm_head.weight[256] = model.lm_head.weight[10] * 1.01
+    path = tmp_path_factory.mktemp("eos-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 class Cli:
     """Runs the Typer app in-process; stdout and stderr are kept apart."""
 

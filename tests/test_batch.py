@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from aigc_cli.jobs.records import BatchJob, InputFormat, read_records
+from aigc_cli.jobs.batch import BatchJob
+from aigc_cli.jobs.records import InputFormat, read_records
 from aigc_cli.frontends.cli.render import Messages, Streams
 from aigc_cli.core.settings import GenerationSettings
 

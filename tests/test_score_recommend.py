@@ -237,8 +237,8 @@ def test_recommend_eval_prints_a_random_baseline(cli):
     rows = cli.jsonl("recommend", "--catalog", "sample", "--eval", "sample", "-k", "3", *TINY)
     assert [r["ranking"] for r in rows] == ["aigc (pmi)", "random"]
     for r in rows:
-        assert set(r) == {"ranking", "HR@3", "nDCG@3", "MRR", "AUC"}
-        assert all(0 <= v <= 1 for k, v in r.items() if k != "ranking")
+        assert set(r) == {"ranking", "HR@3", "nDCG@3", "MRR", "AUC", "users"} and r["users"] == 8
+        assert all(0 <= v <= 1 for k, v in r.items() if k not in ("ranking", "users"))
     assert rows[1]["AUC"] == pytest.approx(0.5, abs=0.05)
 
 

@@ -10,31 +10,13 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.serving import KEY, MODEL, Server, sse_events
+from tests.serving import KEY, Server, sse_events
 
-EOS = 256  # tiny-random's <|endoftext|>
-NEWLINE = 10  # its "\n" byte token
-
-
-@pytest.fixture(scope="module")
-def eos_dir(tmp_path_factory) -> Path:
-    """tiny-random with its end-of-text made the greedy choice wherever the model would begin a new
-    line (its head's end-of-text row is 1.01 times the newline row): items after which the model's
-    next token is end-of-text, which the built-in model almost never generates."""
-    from aigc_cli.models.tiny import build_tiny
-
-    model, tokenizer = build_tiny()
-    with torch.no_grad():
-        model.lm_head.weight[EOS] = model.lm_head.weight[NEWLINE] * 1.01
-    path = tmp_path_factory.mktemp("eos-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+EOS = 256  # tiny-random's <|endoftext|> (eos_dir, in conftest.py, makes it likely)
 
 
 @pytest.fixture(scope="module")

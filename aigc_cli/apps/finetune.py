@@ -35,6 +35,9 @@ from typing import Any
 import torch
 
 from aigc_cli.core import jsondata
+from aigc_cli.core.textrules import TOKEN_CUTS
+from aigc_cli.jobs.textfiles import Problems
+from aigc_cli.models.conventions import document_frame
 from aigc_cli.core.errors import OutputError, UsageError
 from aigc_cli.jobs.outfile import _lock_holder
 
@@ -108,10 +111,7 @@ _READ = 1 << 20  # bytes per read of a data file
 _PIECE = 1 << 16  # characters per tokenizer call (its working memory is ~100 bytes per character)
 _BATCH = 1 << 20  # characters per batch of tokenizer calls (a fast tokenizer runs a batch in parallel)
 _STUCK = 1 << 20  # characters with no cut in _CUTS after which a piece is cut anyway (not prose)
-# Where byte-level BPE's pre-tokenizer (GPT-2's, Llama 3's) and WordPiece's split anyway, so that
-# pieces cut there encode to the ids of the whole: after a newline between two non-spaces, before a
-# space between two non-spaces. Not after a run of spaces: "a\n\n" ends in one token, "a\n\nb" in two.
-_CUTS = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+_CUTS = TOKEN_CUTS
 
 
 @dataclass
@@ -147,29 +147,53 @@ class Corpus:
         """Each document as its text in chunks, to be read through before the next: a text file,
         or a JSONL record's "text". UsageError if a file changed since `scan_data` read it."""
         for src in self.sources:
-            if src.jsonl:
+            if src.jsonl and src.has_text:
                 yield from ((text,) for text in _records(src))
             elif src.has_text:
                 yield _decoded(src)
 
 
-def scan_data(paths: Sequence[str], spool_dir: Path, stdin: Any = None) -> Corpus:
+def scan_data(paths: Sequence[str], spool_dir: Path, stdin: Any = None, problems: Problems | None = None) -> Corpus:
     """Text files, JSONL files (their "text" fields) or '-' (stdin), read through once a chunk at a
-    time: UsageError naming the file (and the byte or line) unless each is readable UTF-8 text
-    without NUL bytes, or JSONL records with a string "text". Stdin and pipes are copied to an
-    unnamed temporary file in `spool_dir`, to be read again when tokenizing."""
+    time and hashed. A bad item is reported to `problems` (file, line, reason) and left out, the
+    rest goes on: a JSONL record without a string "text", or a text file (one document) that is
+    not UTF-8 text without NUL bytes; UsageError when no text is left. Stdin and pipes are copied
+    to an unnamed temporary file in `spool_dir`, to be read again when tokenizing."""
     digest = hashlib.sha256()
     sources, any_text = [], False
     for path in paths:
         src = _source(path, spool_dir, stdin)
-        texts = _records(src, digest) if src.jsonl else _decoded(src, digest)
-        for text in texts:
-            src.has_text = src.has_text or bool(text) and not text.isspace()
+        try:
+            texts = _records(src, digest, problems) if src.jsonl else _decoded(src, digest)
+            for text in texts:
+                src.has_text = src.has_text or bool(text) and not text.isspace()
+        except _BadDocument as exc:
+            if problems is None:
+                raise UsageError(str(exc)) from None
+            problems.add(None, f"{str(exc).removeprefix(src.name + ': ')} (the file is left out)", src.name)
+            src.has_text = False
+            _skip_rest(src, digest)
         any_text = any_text or src.has_text
         sources.append(src)
     if not any_text:
         raise UsageError(f"{', '.join(paths)}: no text to train on")
     return Corpus(sources, digest.hexdigest()[:16], sum(src.size for src in sources))
+
+
+class _BadDocument(UsageError):
+    """A text file that cannot be a document (binary, not UTF-8)."""
+
+
+def _skip_rest(src: Source, digest: Any) -> None:
+    """Hash a left-out file anyway (the data's digest covers every file named), and remember it."""
+    sha = hashlib.sha256()
+    with src.open() as fh:
+        size = os.fstat(fh.fileno()).st_size
+        digest.update(size.to_bytes(8, "little"))
+        while data := fh.read(_READ):
+            sha.update(data)
+            digest.update(data)
+    src.sha, src.size, src.jsonl = sha.hexdigest(), size, False
 
 
 def _source(path: str, spool_dir: Path, stdin: Any) -> Source:
@@ -205,7 +229,7 @@ def _decoded(src: Source, digest: Any = None) -> Iterator[str]:
                 if digest is not None:
                     digest.update(data)
                 if b"\x00" in data:
-                    raise UsageError(f"{src.name}: binary data (a NUL byte at {offset + data.index(0)}), not text")
+                    raise _BadDocument(f"{src.name}: binary data (a NUL byte at {offset + data.index(0)}), not text")
                 text = _decode(decoder, data, offset, src.name)
                 offset += len(data)
                 if start and text:
@@ -226,7 +250,7 @@ def _decode(decoder: Any, data: bytes, offset: int, name: str) -> str:
     try:
         return str(decoder.decode(data, final=not data))
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{name}: not valid UTF-8 (byte {offset - pending + exc.start})") from None
+        raise _BadDocument(f"{name}: not valid UTF-8 (byte {offset - pending + exc.start})") from None
 
 
 def _lines(chunks: Iterable[str]) -> Iterator[str]:
@@ -242,8 +266,9 @@ def _lines(chunks: Iterable[str]) -> Iterator[str]:
         yield carry.splitlines()[0]
 
 
-def _records(src: Source, digest: Any = None) -> Iterator[str]:
-    """The "text" fields of a JSONL file's records, a line at a time; UsageError naming the line."""
+def _records(src: Source, digest: Any = None, problems: Problems | None = None) -> Iterator[str]:
+    """The "text" fields of a JSONL file's records, a line at a time; a record without a string
+    "text" is left out (reported to `problems` on the first reading, which passes them)."""
     for number, line in enumerate(_lines(_decoded(src, digest)), start=1):
         if not line.strip():
             continue
@@ -251,9 +276,11 @@ def _records(src: Source, digest: Any = None) -> Iterator[str]:
             record = jsondata.loads(line)
             value = record["text"]
         except (ValueError, KeyError, TypeError):
-            raise UsageError(f"{src.name} line {number}: not a JSON object with a \"text\" field") from None
+            value = None
         if not isinstance(value, str):
-            raise UsageError(f"{src.name} line {number}: \"text\" must be a string")
+            if problems is not None:
+                problems.add(number, 'not a JSON object with a string "text" field (left out)', src.name)
+            continue
         yield value
 
 
@@ -372,26 +399,32 @@ def _batched(items: Iterable[str | None]) -> Iterator[list[str | None]]:
 
 
 def _packed(tokenizer: Any, documents: Iterable[Iterable[str]], cut: bool, out: _Ids) -> None:
-    """The ids of every document, each followed by EOS, into `out`."""
+    """The ids of every document in its frame (GPT-2: followed by end-of-text; a BERT vocabulary:
+    [CLS] ... [SEP]; models.conventions), into `out`."""
+    head, tail = document_frame(tokenizer)
 
     def items() -> Iterator[str | None]:
         for doc in documents:
+            yield _START
             yield from _pieces(doc, cut)
             yield None  # the end of a document
 
-    eos = tokenizer.eos_token_id
     for batch in _batched(items()):
-        encoded = iter(_encode(tokenizer, [t for t in batch if t is not None]))
+        encoded = iter(_encode(tokenizer, [t for t in batch if t is not None and t is not _START]))
         flat: list[int] = []
         for item in batch:
-            flat.extend([eos] if item is None else next(encoded))
+            flat.extend(tail if item is None else head if item is _START else next(encoded))
         out.extend(flat)
+
+
+_START = "\x00 start of a document"  # (a document never holds NUL: such files are left out)
 
 
 def _line_examples(tokenizer: Any, documents: Iterable[Iterable[str]], block: int, cut: bool, out: _Ids) -> torch.Tensor:
     """The first `block` ids of each non-empty line, one after another, into `out`; their counts.
     A line longer than a piece is encoded a piece at a time until it has `block` ids."""
     lines = (line for doc in documents for line in _lines(doc) if line.strip())
+    frame = document_frame(tokenizer)
     lengths = _Ids(0)
     for batch in _batched(lines):
         short = iter(_encode(tokenizer, [t for t in batch if t is not None and len(t) <= _PIECE]))
@@ -399,10 +432,11 @@ def _line_examples(tokenizer: Any, documents: Iterable[Iterable[str]], block: in
         counts: list[int] = []
         for line in batch:
             assert line is not None
-            head = next(short) if len(line) <= _PIECE else _head_ids(tokenizer, line, block, cut)
-            if head:
-                flat.extend(head[:block])
-                counts.append(min(len(head), block))
+            ids = next(short) if len(line) <= _PIECE else _head_ids(tokenizer, line, block, cut)
+            if ids:
+                framed = (frame[0] + ids + frame[1] if frame[0] else ids)[:block]  # [CLS] line [SEP] for a BERT vocabulary
+                flat.extend(framed)
+                counts.append(len(framed))
         out.extend(flat)
         lengths.extend(counts)
     return lengths.done()

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from aigc_cli.core.errors import UsageError
+from aigc_cli.core.errors import RecordError, UsageError
 from aigc_cli.apps.poetics import (
     CHINESE_MODEL_HINT,
     LINE_END_PUNCT,
@@ -452,7 +452,15 @@ def write_poems(
     ).resolved()
     prompt = render_prompt(template, topic, form)
     seed = settings.seed
-    prompt_ids = engine.encode(prompt, run)
+    try:
+        prompt_ids = engine.encode(prompt, run)
+    except RecordError as exc:  # named as poem's own input: poem has no --max-new-tokens
+        if exc.code != "prompt_too_long":
+            raise UsageError(f"the topic: {exc.message}") from None
+        raise UsageError(
+            f"the topic is too long: with the prompt template it leaves no room in {engine.name}'s context of "
+            f"{engine.context_length} tokens for a {form.name} (up to {run.max_new_tokens} tokens)"
+        ) from None
     request = Request(id=0, prompt=prompt, settings=run, seed=seed, prompt_ids=tuple(prompt_ids))
     completions = list(
         engine.generate(

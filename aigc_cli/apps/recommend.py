@@ -8,11 +8,10 @@ prompt, so they are identical under every prompt.
 from __future__ import annotations
 
 import csv
-import io
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib import resources
@@ -21,8 +20,9 @@ from string import Template
 from typing import Any
 
 from aigc_cli.core import jsondata
-from aigc_cli.core.errors import UsageError
+from aigc_cli.core.errors import RecordError, UsageError
 from aigc_cli.engine.seeds import run_seed
+from aigc_cli.jobs.textfiles import Problems, read_lines, read_text
 
 SAMPLE = "sample"  # --catalog sample / --eval sample: the small data shipped with aigc
 
@@ -69,79 +69,83 @@ def sample_path(name: str) -> Path:
     return Path(str(resources.files("aigc_cli") / "data" / name))
 
 
-def load_catalog(path: str) -> list[Item]:
-    """Items from JSONL, CSV, TSV (with a header) or MIND's headerless news.tsv."""
+def load_catalog(path: str, problems: Problems | None = None) -> list[Item]:
+    """Items from JSONL, CSV, TSV (with a header) or MIND's headerless news.tsv. A row that cannot
+    be an item (malformed, no title, an id already used) is reported to `problems` (file, line,
+    reason) and left out; UsageError when no item is left."""
     p = sample_path("catalog.jsonl") if path == SAMPLE else Path(path)
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--catalog {path}: cannot read ({exc})") from None
-    rows = _rows(text, p.suffix.lower(), f"--catalog {path}")
-    items = []
-    for n, row in enumerate(rows, start=1):
-        title = (row.get("title") or "").strip()
-        if not title:
-            raise UsageError(f"--catalog {path}: row {n} has an empty 'title'")
-        items.append(
-            Item(
-                id=str(row.get("id") or n),
-                title=title,
-                description=(row.get("description") or row.get("abstract") or "").strip(),
-                category=(row.get("category") or "").strip(),
-            )
-        )
-    if not items:
-        raise UsageError(f"--catalog {path}: the catalog is empty")
+    problems = problems if problems is not None else Problems(f"--catalog {path}")
+    items: list[Item] = []
     seen: set[str] = set()
-    repeated = sorted({i.id for i in items if i.id in seen or seen.add(i.id)})  # type: ignore[func-returns-value]
-    if repeated:  # profiles and eval sets name items by id: a repeated one would be ambiguous
-        shown = ", ".join(repr(x) for x in repeated[:5]) + (" ..." if len(repeated) > 5 else "")
-        raise UsageError(f"--catalog {path}: repeated item ids: {shown}")
+    for line, row in _rows(str(p), p.suffix.lower(), f"--catalog {path}", problems):
+        title = str(row.get("title") or "").strip()
+        item_id = str(row.get("id") or line)
+        if not title:
+            problems.add(line, "no title (left out)")
+        elif item_id in seen:  # profiles and eval sets name items by id: a repeated one would be ambiguous
+            problems.add(line, f"item id {item_id!r} was used by an earlier row (left out)")
+        else:
+            seen.add(item_id)
+            description = str(row.get("description") or row.get("abstract") or "").strip()
+            items.append(Item(id=item_id, title=title, description=description, category=str(row.get("category") or "").strip()))
+    if not items:
+        raise UsageError(f"--catalog {path}: no items" + (f" ({len(problems)} rows left out)" if len(problems) else ""))
     return items
 
 
-def _rows(text: str, suffix: str, what: str) -> list[dict[str, Any]]:
-    lines = [line for line in text.splitlines() if line.strip()]
+def _rows(path: str, suffix: str, what: str, problems: Problems) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) of a catalog: JSONL objects, CSV/TSV rows under a header, or MIND's
+    headerless news.tsv; a line that is not UTF-8 or not a row is reported and skipped."""
+    lines: list[tuple[int, str]] = []
+    for line in read_lines(path, what.split(" ")[0]):
+        if line.text is None:
+            problems.add(line.number, line.problem or "")
+        elif line.text.strip():
+            lines.append((line.number, line.text))
     if not lines:
-        return []
-    if suffix in (".jsonl", ".json") or lines[0].lstrip().startswith("{"):
-        rows = []
-        for n, line in enumerate(lines, start=1):
-            try:
-                row = jsondata.loads(line)
-            except ValueError as exc:
-                raise UsageError(f"{what}: line {n} is not valid JSON ({jsondata.reason(exc)})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{what}: line {n} is not a JSON object")
-            rows.append(row)
-        _need_title(rows[0].keys(), what)
-        return rows
-    delimiter = "\t" if suffix == ".tsv" or "\t" in lines[0] else ","
-    first = next(csv.reader([lines[0]], delimiter=delimiter))
-    if delimiter == "\t" and "title" not in first and len(first) == len(_MIND_NEWS) and re.fullmatch(r"N\d+", first[0]):
-        return [dict(zip(_MIND_NEWS, r)) for r in csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)]
-    reader = csv.DictReader(io.StringIO(text.lstrip("\n"), newline=""), delimiter=delimiter, strict=True)
-    rows, start = [], 1
-    try:
-        _need_title(reader.fieldnames or [], what)
-        start = reader.line_num + 1
-        for row in reader:
-            where = f"{what}: line {start}" + (f"-{reader.line_num}" if reader.line_num != start else "")
-            if None in row or None in row.values():
-                raise UsageError(f"{where} has {_fields(row)} fields, the header {len(reader.fieldnames or [])}")
-            if any("\n" in v or "\r" in v for v in row.values()):
-                raise UsageError(f"{where}: a quoted field runs over several lines (an unclosed quote?)")
-            rows.append(row)
-            start = reader.line_num + 1
-    except csv.Error as exc:
-        kind = "TSV" if delimiter == "\t" else "CSV"
-        raise UsageError(f"{what}: the row from line {start} on is malformed {kind} ({exc}; an unclosed quote?)") from None
-    return [r for r in rows if any(v.strip() for v in r.values())]
+        return
+    first = lines[0][1]
+    if suffix in (".jsonl", ".json") or first.lstrip().startswith("{"):
+        yield from _json_rows(lines, what, problems)
+        return
+    delimiter = "\t" if suffix == ".tsv" or "\t" in first else ","
+    header = next(csv.reader([first], delimiter=delimiter))
+    if delimiter == "\t" and "title" not in header and len(header) == len(_MIND_NEWS) and re.fullmatch(r"N\d+", header[0]):
+        for number, text in lines:
+            cols = text.split("\t")
+            if len(cols) == len(_MIND_NEWS):
+                yield number, dict(zip(_MIND_NEWS, cols))
+            else:
+                problems.add(number, f"has {len(cols)} tab-separated fields, MIND's news.tsv has {len(_MIND_NEWS)}")
+        return
+    _need_title(header, what)
+    for number, text in lines[1:]:
+        try:
+            (cells,) = list(csv.reader([text], delimiter=delimiter, strict=True))
+        except (csv.Error, ValueError) as exc:  # an unclosed quote: no field may run over lines
+            problems.add(number, f"malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({exc}; an unclosed quote?)")
+            continue
+        if len(cells) != len(header):
+            problems.add(number, f"has {len(cells)} fields, the header {len(header)}")
+        elif any(c.strip() for c in cells):
+            yield number, dict(zip(header, cells))
 
 
-def _fields(row: dict[str | None, Any]) -> int:
-    extra = row.get(None) or []
-    return sum(v is not None for k, v in row.items() if k is not None) + len(extra)
+def _json_rows(lines: list[tuple[int, str]], what: str, problems: Problems) -> Iterator[tuple[int, dict[str, Any]]]:
+    titled = False
+    for number, text in lines:
+        try:
+            row = jsondata.loads(text)
+        except ValueError as exc:
+            problems.add(number, f"not valid JSON ({jsondata.reason(exc)})")
+            continue
+        if not isinstance(row, dict):
+            problems.add(number, "not a JSON object")
+            continue
+        titled = titled or "title" in row
+        yield number, row
+    if not titled:
+        _need_title([], what)
 
 
 def _need_title(columns: Any, what: str) -> None:
@@ -151,9 +155,9 @@ def _need_title(columns: Any, what: str) -> None:
 
 def load_profile(path: str) -> Profile:
     try:
-        data = jsondata.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--profile {path}: cannot read a JSON object ({exc})") from None
+        data = jsondata.loads(read_text(path, "--profile"))
+    except ValueError as exc:
+        raise UsageError(f"--profile {path}: not a JSON object ({jsondata.reason(exc)})") from None
     if not isinstance(data, dict):
         raise UsageError(f"--profile {path}: expected a JSON object with interests, liked, disliked")
     profile = Profile()
@@ -262,35 +266,56 @@ class EvalUser:
     profile: Profile
     candidates: list[str]  # item ids
     positives: set[str]
+    line: int = 0  # where the user is in its file
 
 
-def load_eval(path: str) -> list[EvalUser]:
-    """JSONL users (interests or liked, candidates, positives) or MIND's behaviors.tsv."""
+def load_eval(path: str, problems: Problems | None = None) -> list[EvalUser]:
+    """JSONL users (interests or liked, candidates, positives) or MIND's behaviors.tsv. A user that
+    cannot be evaluated (a malformed line, no interests and no history, no candidate, no positive)
+    is reported to `problems` (file, line, reason) and left out."""
     p = sample_path("eval.jsonl") if path == SAMPLE else Path(path)
-    try:
-        lines = [line for line in p.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--eval {path}: cannot read ({exc})") from None
+    problems = problems if problems is not None else Problems(f"--eval {path}")
     users = []
-    for n, line in enumerate(lines, start=1):
-        if line.lstrip().startswith("{"):
-            try:
-                row = jsondata.loads(line)
-                profile = Profile(interests=list(row.get("interests", [])), liked=list(row.get("liked", [])))
-                users.append(EvalUser(profile, [str(c) for c in row["candidates"]], {str(c) for c in row["positives"]}))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise UsageError(f"--eval {path}: line {n} is not a user record ({exc})") from None
+    for line in read_lines(str(p), "--eval"):
+        if line.text is None:
+            problems.add(line.number, line.problem or "")
             continue
-        cols = line.split("\t")  # MIND: impression id, user id, time, history, impressions
-        if len(cols) != 5:
-            raise UsageError(f"--eval {path}: line {n} is neither JSON nor MIND behaviors.tsv (5 tab-separated columns)")
-        shown = [x.rsplit("-", 1) for x in cols[4].split()]
-        users.append(
-            EvalUser(Profile(liked=cols[3].split()), [i for i, _ in shown], {i for i, clicked in shown if clicked == "1"})
-        )
+        if not line.text.strip():
+            continue
+        try:
+            user = _eval_user(line.text)
+        except ValueError as exc:
+            problems.add(line.number, f"{exc} (left out)")
+            continue
+        user.line = line.number
+        users.append(user)
     if not users:
-        raise UsageError(f"--eval {path}: no users")
+        raise UsageError(f"--eval {path}: no user to evaluate" + (f" ({len(problems)} left out)" if len(problems) else ""))
     return users
+
+
+def _eval_user(text: str) -> EvalUser:
+    """One user of an eval file; ValueError saying why it cannot be evaluated."""
+    if text.lstrip().startswith("{"):
+        try:
+            row = jsondata.loads(text)
+            profile = Profile(interests=[str(x) for x in row.get("interests", [])], liked=[str(x) for x in row.get("liked", [])])
+            user = EvalUser(profile, [str(c) for c in row["candidates"]], {str(c) for c in row["positives"]})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a user record ({jsondata.reason(exc) if isinstance(exc, ValueError) else exc!r})") from None
+    else:
+        cols = text.split("\t")  # MIND: impression id, user id, time, history, impressions
+        if len(cols) != 5:
+            raise ValueError("neither JSON nor MIND behaviors.tsv (5 tab-separated columns)")
+        shown = [x.rsplit("-", 1) for x in cols[4].split()]
+        if any(len(x) != 2 for x in shown):
+            raise ValueError("impressions must be ITEM-0 or ITEM-1")
+        user = EvalUser(Profile(liked=cols[3].split()), [i for i, _ in shown], {i for i, clicked in shown if clicked == "1"})
+    if not user.profile.interests and not user.profile.liked:
+        raise ValueError("the user has no interests and no history")
+    if not user.candidates or not user.positives:
+        raise ValueError("the user has no candidates" if not user.candidates else "the user has no positive candidate")
+    return user
 
 
 def metrics(ranking: Sequence[str], positives: set[str], k: int) -> dict[str, float]:
@@ -345,18 +370,24 @@ def evaluate(
     kind: ScoreKind,
     aggregate: Aggregate,
     batch_size: int = 16,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """(model metrics, random-ranking metrics), averaged over users."""
+    problems: Problems | None = None,
+) -> tuple[dict[str, float], dict[str, float], int]:
+    """(model metrics, random-ranking metrics, users they cover), averaged over the users that can
+    be ranked; a user whose candidates are not in the catalog is reported and left out."""
     by_id = {i.id: i for i in catalog}
-    rows = []
-    for n, user in enumerate(users, start=1):
+    rows, kept = [], []
+    for user in users:
         missing = [c for c in user.candidates if c not in by_id]
         if missing:
-            raise UsageError(f"--eval: user {n} has candidates not in the catalog: {', '.join(missing[:3])}")
-        candidates = [by_id[c] for c in user.candidates]
-        ranked = rank(engine, candidates, user.profile, prompts, kind, aggregate, batch_size)
+            if problems is not None:
+                problems.add(user.line, f"candidates not in the catalog: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} (left out)")
+            continue
+        ranked = rank(engine, [by_id[c] for c in user.candidates], user.profile, prompts, kind, aggregate, batch_size)
         rows.append(metrics([r.item.id for r in ranked], user.positives, k))
-    return mean_metrics(rows), random_baseline(users, k)
+        kept.append(user)
+    if not rows:
+        raise UsageError("--eval: no user could be evaluated against this catalog")
+    return mean_metrics(rows), random_baseline(kept, k), len(kept)
 
 
 def ideas(engine: Any, interests: list[str], per_interest: int, seed: int | None) -> list[dict[str, Any]]:
@@ -370,7 +401,14 @@ def ideas(engine: Any, interests: list[str], per_interest: int, seed: int | None
         num_sequences=per_interest * 3, max_new_tokens=24, stop=("\n",), top_p=0.95, seed=seed
     ).resolved()
     base = run_seed(settings.seed)
-    requests = [Request(i, template.safe_substitute(interests=x), settings, base) for i, x in enumerate(interests)]
+    requests = []
+    for i, interest in enumerate(interests):
+        request = Request(i, template.safe_substitute(interests=interest), settings, base)
+        try:
+            requests.append(engine.prepared(request))
+        except RecordError as exc:  # named as recommend's own input: it has no --max-new-tokens
+            room = "too long for the model's context" if exc.code == "prompt_too_long" else exc.message
+            raise UsageError(f"interest {i + 1}: {room}") from None
     rows: list[dict[str, Any]] = []
     seen: set[tuple[Any, str]] = set()
     for c in engine.generate(requests):

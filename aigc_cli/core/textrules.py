@@ -74,3 +74,9 @@ class BanRule:
             for v in {w, w.lower(), w.capitalize(), w.upper()}:
                 out += [v, " " + v]
         return out
+
+
+# Where byte-level BPE's pre-tokenizer (GPT-2's) and WordPiece's split text anyway, so that pieces
+# cut there encode to the ids of the whole: after a newline between two non-spaces, before a space
+# between two non-spaces. Not after a run of newlines: "a\n\n" ends in one token, "a\n\nb" in two.
+TOKEN_CUTS = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")

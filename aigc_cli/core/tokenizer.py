@@ -1,5 +1,12 @@
-"""A model directory's tokenizer.json through the `tokenizers` library directly: the small part of the
-transformers tokenizer API that aigc uses, without importing transformers at start-up."""
+"""Tokenizers through the `tokenizers` library directly (a model directory's tokenizer.json, or a BERT
+vocab.txt as Chinese GPT-2 models ship it): the small part of the transformers tokenizer API that
+aigc uses, without importing transformers at start-up.
+
+Text from a BERT-style vocabulary is written as people write it: CJK characters and punctuation
+joined without spaces, WordPiece's "##" pieces joined to their word, a space kept only between
+two Latin words or numbers, special tokens left out; and on the way in, a character the
+vocabulary lacks is replaced by its full- or half-width form when the vocabulary has that one
+(a "，" typed where the vocabulary has ","), instead of becoming [UNK]."""
 
 from __future__ import annotations
 
@@ -47,6 +54,8 @@ class FastTokenizer:
         pad_token: str | None = None,
         sep_token: str | None = None,
         unk_token: str | None = None,
+        cls_token: str | None = None,
+        mask_token: str | None = None,
     ) -> None:
         self._tok = tok
         self.eos_token = eos_token
@@ -54,6 +63,14 @@ class FastTokenizer:
         self.pad_token = pad_token
         self.sep_token = sep_token
         self.unk_token = unk_token
+        self.cls_token = cls_token
+        self.mask_token = mask_token
+        from tokenizers import models
+
+        self.wordpiece = isinstance(tok.model, models.WordPiece)
+        self._specials = {x for x in (eos_token, bos_token, pad_token, sep_token, unk_token, cls_token, mask_token) if x}
+        self._vocab: dict[str, int] | None = None
+        self._lowercase = self.wordpiece and _lowercases(tok)
 
     @classmethod
     def from_dir(cls, path: Path, tok: Any = None) -> FastTokenizer:
@@ -63,15 +80,7 @@ class FastTokenizer:
             from tokenizers import Tokenizer
 
             tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        config: dict[str, Any] = {}
-        file = path / "tokenizer_config.json"
-        if file.is_file():
-            try:
-                config = jsondata.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise ModelUnavailableError(f"{file}: not a readable JSON file ({jsondata.reason(exc)})") from None
-            if not isinstance(config, dict):
-                raise ModelUnavailableError(f"{file}: not a JSON object")
+        config = _json_object(path / "tokenizer_config.json")
         special = {k: _content(config.get(k)) for k in ("eos_token", "bos_token", "pad_token", "sep_token", "unk_token")}
         return cls(tok, **special)
 
@@ -104,21 +113,157 @@ class FastTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return self._tok.get_vocab(with_added_tokens=True)
 
+    @property
+    def cls_token_id(self) -> int | None:
+        return self._id(self.cls_token)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if self.wordpiece:
+            text = self.fit(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def fit(self, text: str) -> str:
+        """`text` with each character the vocabulary lacks replaced by its full- or half-width
+        form where the vocabulary has that one (WordPiece vocabularies keep one form of many)."""
+        vocab = self._known()
+        out = []
+        for ch in text:
+            key = ch.lower() if self._lowercase else ch
+            if key not in vocab and not ch.isspace():
+                other = _other_width(ch)
+                if other is not None and (other.lower() if self._lowercase else other) in vocab:
+                    ch = other
+            out.append(ch)
+        return "".join(out)
+
+    def _known(self) -> dict[str, int]:
+        if self._vocab is None:
+            self._vocab = self.get_vocab()
+        return self._vocab
 
     def decode(self, ids: Any, clean_up_tokenization_spaces: bool = False, skip_special_tokens: bool = False) -> str:
         if isinstance(ids, int):
             ids = [ids]
+        if self.wordpiece:
+            return join_wordpiece(self.convert_ids_to_tokens(list(ids)), self._specials)
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, rows: Any, clean_up_tokenization_spaces: bool = False, skip_special_tokens: bool = False) -> list[str]:
+        if self.wordpiece:
+            return [self.decode(r) for r in rows]
         return self._tok.decode_batch([list(r) for r in rows], skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: Any) -> Any:
         if isinstance(ids, int):
             return self._tok.id_to_token(ids)
         return [self._tok.id_to_token(i) for i in ids]
+
+
+def join_wordpiece(tokens: list[str | None], specials: set[str]) -> str:
+    """WordPiece tokens as people write the text: no space around CJK characters and punctuation,
+    "##" pieces joined to their word, one space between two Latin words or numbers, special tokens
+    left out."""
+    out: list[str] = []
+    after_word = False  # the text so far ends in a Latin letter or digit
+    for token in tokens:
+        if token is None or token in specials:
+            continue
+        if token.startswith("##") and len(token) > 2:
+            piece = token[2:]
+        else:
+            piece = token
+            if after_word and _latin(piece[:1]):
+                out.append(" ")
+        out.append(piece)
+        after_word = _latin(piece[-1:])
+    return "".join(out)
+
+
+def _latin(ch: str) -> bool:
+    return ch.isascii() and ch.isalnum()
+
+
+def _other_width(ch: str) -> str | None:
+    """The half-width form of a full-width character, or the full-width form of a half-width one
+    (ASCII punctuation, letters and digits; the ideographic space and comma family)."""
+    code = ord(ch)
+    if 0xFF01 <= code <= 0xFF5E:
+        return chr(code - 0xFEE0)
+    if 0x21 <= code <= 0x7E:
+        return chr(code + 0xFEE0)
+    return {"。": ".", "、": ",", "「": '"', "」": '"'}.get(ch)
+
+
+def _lowercases(tok: Any) -> bool:
+    """Whether a WordPiece tokenizer's normalizer lowercases (BERT's uncased vocabularies)."""
+    try:
+        import json
+
+        return bool(json.loads(tok.to_str()).get("normalizer", {}).get("lowercase", False))
+    except (ValueError, AttributeError, TypeError):
+        return False
+
+
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def bert_wordpiece(vocab: dict[str, int], lowercase: bool = True, strip_accents: bool | None = None) -> FastTokenizer:
+    """A BERT WordPiece tokenizer as transformers' BertTokenizer builds its backend (the basic
+    tokenizer's normalizing and splitting, CJK characters one by one, [CLS] A [SEP] when special
+    tokens are asked for), with the special tokens the vocabulary has."""
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=strip_accents, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    if "[CLS]" in vocab and "[SEP]" in vocab:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS]:0 $A:0 [SEP]:0",
+            pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BERT_SPECIALS if t in vocab])
+    has = {t: (t if t in vocab else None) for t in BERT_SPECIALS}
+    return FastTokenizer(
+        tok, pad_token=has["[PAD]"], sep_token=has["[SEP]"], unk_token=has["[UNK]"], cls_token=has["[CLS]"], mask_token=has["[MASK]"]
+    )
+
+
+def load_wordpiece(path: Path) -> FastTokenizer | None:
+    """A model directory's BERT vocabulary (vocab.txt, as the Chinese GPT-2 models ship it) when it
+    has no tokenizer.json, else None; tokenizer_config.json says whether it lowercases."""
+    file = path / "vocab.txt"
+    if (path / "tokenizer.json").is_file() or not file.is_file():
+        return None
+    config = _json_object(path / "tokenizer_config.json")
+    if config.get("tokenizer_class") not in (None, "BertTokenizer", "BertTokenizerFast"):
+        return None
+    try:
+        words = file.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelUnavailableError(f"{file}: cannot read the vocabulary ({exc})") from None
+    vocab: dict[str, int] = {}
+    for word in (w.rstrip("\r") for w in words):
+        if word and word not in vocab:
+            vocab[word] = len(vocab)
+    if "[UNK]" not in vocab:
+        raise ModelUnavailableError(f"{file}: the vocabulary has no [UNK] token")
+    accents = config.get("strip_accents")
+    return bert_wordpiece(vocab, bool(config.get("do_lower_case", True)), accents if isinstance(accents, bool) else None)
+
+
+def _json_object(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        return {}
+    try:
+        config = jsondata.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailableError(f"{file}: not a readable JSON file ({jsondata.reason(exc)})") from None
+    if not isinstance(config, dict):
+        raise ModelUnavailableError(f"{file}: not a JSON object")
+    return config
 
 
 def _content(value: Any) -> str | None:

@@ -78,9 +78,16 @@ class Engine:
         if problem is not None:
             raise RecordError("invalid_text", f"the prompt is {problem}")
         self.check_characters(prompt)
-        ids = prompt_ids(prompt, self._tokenize)
+        ids = self.prefix + prompt_ids(prompt, self._tokenize)
         self.check_ids(ids, settings)
         return ids
+
+    @property
+    def prefix(self) -> list[int]:
+        """What every prompt starts with: [CLS] for a BERT-vocabulary model (as it was trained),
+        nothing for GPT-2 (see models.conventions)."""
+        conventions = self.lm.conventions
+        return list(conventions.prefix) if conventions is not None else []
 
     def _tokenize(self, text: str) -> list[int]:
         try:

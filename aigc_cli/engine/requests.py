@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aigc_cli.core.errors import RecordError, ref
-from aigc_cli.core.settings import GenerationSettings, shown
+from aigc_cli.core.settings import GenerationSettings, shown, text_problem
 
 
 def prompt_ids(prompt: str, tokenize: Callable[[str], Sequence[int]]) -> list[int]:
@@ -19,6 +19,18 @@ def prompt_ids(prompt: str, tokenize: Callable[[str], Sequence[int]]) -> list[in
     ids = list(tokenize(prompt))
     if not ids:
         raise RecordError("empty_prompt", "the prompt has no tokens")
+    return ids
+
+
+def checked_prompt_ids(prompt: str, tokenize: Callable[[str], Sequence[int]], settings: GenerationSettings, context: int) -> list[int]:
+    """A prompt's token ids once it passes the checks every engine makes, in the same order and
+    with the same RecordErrors: valid text, not empty, some tokens, and room in the context for
+    them and the settings' new tokens. `tokenize` may raise a RecordError of its own."""
+    problem = text_problem(prompt)
+    if problem is not None:
+        raise RecordError("invalid_text", f"the prompt is {problem}")
+    ids = prompt_ids(prompt, tokenize)
+    check_length(len(ids), settings.max_new_tokens, context)
     return ids
 
 

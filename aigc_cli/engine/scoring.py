@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from aigc_cli.core.textrules import TOKEN_CUTS
 
 from aigc_cli.models.backends import Backend
 
@@ -75,7 +76,6 @@ def prompt_logprobs(model: Backend, ids: Sequence[int], top: int) -> list[tuple[
     return out
 
 
-_CUT = re.compile(r"\n(?=\S)")
 _HEAD_ROWS = 256  # positions per LM-head chunk: 256 x 50,257 float32 logits = 51 MB
 
 
@@ -151,34 +151,37 @@ def perplexity(
     return Perplexity(tokens=count, nll=-total / count if count else float("nan"))
 
 
-def score_text(
+def score_texts(
     engine: Any,
-    text: str,
-    name: str,
-    per_line: bool,
+    pieces: list[tuple[int, str]],
     stride: int | None,
     batch_size: int,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """`aigc score`: rows of perplexity, nll and tokens for the whole text, or for each non-empty
-    line (with its number). Every text's first token is conditioned on the model's BOS token."""
-    from aigc_cli.core.errors import UsageError
-
+    """`aigc score`: a row of perplexity, nll and tokens for each (line number, text); a text that
+    cannot be scored (no tokens, refused by the tokenizer) gets an error row in its place and the
+    rest go on. Every text's first token is conditioned on the model's start token."""
     tok = engine.tokenizer
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    pieces = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()] if per_line else [(0, text)]
+    bos = start_token(tok)
     rows: list[dict[str, Any]] = []
-    done = 0
-    for n, piece in pieces:
-        ids = encode_long(tok, piece)
+    for done, (n, piece) in enumerate(pieces):
+        try:
+            ids = encode_long(tok, piece)
+        except Exception as exc:  # noqa: BLE001 - this text alone
+            rows.append({"line": n, "error": {"code": "tokenizer_error", "message": f"the tokenizer refused the text ({type(exc).__name__})"}})
+            continue
         if not len(ids):
-            raise UsageError(f"{name}: there is no text to score")
+            rows.append({"line": n, "error": {"code": "empty_text", "message": "there is no text to score"}})
+            continue
         report = None if on_progress is None else (lambda d, total, base=done: on_progress(base + d, total))
         result = perplexity(engine.lm.model, ids, bos, engine.context_length, stride, batch_size, engine.lm.device, report)
-        done += 1
-        row = {"perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens}
-        rows.append({"line": n, **row} if per_line else row)
+        rows.append({"line": n, "perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens})
     return rows
+
+
+def start_token(tok: Any) -> int:
+    """The token every scored text is conditioned on first: the tokenizer's BOS, else its EOS."""
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
 
 _PIECE = 1 << 16  # characters per tokenizer call
@@ -186,14 +189,14 @@ _PIECE = 1 << 16  # characters per tokenizer call
 
 def encode_long(tok: Any, text: str) -> torch.Tensor:
     """Token ids of a long text, encoded a piece at a time (the tokenizer's working memory is
-    many times the text's size). Pieces end after a newline followed by a non-space character:
-    byte-level BPE's pre-tokenizer splits there anyway, so the ids are those of one call."""
+    many times the text's size). Pieces are cut only where the tokenizer splits anyway
+    (`textrules.TOKEN_CUTS`), so the ids are those of one call."""
     parts, start = [], 0
     while start < len(text):
         end = len(text)
         if end - start > _PIECE:
-            match = _CUT.search(text, start + _PIECE)
-            end = match.start() + 1 if match else len(text)
+            match = TOKEN_CUTS.search(text, start + _PIECE)
+            end = match.start() if match else len(text)
         parts.append(torch.tensor(tok.encode(text[start:end], add_special_tokens=False), dtype=torch.long))
         start = end
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)

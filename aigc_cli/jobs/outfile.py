@@ -3,10 +3,12 @@ before the model loads, resumable, and write failures reported with the file's n
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import stat
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -91,6 +93,31 @@ class OutputFile:
     def isatty(self) -> bool:
         return False
 
+    def replace(self, data: bytes) -> None:
+        """Make the file hold exactly `data`, atomically: a temporary file beside it, locked,
+        written, synced and renamed over it, so that a crash leaves either the old file or the new
+        one, never a mix; this object then holds the new file (and its lock)."""
+        if not self.regular:
+            return
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(prefix=".aigc-", suffix=".tmp", dir=directory)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            os.fchmod(fd, os.fstat(self.fd).st_mode & 0o777)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise OutputError(f"--output {self.path}: cannot rewrite ({exc.strerror}); the file is as it was") from None
+        _sync_directory(directory)
+        os.close(self.fd)
+        self.fd = fd
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # also releases the lock
@@ -136,3 +163,17 @@ def _read_fd(fd: int) -> bytes:
         chunks.append(chunk)
         offset += len(chunk)
     return b"".join(chunks)
+
+
+def _sync_directory(directory: str) -> None:
+    """A rename is durable once its directory is synced (where the file system allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from aigc_cli.engine.seeds import run_seed
-from aigc_cli.jobs.records import BatchJob, InputRecord, ResumeState, Summary, resume_state
+from aigc_cli.jobs.batch import BatchJob, Summary
+from aigc_cli.jobs.records import InputRecord
+from aigc_cli.jobs.resume import ResumeState, compacted, resume_state
 from aigc_cli.jobs.outfile import OutputFile
 from aigc_cli.core.settings import GenerationSettings
 
@@ -54,6 +56,7 @@ class GenerateJob:
     batch_size: int | None = None  # None: auto
     strict: bool = False  # stop at the first bad record
     provenance: bool = True  # each record carries model, revision, settings and fingerprint (JSONL)
+    retry_errors: bool = False  # with resume: run again the records the output holds error records for
 
 
 class GeneratePipeline:
@@ -96,9 +99,13 @@ class GeneratePipeline:
                 output_name=job.output or "-",
                 on_progress=on_progress,
                 on_text=on_text,
+                retry_errors=job.retry_errors,
                 summary=self.summary,
             )
-            return batch.run(job.records())
+            summary = batch.run(job.records())
+            if batch.retried and out is not None:  # retried records take their error records' places
+                out.replace(compacted(out.read_existing(), batch.retried))
+            return summary
         finally:
             if out is not None:
                 out.close()

@@ -7,11 +7,9 @@ the file's size; each window's records are written in input order as soon as it 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import IO, Any
 
 from aigc_cli.core import jsondata
 from aigc_cli.core.errors import RecordError, UsageError
-from aigc_cli.core.settings import BY_KEY, GenerationSettings, SettingsError, check_value, coerce
+from aigc_cli.core.settings import BY_KEY, SettingsError, coerce
 
 
 class InputFormat(str, Enum):
@@ -83,6 +81,8 @@ def _numbered_lines(raw: IO[bytes]) -> Iterator[tuple[int, bytes]]:
             continue
         if number == 1 and data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark is not text
             data = data[3:]
+            if not data:  # the whole file was a byte order mark
+                return
         yield number, data.rstrip(b"\n").rstrip(b"\r")
 
 
@@ -104,7 +104,7 @@ def read_records(raw: IO[bytes], fmt: InputFormat, template: Template | None = N
             continue  # blank lines separate nothing in JSONL
         record = _parse_line(number, data, fmt, template)
         if fmt is InputFormat.jsonl and record.id is not None:
-            key = _key(record.id)
+            key = record_key(record.id)
             if key in seen and record.error is None:
                 record.error = RecordError("duplicate_id", f"line {number}: id {record.id!r} was already used by an earlier record")
             seen.add(key)
@@ -203,185 +203,6 @@ def _overrides(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# How sampled tokens are drawn: part of every fingerprint, so that --resume never mixes records of
-# different draws: the inverse-CDF draw (before 2026-11-30), the one-stage Gumbel race ("race-1"),
-# the race in two stages over more than 1,024 candidates ("race-2").
-DRAW = "race-2"
-
-
-def fingerprint(model: str, revision: str, settings_record: dict[str, Any], seed: int, prompt: str) -> str:
-    """Identifies what a record was generated from; --resume skips only records with the same one."""
-    blob = json.dumps([model, revision, settings_record, seed, prompt, DRAW], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@dataclass
-class ResumeState:
-    """What an earlier run of the same job already wrote to the output file."""
-
-    done: dict[str, dict[int, str]] = field(default_factory=dict)  # json(id) -> index -> fingerprint
-    error_lines: set[int] = field(default_factory=set)  # input lines that got an error record
-    seed: int | None = None
-    records: int = 0
-
-    def has(self, record_id: Any, index: int, fp: str, path: str) -> bool:
-        got = self.done.get(_key(record_id), {}).get(index)
-        if got is not None and got != fp:
-            raise UsageError(
-                f"--resume: {path} holds record id {record_id!r} made with other settings, seed, prompt or model; "
-                "use a new --output file or the original options"
-            )
-        return got is not None
-
-
-def _key(record_id: Any) -> str:
-    return json.dumps(record_id)
-
-
-def resume_state(data: bytes, path: str) -> ResumeState:
-    """What an interrupted run wrote (complete lines only)."""
-    state = ResumeState()
-    for number, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = jsondata.loads(line)
-            if "error" in rec:
-                state.error_lines.add(int(rec["line"]))
-                state.records += 1
-                continue
-            key = _key(rec["id"])
-            index = int(rec["index"])
-        except (ValueError, KeyError, TypeError):
-            raise UsageError(f"--resume: {path} line {number} is not an aigc JSONL record; not appending to it") from None
-        state.records += 1
-        state.done.setdefault(key, {})[index] = rec.get("fingerprint", "")
-        if state.seed is None:
-            state.seed = rec.get("settings", {}).get("seed")
-    return state
-
-
-@dataclass
-class Summary:
-    records: int = 0
-    sequences: int = 0
-    errors: int = 0
-    tokens: int = 0
-
-
-@dataclass
-class BatchJob:
-    """One run over a stream of records with one engine and one set of base settings."""
-
-    engine: Any
-    settings: GenerationSettings  # resolved, with the run's base seed
-    emit: Callable[[Any], None]  # gets a Completion (with extra fields) or an error record dict
-    provenance: bool = True  # settings and fingerprint on every completion (JSONL output)
-    batch_size: int | None = None
-    strict: bool = False
-    shard: tuple[int, int] | None = None
-    resume: ResumeState | None = None
-    output_name: str = "-"
-    on_progress: Callable[[Summary], None] | None = None
-    on_text: Callable[[Any, str], None] | None = None
-    summary: Summary = field(default_factory=Summary)
-
-    def run(self, records: Iterable[InputRecord]) -> Summary:
-        """Generate for every record (of this shard) and emit its records in input order, each as
-        soon as it and every record before it are complete."""
-        from aigc_cli.engine.engine import Request
-
-        def planned() -> Iterator[tuple[InputRecord, Any]]:
-            for record in records:
-                if self.shard is not None and record.ordinal % self.shard[1] != self.shard[0]:
-                    continue
-                request = self._request(record, Request)
-                yield record, request
-                if record.error is not None and self.strict:
-                    return  # the records before it are still generated and written
-
-        def request_of(pair: tuple[InputRecord, Any]) -> Any:
-            request = pair[1]
-            return request if request is not None and request.wanted() else None
-
-        for (record, request), completions in self.engine.stream(planned(), request_of, self.batch_size, self.on_text):
-            if isinstance(completions, RecordError):  # the engine refused it while generating (a remote worker)
-                if not completions.text.startswith(record.where):
-                    completions.text = f"{record.where}: {completions.text}"
-                record.error, request, completions = completions, None, []
-            if request is None:
-                if self.strict:
-                    assert record.error is not None
-                    raise UsageError(record.error.message)
-                self._emit_error(record)
-            for completion in completions:
-                if self.provenance:
-                    completion.record = generated_record(completion, self.engine.name, self.engine.revision, request.settings)
-                self.emit(completion)
-                self.summary.sequences += 1
-                self.summary.tokens += completion.completion_tokens
-            self.summary.records += 1
-            if self.on_progress is not None:
-                self.on_progress(self.summary)
-        return self.summary
-
-    def _request(self, record: InputRecord, request_type: type) -> Any:
-        if record.error is not None:
-            return None
-        overrides = dict(record.overrides)
-        seed = overrides.pop("seed", None)
-        seed = self.settings.seed if seed is None else seed
-        try:
-            try:
-                check_value("seed", seed)
-                settings = self.settings.with_overrides(**overrides) if overrides else self.settings
-            except SettingsError as exc:
-                raise RecordError("bad_override", exc.render("jsonl"), field=exc.field) from None
-            ids = tuple(self.engine.encode(record.prompt, settings))
-        except RecordError as exc:
-            if not exc.message.startswith(record.where):
-                exc.text = f"{record.where}: {exc.text}"
-            record.error = exc
-            return None
-        request = request_type(id=record.id, prompt=record.prompt, settings=settings, seed=seed, prompt_ids=ids)
-        if self.resume is None:
-            return request
-        fp = record_fingerprint(self.engine, request)
-        wanted = tuple(i for i in range(settings.num_sequences) if not self.resume.has(record.id, i, fp, self.output_name))
-        return dataclasses.replace(request, indices=wanted)
-
-    def _emit_error(self, record: InputRecord) -> None:
-        self.summary.errors += 1  # also when an earlier run wrote it: the exit code covers the whole file
-        if self.resume is not None and record.line in self.resume.error_lines:
-            return
-        assert record.error is not None
-        self.emit({"id": record.id, "line": record.line, "error": {"code": record.error.code, "message": record.error.render("jsonl")}})
-
-
-def record_fingerprint(engine: Any, request: Any) -> str:
-    return fingerprint(engine.name, engine.revision, request.settings.as_record(), request.seed, request.prompt)
-
-
-def generated_record(c: Any, model: str, revision: str, settings: GenerationSettings) -> dict[str, Any]:
-    """The JSONL record of one generated sequence: what was asked, what came out, where it came
-    from (model, revision, every resolved setting) and the fingerprint --resume compares."""
-    record = {
-        "id": c.id,
-        "index": c.index,
-        "prompt": c.prompt,
-        "text": c.text,
-        "finish_reason": c.finish_reason,
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.completion_tokens,
-        "seed": c.seed,
-        "model": model,
-        "revision": revision,
-        "settings": settings.as_record(),
-    }
-    record["fingerprint"] = fingerprint(model, revision, record["settings"], c.seed, c.prompt)
-    return record
-
-
 def count_lines(path: str) -> int | None:
     """A quick count for the progress bar's total (files only; stdin is not read twice)."""
     try:
@@ -391,3 +212,8 @@ def count_lines(path: str) -> int | None:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
     except OSError:
         return None
+
+
+def record_key(record_id: Any) -> str:
+    """A record id as a key that tells 1 from "1"."""
+    return json.dumps(record_id)

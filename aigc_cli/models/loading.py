@@ -17,6 +17,8 @@ from aigc_cli.core import jsondata
 from aigc_cli.core.caches import cache_dir, file_identity
 from aigc_cli.core.errors import ModelUnavailableError, UsageError
 from aigc_cli.core.modelspec import ModelSpec
+from aigc_cli.core.tokenizer import load_wordpiece
+from aigc_cli.models.conventions import Conventions, settle
 from aigc_cli.models.tiny import TINY_MODELS
 
 if TYPE_CHECKING:
@@ -48,6 +50,7 @@ class LoadedModel:
     context_length: int
     quantize: str = "none"
     _hf: Any = None  # transformers' model, loaded only when needed (beam search, other architectures)
+    conventions: Conventions | None = None  # its start, end and pad tokens and prompt prefix (models.conventions)
 
     @property
     def native(self) -> bool:
@@ -283,7 +286,7 @@ def load(spec: ModelSpec | str, device: str = "auto", dtype: str = "auto", quant
         # A plain GPT-2 needs nothing from transformers: its own forward pass, the tokenizers library.
         # (Tokenizer first: the model load ends by handing the heap pages both freed back.)
         read_config(Path(res.path or "."))  # a broken config.json is named as such, not as a tokenizer failure
-        fast = load_fast(Path(res.path or "."))
+        fast = load_fast(Path(res.path or ".")) or load_wordpiece(Path(res.path or "."))
         native = load_gpt2(Path(res.path or "."), dev, torch_dtype, quantize)
         tokenizer = (fast if native is not None else None) or _load_tokenizer(res)
         if native is None:
@@ -294,8 +297,7 @@ def load(spec: ModelSpec | str, device: str = "auto", dtype: str = "auto", quant
                 )
             _preflight(Path(res.path or "."), torch_dtype)
             hf, _ = _load_pretrained(res, torch_dtype, tokenizer=False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    conventions = settle(tokenizer, Path(res.path) if res.path else None, _where(res))
     if hf is not None:
         hf = _finish_hf(hf, tokenizer, dev, torch_dtype)
     model: Backend
@@ -314,7 +316,13 @@ def load(spec: ModelSpec | str, device: str = "auto", dtype: str = "auto", quant
         context_length=int(context),
         quantize=quantize,
         _hf=hf if native is None else None,  # built when asked for (LoadedModel.hf_model)
+        conventions=conventions,
     )
+
+
+def _where(res: Resolution) -> str:
+    """How errors name a model's files."""
+    return res.path if res.path else f"--model {res.name}"
 
 
 def load_tokenizer(name: str) -> tuple[Any, str]:
@@ -331,10 +339,9 @@ def load_tokenizer(name: str) -> tuple[Any, str]:
         path = Path(res.path or ".")
         from aigc_cli.core.tokenizer import load_fast
 
-        tokenizer = load_fast(path) or _load_tokenizer(res)
+        tokenizer = load_fast(path) or load_wordpiece(path) or _load_tokenizer(res)
         base = weights_sha256(path) if res.kind == "local" else path.name
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    settle(tokenizer, Path(res.path) if res.path else None, _where(res))
     return tokenizer, base
 
 
@@ -358,8 +365,7 @@ def load_trainable(name: str, device: str) -> tuple[Any, Any, int]:
         _preflight(Path(res.path or "."), torch.float32)
         tokenizer = _load_tokenizer(res)
         model, _ = _load_pretrained(res, torch.float32, tokenizer=False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    settle(tokenizer, Path(res.path) if res.path else None, _where(res))
     model = model.to(device=device, dtype=torch.float32).train()
     return model, tokenizer, int(_context_of(model.config))
 

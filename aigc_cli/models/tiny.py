@@ -201,24 +201,13 @@ def weights(s: Spec) -> dict[str, torch.Tensor]:
 def tokenizer(name: str) -> FastTokenizer:
     """The model's tokenizer through the `tokenizers` library, built as transformers' GPT2Tokenizer
     (`tiny-random`) or BertTokenizer (`tiny-random-zh`) builds its backend, with their special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE, WordPiece
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
 
-    from aigc_cli.core.tokenizer import FastTokenizer
+    from aigc_cli.core.tokenizer import FastTokenizer, bert_wordpiece
 
     if name == TINY_ZH_MODEL_ID:
-        vocab = chinese_vocab()
-        tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS]:0 $A:0 [SEP]:0",
-            pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-        )
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _ZH_SPECIAL])
-        return FastTokenizer(tok, pad_token="[PAD]", sep_token="[SEP]", unk_token="[UNK]")
+        return bert_wordpiece(chinese_vocab(), lowercase=True)
     if name != TINY_MODEL_ID:
         raise ValueError(f"not a built-in model: {name!r}")
     en, merges, _ = english_vocab()

@@ -13,6 +13,7 @@ from aigc_cli.core.errors import ExitCode, UsageError
 from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.frontends.cli import options as o
 from aigc_cli.frontends.cli.render import Messages, Streams
+from aigc_cli.jobs.textfiles import Problems
 
 if TYPE_CHECKING:
     from aigc_cli.apps.finetune import Schedule, TrainSettings
@@ -80,8 +81,9 @@ def _train(
     from aigc_cli.apps.finetune import Trainer, prepare_output, scan_data
 
     messages = Messages(Streams())
-    corpus = scan_data(data, out)
-    val_corpus = scan_data([val], out) if val is not None else None
+    problems = Problems("data", messages.warn)
+    corpus = scan_data(data, out, problems=problems)
+    val_corpus = scan_data([val], out, problems=problems) if val is not None else None
     prepare_output(out, resume, overwrite)
     with messages.status(f"Loading {spec.name} and tokenizing the data..."):
         trainer = Trainer(settings, schedule, out, corpus, val_corpus, spec.device, spec.dtype, messages.info)
@@ -99,3 +101,6 @@ def _train(
         messages.error(f"interrupted at step {trainer.state.step}; checkpoint saved: rerun the same command with --resume to continue")
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     messages.info(f"saved the model to {out} after {result['steps']} steps (training log: {out / 'training_log.jsonl'})")
+    if problems:
+        messages.warn(f"{len(problems)} items of the data were left out (see above)")
+        raise typer.Exit(int(ExitCode.PARTIAL))

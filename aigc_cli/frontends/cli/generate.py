@@ -55,6 +55,9 @@ def command(
         Optional[str], typer.Option("--output", "-o", help="Write JSONL records to this file (never one of the inputs; one run at a time).", metavar="FILE")
     ] = None,
     resume: Annotated[bool, typer.Option(help="With -o: skip records the file already holds, append the rest.")] = False,
+    retry_errors: Annotated[
+        bool, typer.Option(help="With --resume: run again the records the file holds error records for; their new records take those lines' places.")
+    ] = False,
     strict: Annotated[bool, typer.Option(help="Stop at the first bad input record instead of writing an error record.")] = False,
     batch_size: Annotated[
         str, typer.Option(help="Rows decoded together, or auto: up to 64, on CPU fewer when their KV cache would pass 1 GiB.", metavar="N|auto")
@@ -66,6 +69,8 @@ def command(
         typer.Option(envvar="AIGC_SERVER", help="Generate on a running 'aigc serve' at this URL instead of loading the model here.", metavar="URL"),
     ] = None,
     api_key: Annotated[Optional[str], typer.Option(envvar="AIGC_API_KEY", help="The server's API key (with --server).", metavar="KEY")] = None,
+    connect_timeout: Annotated[Optional[float], typer.Option(help="With --server: seconds to wait for a connection [default: 10].", metavar="SECONDS")] = None,
+    read_timeout: Annotated[Optional[float], typer.Option(help="With --server: seconds the server may stay silent [default: 300].", metavar="SECONDS")] = None,
     backend: Annotated[Backend, typer.Option(help="local (this process) or ray (actors on a Ray cluster; pip install \"aigc[ray]\").")] = Backend.local,
     ray_address: Annotated[
         Optional[str], typer.Option(help="With --backend ray: the cluster to join (default: RAY_ADDRESS, else a local instance).", metavar="ADDRESS")
@@ -77,13 +82,16 @@ def command(
 ) -> None:
     """Generate N numbered continuations of each prompt (arguments, a file, or stdin)."""
     settings = settings.resolved()
+    remote = _remote(server, api_key, connect_timeout, read_timeout)  # a bad URL or timeout before anything is opened
     source = prompt_source(prompts, file)
     if template is not None and source.kind == "args":
         raise UsageError("--template: renders records of -f FILE or stdin, not prompt arguments")
     if resume and output is None:
         raise UsageError("--resume: needs -o/--output FILE (the file to continue)")
+    if retry_errors and not resume:
+        raise UsageError("--retry-errors: only with --resume (it retries the error records of the -o file)")
     ray = (ray_address, workers, worker_cpus, worker_gpus)
-    load = _loader(spec, named_model, server, api_key, backend, ray, Messages(Streams()))
+    load = _loader(spec, named_model, remote, backend, ray, Messages(Streams()))
     tmpl = load_template(template) if template is not None else None
     fmt = OutputFormat.jsonl if output is not None or (source.kind != "args" and output_format is OutputFormat.auto) else output_format
     job = GenerateJob(
@@ -96,15 +104,29 @@ def command(
         batch_size=1 if deterministic else o.batch_size(batch_size),
         strict=strict or source.kind == "args",
         provenance=fmt is OutputFormat.jsonl,
+        retry_errors=retry_errors,
     )
     _run(GeneratePipeline(job), load, source, fmt, output)
 
 
+def _remote(server: str | None, api_key: str | None, connect_timeout: float | None, read_timeout: float | None) -> Any:
+    """With --server: what `RemoteEngine.connect` needs, its URL and timeouts checked (usage errors)."""
+    if server is None:
+        if connect_timeout is not None or read_timeout is not None:
+            raise UsageError("--connect-timeout and --read-timeout: only with --server (or AIGC_SERVER)")
+        return None
+    from aigc_cli.frontends.client import Timeouts, server_address
+
+    server_address(server)
+    return server, api_key, Timeouts.checked(connect_timeout, read_timeout)
+
+
 def _loader(
-    spec: ModelSpec, named: str | None, server: str | None, api_key: str | None, backend: Backend, ray: tuple[Any, ...], messages: Messages
+    spec: ModelSpec, named: str | None, remote: tuple[str, str | None, Any] | None, backend: Backend, ray: tuple[Any, ...], messages: Messages
 ) -> Callable[[], Any]:
     """Where the job runs, checked now (usage errors before anything is opened), loaded later."""
     address, workers, cpus, gpus = ray
+    server = remote[0] if remote is not None else None
     if server is not None and not spec.defaults:
         raise UsageError("--device, --dtype and --quantize: set them where the server runs (aigc serve), not with --server")
     if backend is Backend.ray:
@@ -123,11 +145,11 @@ def _loader(
         return on_ray
     if ray != (None, 2, 1.0, 0.0):
         raise UsageError("--ray-address, --workers, --worker-cpus and --worker-gpus: only with --backend ray")
-    if server is not None:
+    if remote is not None:
         from aigc_cli.frontends.client import RemoteEngine
 
-        url = server
-        return lambda: RemoteEngine.connect(url, api_key, named)
+        url, api_key, timeouts = remote
+        return lambda: RemoteEngine.connect(url, api_key, named, timeouts)
     return lambda: o.load_engine(spec, messages)
 
 
@@ -156,5 +178,5 @@ def _run(pipeline: GeneratePipeline, load: Callable[[], Any], source: PromptSour
             messages.error(f"interrupted after {done} records")
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     if summary.errors:
-        messages.warn(f"{summary.errors} of {summary.records} records could not be processed (see their error records)")
+        messages.warn(f"{summary.errors} of {summary.records} records could not be processed: {summary.error_counts()} (see their error records)")
         raise typer.Exit(int(ExitCode.PARTIAL))

@@ -42,3 +42,23 @@ def command(model: o.ModelOpt = "gpt2", debug: o.DebugOpt = False) -> None:
         "hub": "Hugging Face Hub (will be downloaded and cached on first use)",
     }[res.kind]
     typer.echo(f"model {spec.name}: {where}")
+    if res.kind != "hub":
+        _conventions(spec.name)
+
+
+def _conventions(name: str) -> None:
+    """The model's start, end and pad tokens, and why (models.conventions), from its tokenizer alone."""
+    from pathlib import Path
+
+    from aigc_cli.models.conventions import settle
+    from aigc_cli.models.loading import load_tokenizer, resolve
+
+    tokenizer, _ = load_tokenizer(name)
+    res = resolve(name)
+    c = settle(tokenizer, Path(res.path) if res.path else None, name)
+    for role, token, token_id in (("start", c.start, c.start_id), ("end", c.end, c.end_id), ("pad", c.pad, c.pad_id)):
+        typer.echo(f"{role} token: {token} ({token_id})" if token is not None else f"{role} token: none")
+    prefix = ", ".join(tokenizer.convert_ids_to_tokens(list(c.prefix))) if c.prefix else "nothing"
+    typer.echo(f"prompts start with: {prefix}")
+    for note in c.why:
+        typer.echo(f"  ({note})")

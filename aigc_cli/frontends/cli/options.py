@@ -6,11 +6,9 @@ from __future__ import annotations
 import functools
 import inspect
 import signal
-import sys
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
@@ -194,18 +192,6 @@ def batch_size(text: str) -> int | None:
 def check_range(flag: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
         raise UsageError(f"{flag}: must be from {low} to {high} (got {value})")
-
-
-def read_text(path: str) -> str:
-    """A whole text file (or '-' for stdin) as UTF-8; UsageError naming the file otherwise."""
-    try:
-        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from aigc_cli.core.settings import GenerationSettings
 from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.frontends.cli import options as o
 from aigc_cli.frontends.cli.render import Messages, OutputFormat, Streams, render_poems, render_rows
+from aigc_cli.jobs.textfiles import read_text
 
 if TYPE_CHECKING:
     from aigc_cli.apps.poetics import Form
@@ -110,7 +111,7 @@ def _check(path: str, form: Form, acrostic: str | None, rhymes: str, annotate: b
     """`--check FILE`: the poem's lines, counts and rhymes; exit 0 if it fits, 1 if not."""
     from aigc_cli.apps.poetics import check
 
-    report = check(o.read_text(path), form, acrostic, rhymes)
+    report = check(read_text(path, "--check"), form, acrostic, rhymes)
     rows = [
         {"line": n, "text": r.text, "count": r.count, "rhyme": r.rhyme, "estimated": list(r.estimated)}
         for n, r in enumerate(report.lines, start=1)

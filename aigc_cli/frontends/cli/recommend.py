@@ -8,11 +8,12 @@ from typing import Annotated, Any, Optional
 import typer
 
 from aigc_cli.apps.recommend import Aggregate, ScoreKind
-from aigc_cli.core.errors import UsageError
+from aigc_cli.core.errors import ExitCode, UsageError
 from aigc_cli.core.settings import MAX_BATCH
 from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.frontends.cli import options as o
 from aigc_cli.frontends.cli.render import Messages, OutputFormat, Streams, render_rows
+from aigc_cli.jobs.textfiles import Problems
 
 EPILOG = (
     "Examples:\n\n"
@@ -57,24 +58,33 @@ def command(
     o.check_range("--batch-size", batch_size, 1, MAX_BATCH)
     if eval_path is not None and catalog is None:
         raise UsageError("--eval: needs --catalog (the items the users' candidates refer to)")
+    streams = Streams()
+    messages = Messages(streams)
+    catalog_problems = Problems(f"--catalog {catalog}", messages.warn)
+    eval_problems = Problems(f"--eval {eval_path}", messages.warn)
     user = rec.load_profile(profile) if profile else rec.Profile()
     user.interests += interests or []
-    items = rec.load_catalog(catalog) if catalog else None
-    users = rec.load_eval(eval_path) if eval_path else None
+    items = rec.load_catalog(catalog, catalog_problems) if catalog else None
+    users = rec.load_eval(eval_path, eval_problems) if eval_path else None
     prompts = rec.Prompts.load(template, neutral_template)
     if users is None and not user.interests and not (items and user.liked):
         raise UsageError("no user: give interests as arguments, or --profile FILE with interests or liked items")
-    streams = Streams()
-    engine = o.load_engine(spec, Messages(streams))
+    engine = o.load_engine(spec, messages)
     if users is not None and items is not None:
-        ours, baseline = rec.evaluate(engine, items, users, prompts, k, score_kind, aggregate, batch_size)
-        rows = [{"ranking": f"aigc ({score_kind.value})", **ours}, {"ranking": "random", **baseline}]
-        render_rows(streams, output_format, list(rows[0]), rows, title=f"{len(users)} users, k={k}")
+        ours, baseline, covered = rec.evaluate(engine, items, users, prompts, k, score_kind, aggregate, batch_size, eval_problems)
+        left_out = len(eval_problems)
+        rows = [{"ranking": f"aigc ({score_kind.value})", **ours, "users": covered}, {"ranking": "random", **baseline, "users": covered}]
+        title = f"{covered} users, k={k}" + (f" ({left_out} left out: see the warnings)" if left_out else "")
+        render_rows(streams, output_format, list(rows[0]), rows, title=title)
     elif items is not None:
         _ranking(rec.rank(engine, items, user, prompts, score_kind, aggregate, batch_size)[:k], user, explain, output_format, streams)
     else:
         rows = rec.ideas(engine, user.interests, per_interest, seed)
         render_rows(streams, output_format, ["interest", "idea"], rows, title="Generated ideas (not real items)")
+    skipped = len(catalog_problems) + len(eval_problems)
+    if skipped:
+        messages.warn(f"{skipped} items of the input files were left out (see above)")
+        raise typer.Exit(int(ExitCode.PARTIAL))
 
 
 def _ranking(ranked: list[Any], user: Any, explain: bool, fmt: OutputFormat, streams: Streams) -> None:

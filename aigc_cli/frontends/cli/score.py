@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from aigc_cli.core.errors import UsageError
+from aigc_cli.core.errors import ExitCode, UsageError
 from aigc_cli.core.modelspec import ModelSpec
 from aigc_cli.core.settings import MAX_BATCH
 from aigc_cli.frontends.cli import options as o
 from aigc_cli.frontends.cli.render import Messages, OutputFormat, Streams, render_rows
+from aigc_cli.jobs.textfiles import Problems, read_lines, read_text
 
 EPILOG = (
     "Examples:\n\n"
@@ -24,27 +25,51 @@ EPILOG = (
 def command(
     spec: ModelSpec,
     path: Annotated[str, typer.Argument(help="Text file to score, or '-' for stdin.", show_default=False, metavar="FILE")],
-    per_line: Annotated[bool, typer.Option(help="Score each non-empty line on its own.")] = False,
+    per_line: Annotated[bool, typer.Option(help="Score each non-empty line on its own (a line that cannot be scored is reported and skipped).")] = False,
     stride: Annotated[Optional[int], typer.Option(help="Sliding-window stride for texts longer than the context (default: half of it).")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
     output_format: OutputFormat = OutputFormat.auto,
 ) -> None:
     """Perplexity, mean negative log-likelihood and token count of a text under the model.
 
-    Every token is scored, the first one conditioned on the model's BOS token (<|endoftext|> for
-    GPT-2); texts longer than the context use a sliding window.
+    Every token is scored, the first one conditioned on the model's start token (<|endoftext|>
+    for GPT-2); texts longer than the context use a sliding window.
     """
     if stride is not None and stride < 1:
         raise UsageError(f"--stride: must be at least 1 (got {stride})")
     o.check_range("--batch-size", batch_size, 1, MAX_BATCH)
-    text = o.read_text(path)
     streams = Streams()
-    from aigc_cli.engine.scoring import score_text
+    messages = Messages(streams)
+    name = "stdin" if path == "-" else path
+    problems = Problems(name, messages.warn)
+    errors: list[dict[str, Any]] = []
+    if per_line:
+        pieces = []
+        for line in read_lines(path):
+            if line.text is None:
+                errors.append({"line": line.number, "error": {"code": "invalid_utf8", "message": line.problem}})
+            elif line.text.strip():
+                pieces.append((line.number, line.text))
+    else:
+        pieces = [(0, read_text(path))]
+    from aigc_cli.engine.scoring import score_texts
 
-    engine = o.load_engine(spec, Messages(streams))
+    engine = o.load_engine(spec, messages)
     if stride is not None and stride > engine.context_length:
         raise UsageError(f"--stride: must not exceed the model's context of {engine.context_length} (got {stride})")
-    with Messages(streams).progress(None, unit="windows") as update:
-        rows = score_text(engine, text, path, per_line, stride, batch_size, on_progress=update)
-    columns = (["line"] if per_line else []) + ["perplexity", "nll", "tokens"]
-    render_rows(streams, output_format, columns, rows, title=None)
+    with messages.progress(None, unit="windows") as update:
+        rows = score_texts(engine, pieces, stride, batch_size, on_progress=update)
+    if not per_line:
+        if "error" in rows[0]:
+            raise UsageError(f"{name}: {rows[0]['error']['message']}")
+        rows = [{k: v for k, v in rows[0].items() if k != "line"}]
+    rows = sorted(errors + rows, key=lambda r: r.get("line", 0))
+    for row in rows:
+        if "error" in row:
+            problems.add(row["line"], row["error"]["message"])
+    jsonl = streams.resolve(output_format) is OutputFormat.jsonl
+    shown = rows if jsonl else [r for r in rows if "error" not in r]  # a table has no room for errors: they went to stderr
+    render_rows(streams, output_format, (["line"] if per_line else []) + ["perplexity", "nll", "tokens"], shown, title=None)
+    if problems:
+        messages.warn(f"{len(problems)} line{'s' if len(problems) != 1 else ''} of {name} could not be scored")
+        raise typer.Exit(int(ExitCode.PARTIAL))
