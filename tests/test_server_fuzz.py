@@ -20,9 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
+from aigc_cli.models.tiny import spec
 from tests.serving import KEY, MODEL, Server, sse_events
-
-pytestmark = pytest.mark.slow
 
 TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 COMPLETIONS, CHAT, TOKENIZE, DETOKENIZE = "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"
@@ -33,8 +32,11 @@ BASE: dict[str, dict[str, Any]] = {
     TOKENIZE: {"prompt": "Hello"},
     DETOKENIZE: {"tokens": [72, 101]},
 }
-VOCAB = 257  # tiny-random's tokenizer: 256 bytes and <|endoftext|>
+VOCAB = spec(MODEL).vocab_size  # tiny-random's tokenizer: 256 bytes, <|endoftext|>, common word prefixes
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+# every run draws the same examples (derandomized: CI is reproducible); the long variant draws ten
+# times as many, and is marked slow
+SCALES = [pytest.param(1, id="quick"), pytest.param(10, id="long", marks=pytest.mark.slow)]
 SIDE_PROMPTS = ("the sea at night", "Once upon a time", "Dear diary,")
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -235,9 +237,10 @@ def _openapi(server: Server) -> dict[str, Any]:
     return doc
 
 
+@pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 @pytest.mark.parametrize("path", [COMPLETIONS, CHAT, TOKENIZE, DETOKENIZE])
-def test_schemathesis(fuzzed, path, mode):
+def test_schemathesis(fuzzed, path, mode, scale):
     import schemathesis
     from schemathesis import GenerationMode
     from schemathesis.core import NOT_SET
@@ -245,7 +248,7 @@ def test_schemathesis(fuzzed, path, mode):
     schema = schemathesis.openapi.from_dict(_openapi(fuzzed.server))
     operation = schema[path]["POST"]
 
-    @FUZZ
+    @settings(FUZZ, max_examples=60 * scale)
     @given(operation.as_strategy(generation_mode=GenerationMode(mode)))
     def run(case: Any) -> None:
         body = case.body
@@ -336,9 +339,10 @@ def _strictly_wrong(value: Any) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
 
 
+@pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("path", [COMPLETIONS, CHAT, TOKENIZE, DETOKENIZE])
-def test_hostile_values(fuzzed, path):
-    @settings(FUZZ, max_examples=100 if path in (COMPLETIONS, CHAT) else 50)
+def test_hostile_values(fuzzed, path, scale):
+    @settings(FUZZ, max_examples=(100 if path in (COMPLETIONS, CHAT) else 50) * scale)
     @given(hostile_bodies(path))
     def run(drawn: tuple[dict[str, Any], str | None]) -> None:
         body, culprit = drawn
@@ -393,9 +397,10 @@ RAW_BODIES = st.one_of(
 )
 
 
+@pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("path", [COMPLETIONS, CHAT, TOKENIZE, DETOKENIZE])
-def test_raw_bytes(fuzzed, path):
-    @settings(FUZZ, max_examples=25)
+def test_raw_bytes(fuzzed, path, scale):
+    @settings(FUZZ, max_examples=25 * scale)
     @given(RAW_BODIES)
     def run(raw: bytes) -> None:
         try:

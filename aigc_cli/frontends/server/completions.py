@@ -26,8 +26,9 @@ from aigc_cli.engine.requests import Cancelled, Completion
 from aigc_cli.engine.requests import Request as EngineRequest
 from aigc_cli.engine.scheduler import Failed, Finished, Token
 from aigc_cli.engine.seeds import run_seed
+from aigc_cli.frontends.server.prepare import Prepared, checked_prompts, refusal
 from aigc_cli.frontends.server.state import ServerState
-from aigc_cli.protocol.completions import BY_PARAM_NAME, CompletionRequest, finish_reason, logprobs_body, usage
+from aigc_cli.protocol.completions import CompletionRequest, finish_reason, logprobs_body, usage
 from aigc_cli.protocol.errors import APIError, bad
 
 Alternatives = list[tuple[int, float]]
@@ -77,7 +78,9 @@ class CompletionJob:
     server is full), its prompts tokenized and checked off the event loop (400 before anything
     streams), then its rows run on the engine and its response body or stream of chunks built."""
 
-    def __init__(self, state: ServerState, engine: Engine, req: CompletionRequest, log_usage: dict[str, Any]) -> None:
+    def __init__(
+        self, state: ServerState, engine: Engine, req: CompletionRequest, log_usage: dict[str, Any], prepared: Prepared | None = None
+    ) -> None:
         assert state.loop is not None
         self.state, self.engine, self.loop, self.req = state, engine, state.loop, req
         self.id = f"cmpl-{secrets.token_hex(12)}"
@@ -85,6 +88,7 @@ class CompletionJob:
         self.arrived = time.monotonic()
         self.log_usage = log_usage
         self.seed = run_seed(req.seed)
+        self.prepared = prepared  # prompts already tokenized and checked (in the helper process)
         self.prompt_ids: list[list[int]] = []
         self.prompt_texts: list[str] = []
         wanted = req.indices if req.indices is not None else range(req.best_of)
@@ -105,7 +109,8 @@ class CompletionJob:
 
     async def start(self) -> None:
         """Claim the engine (503 or 400 when it cannot take this), then tokenize and check the
-        prompts in a worker thread, so that the streams in flight go on meanwhile."""
+        prompts in a worker thread, so that the streams in flight go on meanwhile (a large body's
+        prompts come prepared by the helper process: only memory is checked again)."""
         try:
             self.ticket = self.loop.admit(self.cost)
         except QueueFullError as exc:
@@ -134,25 +139,17 @@ class CompletionJob:
         self.close()
 
     def _prepare(self) -> None:
-        tok = self.engine.tokenizer
-        for p, prompt in enumerate(self.req.prompts):
-            where = f"prompt {p}: " if len(self.req.prompts) > 1 else ""
+        if self.prepared is None:
+            self.prompt_ids, self.prompt_texts = checked_prompts(self.engine, self.req)
+            return
+        # prepared in the helper process, which has no weights: memory checked here, on the
+        # longest prompt (beam search and contrastive search keep rows in proportion to it)
+        self.prompt_ids, self.prompt_texts = self.prepared.prompt_ids, self.prepared.prompt_texts
+        if self.req.settings.kv_rows() > 1:
             try:
-                ids = self.engine.encode(prompt, self.req.settings) if isinstance(prompt, str) else list(prompt)
-                self.engine.check_ids(ids, self.req.settings, self.req.generated_tokens)
+                self.engine.check_ids(max(self.prompt_ids, key=len), self.req.settings, self.req.generated_tokens)
             except RecordError as exc:
-                raise _refusal(exc, where, self.req, exc.code == "prompt_too_long" and self._fits_alone(prompt)) from None
-            self.prompt_ids.append(ids)
-            self.prompt_texts.append(prompt if isinstance(prompt, str) else tok.decode(ids, clean_up_tokenization_spaces=False))
-
-    def _fits_alone(self, prompt: str | list[int]) -> bool:
-        """Whether a prompt refused as too long fits the context without new tokens (then the
-        new tokens are at fault); counted again only on this refusal's path."""
-        if isinstance(prompt, str):
-            if len(prompt) > self.engine.context_length * self.engine.longest_token:
-                return False
-            prompt = self.engine.tokenizer.encode(prompt, add_special_tokens=False)
-        return len(prompt) <= self.engine.context_length
+                raise refusal(exc, "", self.req) from None
 
     def _requests(self) -> list[EngineRequest]:
         record = self.req.record_id
@@ -403,15 +400,3 @@ def _result(event: Done) -> Any:
     if isinstance(event.result, RecordError):
         raise APIError(500, f"generation failed: {event.result.render('api')}", code="engine_error")
     return event.result
-
-
-def _refusal(exc: RecordError, where: str, req: CompletionRequest, fits_alone: bool = False) -> APIError:
-    """A prompt the engine cannot take, as a 400 naming the request field at fault: a prompt too
-    long names max_tokens only when the client gave it and the prompt alone fits."""
-    if exc.code == "prompt_too_long":
-        param = "max_tokens" if fits_alone and req.generated_tokens and req.max_tokens_given else "prompt"
-        return bad(f"{where}{exc.render('api')}", param, "context_length_exceeded")
-    field = (req.settings.mode.kv_rows if exc.code == "too_big" else exc.field) or "prompt"
-    param = BY_PARAM_NAME.get(field, field)
-    return bad(f"{where}{exc.render('api')}", param, exc.code)
-
