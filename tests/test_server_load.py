@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -112,20 +114,43 @@ def server(tmp_path_factory):
     s.stop()
 
 
+class Burner:
+    """A process that only burns CPU, at the helper process's priority: the machine as busy as the
+    helper makes it, with nothing going through the server."""
+
+    def __enter__(self) -> Burner:
+        from aigc_cli.frontends.server.prepare import HELPER_NICENESS
+
+        code = f"import os; os.nice({HELPER_NICENESS})\nwhile True: pass"
+        self.proc = subprocess.Popen([sys.executable, "-c", code])
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 @pytest.mark.parametrize("names, copies", [(["token ids"], 1), (["4 MB text"], 1), (["tokenized"], 1), (list(HEAVY), 2)],
                          ids=["token-ids", "4MB-text", "tokenized", "all-in-parallel"])
 def test_large_bodies_starve_nothing(server, names, copies):
-    """Rounds of: the stream alone, then the stream while the large bodies are handled.
+    """Rounds of: the stream alone, the stream beside a process that burns a core at the helper's
+    priority (the normal gap on a machine as busy as the large bodies make it), then the stream
+    while the large bodies are handled.
 
     The bounds, on a shared CI machine that may deschedule any process now and then: /health's
     median within 100 ms and its slowest within 500 ms (the stall this guards against, parsing or
     tokenizing in the server's process, held it for 0.1-1.5 s on these loads); the stream's
-    longest gap under load within twice its longest gap alone, comparing the medians of five
+    longest gap under load within twice its normal longest gap, comparing the medians of five
     rounds (the stall showed in every round, at 10-100 times the gap alone; a hiccup of the
-    machine in one round, alone or loaded, does not decide)."""
-    alone, loaded, lines = [], [], []
+    machine in one round does not decide). The control with the burner is what makes the bound
+    about the server: on two busy cores, any process that takes CPU, the helper included, makes
+    every gap longer, and that is the machine's doing, not the server's; the gap alone is
+    printed beside it."""
+    alone, normal, loaded, lines = [], [], [], []
     for _ in range(5):
         alone.append(max(_stream_gaps(server)))
+        with Burner():
+            normal.append(max(_stream_gaps(server)))
         load = Load(server, names, copies)
         time.sleep(0.3)  # the large bodies are on their way or being prepared
         loaded.append(max(_stream_gaps(server)))
@@ -133,11 +158,12 @@ def test_large_bodies_starve_nothing(server, names, copies):
         assert not load.problems, load.problems[:3]
         assert all(load.answers.values()), load.answers
         health = load.health
-        lines.append(f"alone {alone[-1] * 1000:.1f} ms, loaded {loaded[-1] * 1000:.1f} ms; /health median "
-                     f"{statistics.median(health) * 1000:.1f} max {max(health) * 1000:.1f} ms ({len(health)}); answers {load.answers}")
+        lines.append(f"alone {alone[-1] * 1000:.1f} ms, beside a burner {normal[-1] * 1000:.1f} ms, loaded {loaded[-1] * 1000:.1f} ms; "
+                     f"/health median {statistics.median(health) * 1000:.1f} max {max(health) * 1000:.1f} ms ({len(health)}); "
+                     f"answers {load.answers}")
         assert statistics.median(health) < 0.1 and max(health) < 0.5, lines
     print("\n".join(lines))
-    assert statistics.median(loaded) <= 2 * statistics.median(alone), lines
+    assert statistics.median(loaded) <= 2 * statistics.median(normal), lines
 
 
 def test_the_helper_answers_as_the_server_process_does(tmp_path):
@@ -205,6 +231,22 @@ def test_a_helper_that_dies_is_replaced(tmp_path):
     finally:
         s.stop()
     assert "Traceback" not in s.log.read_text()
+
+
+def test_the_helper_ends_with_the_server(tmp_path):
+    """A server killed outright (no time to close its helper): the helper ends within seconds
+    instead of living on as an orphan."""
+    import psutil
+
+    s = Server(tmp_path)
+    deadline = time.monotonic() + 30
+    while not (helpers := [p for p in psutil.Process(s.proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]):
+        assert time.monotonic() < deadline, "no helper process"
+        time.sleep(0.1)
+    s.proc.kill()
+    s.proc.wait(10)
+    gone, alive = psutil.wait_procs(helpers, timeout=10)
+    assert not alive, alive
 
 
 def _row_cost(n_tokens: int, stops: list[str]) -> tuple[int, int]:

@@ -26,9 +26,9 @@ from aigc_cli.engine.requests import Cancelled, Completion
 from aigc_cli.engine.requests import Request as EngineRequest
 from aigc_cli.engine.scheduler import Failed, Finished, Token
 from aigc_cli.engine.seeds import run_seed
-from aigc_cli.frontends.server.prepare import Prepared, checked_prompts, refusal
+from aigc_cli.frontends.server.prepare import Prepared, refusal
 from aigc_cli.frontends.server.state import ServerState
-from aigc_cli.protocol.completions import CompletionRequest, finish_reason, logprobs_body, usage
+from aigc_cli.protocol.completions import finish_reason, logprobs_body, usage
 from aigc_cli.protocol.errors import APIError, bad
 
 Alternatives = list[tuple[int, float]]
@@ -74,23 +74,23 @@ class _Choice:
 
 
 class CompletionJob:
-    """One request: its cost claimed on the engine loop before anything is built (503 when the
-    server is full), its prompts tokenized and checked off the event loop (400 before anything
-    streams), then its rows run on the engine and its response body or stream of chunks built."""
+    """One request, its prompts already tokenized and checked off the event loop (prepare.py):
+    its cost claimed on the engine loop before anything is built (503 when the server is full),
+    then its rows run on the engine and its response body or stream of chunks built."""
 
     def __init__(
-        self, state: ServerState, engine: Engine, req: CompletionRequest, log_usage: dict[str, Any], prepared: Prepared | None = None
+        self, state: ServerState, engine: Engine, prepared: Prepared, log_usage: dict[str, Any]
     ) -> None:
         assert state.loop is not None
+        req = prepared.req
         self.state, self.engine, self.loop, self.req = state, engine, state.loop, req
         self.id = f"cmpl-{secrets.token_hex(12)}"
         self.created = int(time.time())
         self.arrived = time.monotonic()
         self.log_usage = log_usage
         self.seed = run_seed(req.seed)
-        self.prepared = prepared  # prompts already tokenized and checked (in the helper process)
-        self.prompt_ids: list[list[int]] = []
-        self.prompt_texts: list[str] = []
+        self.prompt_ids: list[list[int]] = prepared.prompt_ids  # tokenized and checked (prepare.py)
+        self.prompt_texts: list[str] = prepared.prompt_texts
         wanted = req.indices if req.indices is not None else range(req.best_of)
         self.choices = {(p, i): _Choice(p, i) for p in range(len(req.prompts)) for i in wanted}
         self.echo_logprobs: list[list[Any]] = []
@@ -108,9 +108,9 @@ class CompletionJob:
         return len(self.req.prompts) * (per_prompt + scored)
 
     async def start(self) -> None:
-        """Claim the engine (503 or 400 when it cannot take this), then tokenize and check the
-        prompts in a worker thread, so that the streams in flight go on meanwhile (a large body's
-        prompts come prepared by the helper process: only memory is checked again)."""
+        """Claim the engine (503 or 400 when it cannot take this); the prompts come tokenized and
+        checked (prepare.py), only their memory is checked again here: the helper process that
+        prepares a large body has no weights to estimate it from."""
         try:
             self.ticket = self.loop.admit(self.cost)
         except QueueFullError as exc:
@@ -121,7 +121,7 @@ class CompletionJob:
             raise APIError(503, str(exc), code="shutting_down") from None
         self.state.jobs.add(self)
         try:
-            await asyncio.to_thread(self._prepare)
+            self._check_memory()
         except BaseException:
             self.close()
             raise
@@ -138,13 +138,9 @@ class CompletionJob:
             self._aloop.call_soon_threadsafe(self._queue.put_nowait, error)
         self.close()
 
-    def _prepare(self) -> None:
-        if self.prepared is None:
-            self.prompt_ids, self.prompt_texts = checked_prompts(self.engine, self.req)
-            return
-        # prepared in the helper process, which has no weights: memory checked here, on the
-        # longest prompt (beam search and contrastive search keep rows in proportion to it)
-        self.prompt_ids, self.prompt_texts = self.prepared.prompt_ids, self.prepared.prompt_texts
+    def _check_memory(self) -> None:
+        """Beam search and contrastive search keep rows in proportion to the longest prompt: a
+        400 when memory cannot hold them (O(prompt) on one prompt: no thread needed)."""
         if self.req.settings.kv_rows() > 1:
             try:
                 self.engine.check_ids(max(self.prompt_ids, key=len), self.req.settings, self.req.generated_tokens)

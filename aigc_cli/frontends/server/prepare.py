@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -207,7 +208,7 @@ def _json(value: Any) -> bytes:
 _HELPER_PREPARER: Preparer | None = None  # the helper process's copy
 
 
-def _start_helper(preparer: Preparer) -> None:
+def _start_helper(preparer: Preparer, server: int) -> None:
     """The helper process's start: its copy of the preparer, and a lower CPU priority, so that on
     a busy machine the engine and the event loop run first and preparing waits."""
     global _HELPER_PREPARER
@@ -216,6 +217,16 @@ def _start_helper(preparer: Preparer) -> None:
         os.nice(HELPER_NICENESS)
     except (AttributeError, OSError):  # no os.nice here (Windows), or not allowed
         pass
+    threading.Thread(target=_exit_with_parent, args=(server,), name="aigc-helper-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End the helper once the server's process (`parent`, its pid as the server gave it) is gone
+    (killed, say, with no time to close its pool): the helper is then a child of another
+    process, perhaps already before it got here."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _run_in_helper(kind: str, raw: bytes) -> tuple[bool, Any]:
@@ -246,7 +257,7 @@ class Helper:
         with self._lock:
             if self._pool is None:
                 ctx = multiprocessing.get_context("spawn")
-                self._pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_start_helper, initargs=(self.preparer,))
+                self._pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_start_helper, initargs=(self.preparer, os.getpid()))
             return self._pool
 
     def start(self) -> None:

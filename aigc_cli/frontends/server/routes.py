@@ -126,7 +126,7 @@ def _completion_routes(app: FastAPI, state: ServerState) -> None:
     async def completions(request: Request) -> Response:
         engine = _ready(state, request)
         prepared = await _prepare(state, "completion", await _read(state, request))
-        return await _respond(request, CompletionJob(state, engine, prepared.req, _usage(request), prepared), lambda x: x)
+        return await _respond(request, CompletionJob(state, engine, prepared, _usage(request)), lambda x: x)
 
     @app.post("/v1/chat/completions", openapi_extra=schema.body("ChatCompletionRequest"))
     async def chat(request: Request) -> Response:
@@ -139,7 +139,7 @@ def _completion_routes(app: FastAPI, state: ServerState) -> None:
             )
         prepared = await _prepare(state, "chat", await _read(state, request))
         try:
-            return await _respond(request, CompletionJob(state, engine, prepared.req, _usage(request), prepared), chat_response, chat=True)
+            return await _respond(request, CompletionJob(state, engine, prepared, _usage(request)), chat_response, chat=True)
         except APIError as exc:
             raise chat_error(exc, {"max_completion_tokens": prepared.max_completion_tokens}) from None
 
