@@ -207,6 +207,22 @@ def test_the_helper_answers_as_the_server_process_does(tmp_path):
         helper.close()
 
 
+def test_without_a_helper_the_server_prepares_bodies_itself():
+    """A tokenizer that cannot be copied to another process: no helper (one warning line), and
+    a large body is prepared in the server's process, with the same answer."""
+    from aigc_cli.engine.engine import Engine
+    from aigc_cli.frontends.server.prepare import Helper, Preparer
+
+    engine = Engine.load(MODEL)
+    preparer = Preparer(MODEL, engine, None)
+    preparer.vocabulary.conventions = lambda: None  # a lambda cannot be pickled
+    lines: list[str] = []
+    assert Helper.started(preparer, lines.append) is None
+    assert len(lines) == 1 and lines[0].startswith("aigc serve: warning: no helper process for large requests"), lines
+    text = "hello there " * 10_000
+    assert json.loads(preparer.tokenize(json.dumps({"prompt": text}).encode()))["tokens"] == engine.tokenizer.encode(text, add_special_tokens=True)
+
+
 def test_a_helper_that_dies_is_replaced(tmp_path):
     """Killing the helper process mid-way: that request is prepared in the server's process, the
     next one goes to a new helper, and the server never answers 5xx."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -260,17 +261,28 @@ class Helper:
                 self._pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_start_helper, initargs=(self.preparer, os.getpid()))
             return self._pool
 
-    def start(self) -> None:
-        """Start the process now (it imports and unpickles the tokenizer once), not on the first
-        large request."""
-        self._executor().submit(len, b"")
+    @classmethod
+    def started(cls, preparer: Preparer, log: Callable[[str], None]) -> Helper | None:
+        """A helper, its process started now (it imports and unpickles the tokenizer once), not on
+        the first large request; None, with a warning, when it cannot start (a tokenizer that
+        cannot be copied to another process, no processes allowed): then every body is prepared
+        in the server's process, as small ones are."""
+        helper = cls(preparer, log)
+        try:
+            pickle.dumps(preparer)
+            helper._executor().submit(len, b"")
+        except Exception as exc:  # noqa: BLE001 - any reason: the server works without it
+            log(f"aigc serve: warning: no helper process for large requests ({type(exc).__name__}: {exc}); they are prepared here")
+            helper.close()
+            return None
+        return helper
 
     async def run(self, kind: str, raw: bytes) -> Any:
         """What `Preparer.<kind>(raw)` returns, computed in the helper; its APIError raised here."""
         pool = self._executor()
         try:
             ok, value = await asyncio.get_running_loop().run_in_executor(pool, _run_in_helper, kind, raw)
-        except BrokenProcessPool:
+        except (BrokenProcessPool, OSError):  # it died (or a new one could not start)
             with self._lock:
                 if self._pool is pool:
                     self._pool = None

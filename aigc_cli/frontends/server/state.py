@@ -71,8 +71,7 @@ class ServerState:
         from aigc_cli.frontends.server.prepare import Helper, Preparer
 
         self.preparer = Preparer(o.spec.name, engine, o.chat_template)
-        self.helper = Helper(self.preparer, self.log)
-        self.helper.start()
+        self.helper = Helper.started(self.preparer, self.log)
         self.engine, self.loop = engine, loop
         precision = engine.lm.dtype if engine.lm.quantize == "none" else f"--quantize {engine.lm.quantize}"
         self.log(f"aigc serve: {o.spec.name} ready in {time.monotonic() - started:.1f} s ({engine.lm.device}, {precision})")
