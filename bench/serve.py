@@ -188,7 +188,8 @@ def against_baseline(args: argparse.Namespace, model: Path, clients: list[int]) 
         "## Against a baseline",
         "",
         f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {_cpu_name()}, {os.cpu_count()} cores, no GPU "
-        f"(shared with other work: load average {os.getloadavg()[0]:.1f} at the end); `bench/serve.py --baseline {args.baseline}`: "
+        f"(shared with other work: load average {os.getloadavg()[0]:.1f} at the end); `bench/serve.py {' '.join(sys.argv[1:])}`"
+        f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}): "
         f"this tree at {_git(ROOT, 'rev-parse', '--short', 'HEAD')} against {_git(base, 'rev-parse', '--short', 'HEAD')}, "
         f"{args.rounds} alternating rounds each, {args.per_client} streamed requests of {args.tokens} sampled tokens per client; "
         "tok/s per round, then the ratio of the medians.",
