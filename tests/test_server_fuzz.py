@@ -440,6 +440,13 @@ CASES = [
     # chat's refusals named the completion's fields: 'prompt' for the messages, 'max_tokens'
     (CHAT, {**CHAT_BASE, "messages": [{"role": "user", "content": "x" * 100_000}]}, 400, "messages"),
     (CHAT, {**CHAT_BASE, "max_completion_tokens": 5000}, 400, "max_completion_tokens"),
+    # a request over the server's capacity was named n whatever made it so (the long variant found it on chat)
+    (CHAT, {**CHAT_BASE, "num_beams": 25}, 400, "num_beams"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "x", "num_beams": 25}, 400, "num_beams"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "x", "decoding": "contrastive", "top_k": 25, "penalty_alpha": 0.5}, 400, "top_k"),
+    (COMPLETIONS, {"model": MODEL, "prompt": ["x"] * 25}, 400, "prompt"),
+    (CHAT, {**CHAT_BASE, "n": 25}, 400, "n"),
+    (COMPLETIONS, {"model": MODEL, "prompt": "x", "n": 2, "best_of": 25}, 400, "best_of"),
     # and classics
     (COMPLETIONS, {"model": MODEL, "prompt": "x", "temperature": Raw("NaN")}, 400, "temperature"),
     (COMPLETIONS, {"model": MODEL, "prompt": "x", "top_p": Raw("1e999")}, 400, "top_p"),

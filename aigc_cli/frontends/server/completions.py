@@ -28,7 +28,7 @@ from aigc_cli.engine.scheduler import Failed, Finished, Token
 from aigc_cli.engine.seeds import run_seed
 from aigc_cli.frontends.server.prepare import Prepared, refusal
 from aigc_cli.frontends.server.state import ServerState
-from aigc_cli.protocol.completions import finish_reason, logprobs_body, usage
+from aigc_cli.protocol.completions import BY_PARAM_NAME, finish_reason, logprobs_body, usage
 from aigc_cli.protocol.errors import APIError, bad
 
 Alternatives = list[tuple[int, float]]
@@ -116,7 +116,7 @@ class CompletionJob:
         except QueueFullError as exc:
             raise APIError(503, f"the server is busy: {exc}", code="queue_full") from None
         except TooBigError as exc:
-            raise bad(f"{exc}", "n", "too_many_sequences") from None
+            raise bad(f"{exc}", self._costliest_field(), "too_many_sequences") from None
         except StoppingError as exc:
             raise APIError(503, str(exc), code="shutting_down") from None
         self.state.jobs.add(self)
@@ -125,6 +125,17 @@ class CompletionJob:
         except BaseException:
             self.close()
             raise
+
+    def _costliest_field(self) -> str:
+        """The request field that multiplies the cost most: the prompts, or per prompt the beams
+        (or contrastive branches), best_of, n."""
+        req, per_prompt = self.req, self.cost // max(1, len(self.req.prompts))
+        if len(req.prompts) > per_prompt:
+            return "prompt"
+        kv = req.settings.mode.kv_rows
+        if req.settings.kv_rows() > 1 and kv:
+            return BY_PARAM_NAME.get(kv, kv)
+        return "best_of" if req.best_of > req.n else "n"
 
     def close(self) -> None:
         """The request is over (or its client left): its work stops, its claim is freed."""
