@@ -31,9 +31,9 @@ def stream_safe_length(text: str, stops: Sequence[str]) -> int:
     """How much of `text` can be shown now without showing part of a stop string or a split UTF-8
     char: the text less its longest end that is the start of a stop string (each stop in turn).
 
-    Linear in the stop strings' length: the candidate starts are found by `str.find` (C speed)
-    and only those compared, where trying every length from the longest down compared (and
-    copied) the square of a stop's length for each event of a stream."""
+    Only the candidate starts (where the stop string's first character occurs, found by
+    `str.find` at C speed) are compared, where trying every length from the longest down took a
+    step, a slice and a comparison per character of each stop string, for each event of a stream."""
     n = len(text)
     while n and text[n - 1] == "\ufffd":  # an incomplete multi-byte character decodes as U+FFFD
         n -= 1
