@@ -5,6 +5,13 @@ Writes bench/RESULTS-serve.md.
 
     .venv/bin/python bench/serve.py                       # everything (about 15 minutes on 2 cores)
     .venv/bin/python bench/serve.py --skip-transformers   # aigc only
+    .venv/bin/python bench/serve.py --baseline ../old      # aigc serve from this tree against another
+                                                          # checkout, alternating rounds in one run
+
+With --baseline, only the aigc serve load runs, for both trees (`python -m aigc_cli serve` with the
+tree on PYTHONPATH, from a directory outside both), in alternating rounds so that a machine whose
+load drifts treats both alike; the figures go into RESULTS-serve.md's section "Against a baseline"
+(the rest of the file is kept).
 
 The model is GPT-2 small's shape with random weights (bench/make_model.py). Every request samples
 (temperature 1, no top-k) exactly --tokens tokens where the server can force it (aigc: min_tokens;
@@ -37,9 +44,11 @@ AIGC = str(ROOT / ".venv" / "bin" / "aigc")
 TRANSFORMERS = str(ROOT / ".venv" / "bin" / "transformers")
 
 
-def start(cmd: list[str], log: Path, port_from_log: bool, port: int, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def start(
+    cmd: list[str], log: Path, port_from_log: bool, port: int, env: dict[str, str], cwd: Path | None = None
+) -> tuple[subprocess.Popen, str]:
     with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     deadline = time.monotonic() + 300
     url = f"http://127.0.0.1:{port}"
     while time.monotonic() < deadline:
@@ -144,6 +153,62 @@ def readme_example(url: str) -> list[float]:
     return times
 
 
+def _git(tree: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True).stdout.strip()
+
+
+def _cpu_flags() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def against_baseline(args: argparse.Namespace, model: Path, clients: list[int]) -> None:
+    """aigc serve from this tree and from `args.baseline`, the same load in alternating rounds."""
+    trees = {"this tree": ROOT, "baseline": Path(args.baseline).resolve()}
+    figures: dict[str, dict[int, list[float]]] = {name: {c: [] for c in clients} for name in trees}
+    log_dir = Path(tempfile.mkdtemp())
+    for k in range(args.rounds):
+        for name, tree in trees.items():
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(tree)}
+            cmd = [sys.executable, "-m", "aigc_cli", "serve", "--model", str(model), "--port", "0"]
+            proc, url = start(cmd, log_dir / f"{name}-{k}.log", True, 0, env, cwd=log_dir)
+            try:
+                one_request(url, str(model), "Warm up", 4, True)
+                for c in clients:
+                    r = load(url, str(model), c, args.per_client, args.tokens, True)
+                    figures[name][c].append(r["tok_s"])
+                    print(f"round {k + 1} {name} {c} clients: {r['tok_s']:.1f} tok/s", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait()
+    base = trees["baseline"]
+    lines = [
+        "## Against a baseline",
+        "",
+        f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {_cpu_name()}, {os.cpu_count()} cores, no GPU "
+        f"(shared with other work: load average {os.getloadavg()[0]:.1f} at the end); `bench/serve.py {' '.join(sys.argv[1:])}`"
+        f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}): "
+        f"this tree at {_git(ROOT, 'rev-parse', '--short', 'HEAD')} against {_git(base, 'rev-parse', '--short', 'HEAD')}, "
+        f"{args.rounds} alternating rounds each, {args.per_client} streamed requests of {args.tokens} sampled tokens per client; "
+        "tok/s per round, then the ratio of the medians.",
+        "",
+        f"CPU flags: {_cpu_flags()}",
+        "",
+        "| clients | this tree tok/s | baseline tok/s | this tree / baseline |",
+        "|---:|---|---|---:|",
+    ]
+    for c in clients:
+        ours, theirs = figures["this tree"][c], figures["baseline"][c]
+        lines.append(f"| {c} | {', '.join(f'{x:.1f}' for x in ours)} | {', '.join(f'{x:.1f}' for x in theirs)} | "
+                     f"{statistics.median(ours) / statistics.median(theirs):.3f} |")
+    out = Path(args.out)
+    kept = out.read_text().split("\n## Against a baseline")[0].rstrip("\n") if out.exists() else "# Server benchmark (bench/serve.py)"
+    out.write_text(kept + "\n\n" + "\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", default="1,8,32")
@@ -152,9 +217,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--out", default=str(HERE / "RESULTS-serve.md"))
+    ap.add_argument("--baseline", help="another checkout of aigc: compare aigc serve from it with this tree's (and nothing else)")
+    ap.add_argument("--rounds", type=int, default=3, help="with --baseline: alternating rounds per tree")
     args = ap.parse_args()
     model = build()
     clients = [int(c) for c in args.clients.split(",")]
+    if args.baseline:
+        against_baseline(args, model, clients)
+        return
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     rows: list[tuple[str, int, dict[str, float]]] = []
     log_dir = Path(tempfile.mkdtemp())

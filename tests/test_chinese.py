@@ -323,3 +323,12 @@ def test_a_prompt_ending_in_whitespace_gets_no_space_before_the_completion(serve
                 assert token in top, (k, token, top)  # the chosen token keyed as it is shown
         n = len(bert.encode(prompt, add_special_tokens=False)) + 1
         assert all(list(top) == [token] for token, top in zip(lp["tokens"][n:], lp["top_logprobs"][n:]))  # greedy: the top-1 is the chosen, once
+
+
+def test_a_large_body_prepared_in_the_helper_process_gets_the_prefix_too(server, uer):
+    """Bodies over 64 KiB are tokenized in the server's helper process: [CLS] first there too."""
+    text = "春风" * 40000  # 240 KB of UTF-8
+    status, data = _post(server, "/tokenize", {"model": str(uer), "prompt": text})
+    assert status == 200, data
+    tokens = json.loads(data)["tokens"]
+    assert tokens[0] == 2 and len(tokens) == 80001 and 3 not in tokens

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from aigc_cli.core.settings import text_problem
-from aigc_cli.protocol.errors import APIError, bad
+from aigc_cli.protocol.errors import APIError, bad, quoted, unknown_parameter
 
+_COMPLETION_ONLY = {"prompt", "echo", "suffix", "best_of"}  # completion fields that chat has not
 _CHAT_ONLY = {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls"}
 
 
@@ -23,11 +24,7 @@ def chat_request(body: dict[str, Any], template: str, tokenizer: Any) -> dict[st
         problem = text_problem(m["role"]) or text_problem(m["content"])
         if problem is not None:
             raise bad(f"'messages': message {i} is {problem}", "messages", "invalid_text")
-    for key in ("tools", "tool_choice", "response_format"):
-        if body.get(key) is not None:
-            raise bad(f"'{key}' is not supported", key, "unsupported")
-    if body.get("logprobs"):
-        raise bad("'logprobs' is not supported for chat; use /v1/completions", "logprobs", "unsupported")
+    _check_chat_fields(body)
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -45,6 +42,41 @@ def chat_request(body: dict[str, Any], template: str, tokenizer: Any) -> dict[st
         out["max_tokens"] = body["max_completion_tokens"]
     out["prompt"] = prompt
     return out
+
+
+def _check_chat_fields(body: dict[str, Any]) -> None:
+    """The fields chat has and completions has not (the completion check never sees them), and the
+    completion fields chat has not (its OpenAPI schema leaves them out): 400 naming the field."""
+    unknown = next((k for k in body if k in _COMPLETION_ONLY), None)
+    if unknown is not None:
+        raise unknown_parameter(unknown)
+    for key in ("tools", "tool_choice", "response_format", "top_logprobs"):
+        if body.get(key) is not None:
+            raise bad(f"'{key}' is not supported", key, "unsupported")
+    for key in ("logprobs", "parallel_tool_calls"):
+        if body.get(key) is not None and not isinstance(body[key], bool):
+            raise bad(f"'{key}' must be true or false", key)
+    if body.get("logprobs"):
+        raise bad("'logprobs' is not supported for chat; use /v1/completions", "logprobs", "unsupported")
+    most = body.get("max_completion_tokens")
+    if most is not None:
+        if not isinstance(most, int) or isinstance(most, bool) or most < 1:
+            raise bad(f"'max_completion_tokens' must be an integer, 1 or more (got {quoted(most)})", "max_completion_tokens")
+        if body.get("max_tokens") not in (None, most):
+            raise bad("'max_tokens' and 'max_completion_tokens' differ: give one of them", "max_completion_tokens")
+
+
+def chat_error(exc: APIError, body: dict[str, Any]) -> APIError:
+    """A refusal of the completion made from a chat body, naming the chat body's own field: the
+    rendered prompt is its messages, max_tokens its max_completion_tokens when that was given."""
+    param = exc.param
+    if param == "prompt":
+        param = "messages"
+    elif param == "max_tokens" and body.get("max_completion_tokens") is not None:
+        param = "max_completion_tokens"
+    if param == exc.param:
+        return exc
+    return APIError(exc.status, exc.message.replace("'prompt'", "'messages'"), param, exc.code, exc.kind)
 
 
 def chat_response(completion: dict[str, Any]) -> dict[str, Any]:

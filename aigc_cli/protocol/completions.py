@@ -24,7 +24,7 @@ from aigc_cli.core.settings import (
     coerce,
     text_problem,
 )
-from aigc_cli.protocol.errors import bad, quoted
+from aigc_cli.protocol.errors import bad, quoted, unknown_parameter
 
 MAX_LOGPROBS = 20  # top alternatives per token (vLLM's limit; OpenAI's is 5)
 MAX_PROMPTS = 1024  # prompts in one request
@@ -53,8 +53,9 @@ def _kind(*types: type) -> Callable[[Any], None]:
     return check
 
 
-def _text(value: Any) -> None:
-    _kind(str)(value)
+def _text(value: Any, *types: type) -> None:
+    """A string of valid Unicode text (or a value of one of `types`)."""
+    _kind(str, *types)(value)
     problem = text_problem(value) if isinstance(value, str) else None
     if problem is not None:
         raise ValueError(f"is {problem}")
@@ -91,7 +92,7 @@ FIELDS: tuple[Field, ...] = (
     Field("presence_penalty", _NUMBER_OR_NULL, "Not supported unless 0 (use repetition_penalty).", _kind(int, float)),
     Field("frequency_penalty", _NUMBER_OR_NULL, "Not supported unless 0 (use repetition_penalty).", _kind(int, float)),
     Field("logit_bias", {"type": ["object", "null"]}, "Not supported unless empty (use ban or stop_token_ids).", _kind(dict)),
-    Field("record_id", {"type": ["string", "integer", "null"]}, "aigc's client: the record whose sequences these are.", _kind(str, int)),
+    Field("record_id", {"type": ["string", "integer", "null"]}, "aigc's client: the record whose sequences these are.", lambda v: _text(v, int)),
     Field("indices", {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}}, "aigc's client: sequence numbers to generate.", _kind(list)),
 )
 _FIELDS = {f.name: f for f in FIELDS}
@@ -115,6 +116,7 @@ class CompletionRequest:
     indices: list[int] | None  # sequence numbers to generate (aigc's client resuming a file)
     score_only: bool  # max_tokens 0 with echo: the prompt's logprobs, nothing generated
     return_token_ids: bool = False
+    max_tokens_given: bool = False  # the body set max_tokens (else the API's default applies)
 
     @property
     def generated_tokens(self) -> int:
@@ -144,6 +146,7 @@ def completion_request(body: dict[str, Any]) -> CompletionRequest:
         indices=indices,
         score_only=score_only,
         return_token_ids=bool(body.get("return_token_ids")),
+        max_tokens_given=body.get("max_tokens") is not None,
     )
 
 
@@ -151,7 +154,7 @@ def _check_fields(body: dict[str, Any]) -> None:
     """Every key known, every request field of its type; unsupported features refused."""
     for key, value in body.items():
         if key not in _FIELDS and key not in BY_PARAM:
-            raise bad(f"unknown parameter {quoted(key)}", quoted(key, 60)[1:-1] if isinstance(key, str) else None, "unknown_parameter")
+            raise unknown_parameter(key)
         field = _FIELDS.get(key)
         if field is not None and field.check is not None:
             try:

@@ -42,6 +42,12 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def unknown_parameter(key: str) -> APIError:
+    """The 400 for a key the endpoint does not take: its param is the key as sent (cut to 200
+    characters; the body is ASCII-escaped, so a key with a lone surrogate still travels)."""
+    return bad(f"unknown parameter {quoted(key)}", key if len(key) <= 200 else key[:197] + "...", "unknown_parameter")
+
+
 def quoted(value: Any, limit: int = 40) -> str:
     """A client's value inside a message: repr (lone surrogates escaped), cut short."""
     text = repr(value)

@@ -68,6 +68,10 @@ def chat_schema() -> dict[str, Any]:
         "description": "The conversation, rendered into a prompt by the server's chat template.",
     }
     properties["max_completion_tokens"] = {"type": ["integer", "null"], "minimum": 1, "description": "As max_tokens."}
+    properties["logprobs"] = {"type": ["boolean", "null"], "enum": [False, None], "description": "Not supported (use /v1/completions)."}
+    properties["parallel_tool_calls"] = {"type": ["boolean", "null"], "description": "Accepted; there are no tools."}
+    for name in ("top_logprobs", "tools", "tool_choice", "response_format"):
+        properties[name] = {"type": "null", "description": "Not supported."}
     return {"type": "object", "properties": properties, "required": ["model", "messages"], "additionalProperties": False}
 
 

@@ -26,8 +26,9 @@ from aigc_cli.engine.requests import Cancelled, Completion, joins
 from aigc_cli.engine.requests import Request as EngineRequest
 from aigc_cli.engine.scheduler import Failed, Finished, Token
 from aigc_cli.engine.seeds import run_seed
+from aigc_cli.frontends.server.prepare import Prepared, refusal
 from aigc_cli.frontends.server.state import ServerState
-from aigc_cli.protocol.completions import BY_PARAM_NAME, CompletionRequest, finish_reason, logprobs_body, usage
+from aigc_cli.protocol.completions import BY_PARAM_NAME, finish_reason, logprobs_body, usage
 from aigc_cli.protocol.errors import APIError, bad
 
 Alternatives = list[tuple[int, float]]
@@ -73,20 +74,23 @@ class _Choice:
 
 
 class CompletionJob:
-    """One request: its cost claimed on the engine loop before anything is built (503 when the
-    server is full), its prompts tokenized and checked off the event loop (400 before anything
-    streams), then its rows run on the engine and its response body or stream of chunks built."""
+    """One request, its prompts already tokenized and checked off the event loop (prepare.py):
+    its cost claimed on the engine loop before anything is built (503 when the server is full),
+    then its rows run on the engine and its response body or stream of chunks built."""
 
-    def __init__(self, state: ServerState, engine: Engine, req: CompletionRequest, log_usage: dict[str, Any]) -> None:
+    def __init__(
+        self, state: ServerState, engine: Engine, prepared: Prepared, log_usage: dict[str, Any]
+    ) -> None:
         assert state.loop is not None
+        req = prepared.req
         self.state, self.engine, self.loop, self.req = state, engine, state.loop, req
         self.id = f"cmpl-{secrets.token_hex(12)}"
         self.created = int(time.time())
         self.arrived = time.monotonic()
         self.log_usage = log_usage
         self.seed = run_seed(req.seed)
-        self.prompt_ids: list[list[int]] = []
-        self.prompt_texts: list[str] = []
+        self.prompt_ids: list[list[int]] = prepared.prompt_ids  # tokenized and checked (prepare.py)
+        self.prompt_texts: list[str] = prepared.prompt_texts
         wanted = req.indices if req.indices is not None else range(req.best_of)
         self.choices = {(p, i): _Choice(p, i) for p in range(len(req.prompts)) for i in wanted}
         self.echo_logprobs: list[list[Any]] = []
@@ -104,22 +108,34 @@ class CompletionJob:
         return len(self.req.prompts) * (per_prompt + scored)
 
     async def start(self) -> None:
-        """Claim the engine (503 or 400 when it cannot take this), then tokenize and check the
-        prompts in a worker thread, so that the streams in flight go on meanwhile."""
+        """Claim the engine (503 or 400 when it cannot take this); the prompts come tokenized and
+        checked (prepare.py), only their memory is checked again here: the helper process that
+        prepares a large body has no weights to estimate it from."""
         try:
             self.ticket = self.loop.admit(self.cost)
         except QueueFullError as exc:
             raise APIError(503, f"the server is busy: {exc}", code="queue_full") from None
         except TooBigError as exc:
-            raise bad(f"{exc}", "n", "too_many_sequences") from None
+            raise bad(f"{exc}", self._costliest_field(), "too_many_sequences") from None
         except StoppingError as exc:
             raise APIError(503, str(exc), code="shutting_down") from None
         self.state.jobs.add(self)
         try:
-            await asyncio.to_thread(self._prepare)
+            self._check_memory()
         except BaseException:
             self.close()
             raise
+
+    def _costliest_field(self) -> str:
+        """The request field that multiplies the cost most: the prompts, or per prompt the beams
+        (or contrastive branches), best_of, n."""
+        req, per_prompt = self.req, self.cost // max(1, len(self.req.prompts))
+        if len(req.prompts) > per_prompt:
+            return "prompt"
+        kv = req.settings.mode.kv_rows
+        if req.settings.kv_rows() > 1 and kv:
+            return BY_PARAM_NAME.get(kv, kv)
+        return "best_of" if req.best_of > req.n else "n"
 
     def close(self) -> None:
         """The request is over (or its client left): its work stops, its claim is freed."""
@@ -133,17 +149,14 @@ class CompletionJob:
             self._aloop.call_soon_threadsafe(self._queue.put_nowait, error)
         self.close()
 
-    def _prepare(self) -> None:
-        tok = self.engine.tokenizer
-        for p, prompt in enumerate(self.req.prompts):
-            where = f"prompt {p}: " if len(self.req.prompts) > 1 else ""
+    def _check_memory(self) -> None:
+        """Beam search and contrastive search keep rows in proportion to the longest prompt: a
+        400 when memory cannot hold them (O(prompt) on one prompt: no thread needed)."""
+        if self.req.settings.kv_rows() > 1:
             try:
-                ids = self.engine.encode(prompt, self.req.settings) if isinstance(prompt, str) else list(prompt)
-                self.engine.check_ids(ids, self.req.settings, self.req.generated_tokens)
+                self.engine.check_ids(max(self.prompt_ids, key=len), self.req.settings, self.req.generated_tokens)
             except RecordError as exc:
-                raise _refusal(exc, where, self.req) from None
-            self.prompt_ids.append(ids)
-            self.prompt_texts.append(prompt if isinstance(prompt, str) else tok.decode(ids, clean_up_tokenization_spaces=False))
+                raise refusal(exc, "", self.req) from None
 
     def _requests(self) -> list[EngineRequest]:
         record = self.req.record_id
@@ -447,14 +460,3 @@ def _result(event: Done) -> Any:
     if isinstance(event.result, RecordError):
         raise APIError(500, f"generation failed: {event.result.render('api')}", code="engine_error")
     return event.result
-
-
-def _refusal(exc: RecordError, where: str, req: CompletionRequest) -> APIError:
-    """A prompt the engine cannot take, as a 400 naming the request field at fault."""
-    if exc.code == "prompt_too_long":
-        param = "prompt" if req.generated_tokens == 0 or "characters" in exc.text else "max_tokens"
-        return bad(f"{where}{exc.render('api')}", param, "context_length_exceeded")
-    field = (req.settings.mode.kv_rows if exc.code == "too_big" else exc.field) or "prompt"
-    param = BY_PARAM_NAME.get(field, field)
-    return bad(f"{where}{exc.render('api')}", param, exc.code)
-

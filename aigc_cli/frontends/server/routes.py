@@ -10,7 +10,7 @@ import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -18,15 +18,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from aigc_cli.core.settings import text_problem
 from aigc_cli.engine.engine import Engine
 from aigc_cli.frontends.server.completions import CompletionJob
 from aigc_cli.frontends.server.observability import AccessLog, Metrics
-from aigc_cli.frontends.server.state import MAX_TOKENIZE_CHARS, RETRY_AFTER, ServerState
+from aigc_cli.frontends.server.prepare import PREPARE_ELSEWHERE
+from aigc_cli.frontends.server.state import RETRY_AFTER, ServerState
 from aigc_cli.protocol import schema
-from aigc_cli.protocol.chat import chat_chunk, chat_request, chat_response
-from aigc_cli.protocol.completions import completion_request
-from aigc_cli.protocol.errors import APIError, bad, parse_json, quoted
+from aigc_cli.protocol.chat import chat_chunk, chat_error, chat_response
+from aigc_cli.protocol.errors import APIError, bad, quoted
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -34,6 +33,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         threading.Thread(target=state.load, name="aigc-load", daemon=True).start()
         yield
+        if state.helper is not None:
+            state.helper.close()
         if state.loop is not None:
             await asyncio.to_thread(state.loop.stop, 5.0)
 
@@ -100,35 +101,14 @@ def _service_routes(app: FastAPI, state: ServerState) -> None:
 
 def _tokenizer_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/tokenize", openapi_extra=schema.body("TokenizeRequest"))
-    async def tokenize(request: Request) -> JSONResponse:
-        engine = _ready(state, request)
-        body = await _body(state, request, {"model", "prompt", "add_special_tokens", "return_token_strs"})
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise bad("'prompt' must be a string", "prompt")
-        problem = text_problem(prompt)
-        if problem is not None:
-            raise bad(f"'prompt' is {problem}", "prompt", "invalid_text")
-        if len(prompt) > MAX_TOKENIZE_CHARS:
-            raise bad(f"'prompt' has {len(prompt):,} characters; /tokenize takes at most {MAX_TOKENIZE_CHARS:,}", "prompt", "too_long")
-        # With special tokens: the prompt as the model sees it (usage's prompt_tokens), i.e. with the
-        # prefix a BERT-vocabulary model puts first ([CLS]); never a [SEP] the tokenizer would append.
-        prefix = engine.prefix if _flag(body, "add_special_tokens", True) else []
-        ids = prefix + await asyncio.to_thread(engine.tokenizer.encode, prompt, add_special_tokens=False)  # the streams go on meanwhile
-        out: dict[str, Any] = {"count": len(ids), "max_model_len": engine.context_length, "tokens": ids}
-        if _flag(body, "return_token_strs", False):
-            out["token_strs"] = engine.tokenizer.convert_ids_to_tokens(ids)
-        return JSONResponse(out)
+    async def tokenize(request: Request) -> Response:
+        _ready(state, request)
+        return Response(await _prepare(state, "tokenize", await _read(state, request)), media_type="application/json")
 
     @app.post("/detokenize", openapi_extra=schema.body("DetokenizeRequest"))
-    async def detokenize(request: Request) -> JSONResponse:
-        engine = _ready(state, request)
-        body = await _body(state, request, {"model", "tokens"})
-        ids = body.get("tokens")
-        vocab = len(engine.tokenizer)
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-            raise bad(f"'tokens' must be a list of token ids below {vocab}", "tokens")
-        return JSONResponse({"prompt": engine.tokenizer.decode(ids, clean_up_tokenization_spaces=False)})
+    async def detokenize(request: Request) -> Response:
+        _ready(state, request)
+        return Response(await _prepare(state, "detokenize", await _read(state, request)), media_type="application/json")
 
     @app.get("/tokenizer_info")
     async def tokenizer_info(request: Request) -> JSONResponse:
@@ -146,9 +126,8 @@ def _completion_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", openapi_extra=schema.body("CompletionRequest"))
     async def completions(request: Request) -> Response:
         engine = _ready(state, request)
-        req = completion_request(await _body(state, request))
-        _check_model(state, req.model)
-        return await _respond(request, CompletionJob(state, engine, req, request.scope.setdefault("aigc_usage", {})), lambda x: x)
+        prepared = await _prepare(state, "completion", await _read(state, request))
+        return await _respond(request, CompletionJob(state, engine, prepared, _usage(request)), lambda x: x)
 
     @app.post("/v1/chat/completions", openapi_extra=schema.body("ChatCompletionRequest"))
     async def chat(request: Request) -> Response:
@@ -159,10 +138,16 @@ def _completion_routes(app: FastAPI, state: ServerState) -> None:
                 None,
                 "chat_not_supported",
             )
-        body = chat_request(await _body(state, request), state.options.chat_template, engine.tokenizer)
-        req = completion_request(body)
-        _check_model(state, req.model)
-        return await _respond(request, CompletionJob(state, engine, req, request.scope.setdefault("aigc_usage", {})), chat_response, chat=True)
+        prepared = await _prepare(state, "chat", await _read(state, request))
+        try:
+            return await _respond(request, CompletionJob(state, engine, prepared, _usage(request)), chat_response, chat=True)
+        except APIError as exc:
+            raise chat_error(exc, {"max_completion_tokens": prepared.max_completion_tokens}) from None
+
+
+def _usage(request: Request) -> dict[str, Any]:
+    """Where a request's token counts go for the access log."""
+    return cast(dict[str, Any], request.scope.setdefault("aigc_usage", {}))
 
 
 async def _respond(request: Request, job: CompletionJob, shape: Callable[[dict[str, Any]], dict[str, Any]], chat: bool = False) -> Response:
@@ -204,15 +189,8 @@ def _ready(state: ServerState, request: Request) -> Engine:
     return state.engine
 
 
-def _check_model(state: ServerState, name: Any) -> None:
-    if name != state.options.spec.name:
-        served = state.options.spec.name
-        raise APIError(404, f"the model {quoted(name)} does not exist; this server serves {quoted(served)}", "model", "model_not_found")
-
-
-async def _body(state: ServerState, request: Request, keys: set[str] | None = None) -> dict[str, Any]:
-    """The request's JSON object, read up to --max-body bytes and parsed in a worker thread (a
-    large body never holds up the streams in flight); `keys`: the only fields allowed."""
+async def _read(state: ServerState, request: Request) -> bytes:
+    """The request's body, read up to --max-body bytes (413 past it, before the rest is read)."""
     limit = state.options.max_body
     length = request.headers.get("content-length")
     too_big = APIError(413, f"the request body is larger than {limit:,} bytes (--max-body)", code="body_too_large")
@@ -227,21 +205,16 @@ async def _body(state: ServerState, request: Request, keys: set[str] | None = No
             chunks.append(chunk)
     except ClientDisconnect:
         raise APIError(499, "the client went away while sending its request") from None
-    raw = b"".join(chunks)
-    body = await asyncio.to_thread(parse_json, raw) if len(raw) > 1 << 16 else parse_json(raw)
-    if "model" in body and keys is not None:
-        _check_model(state, body["model"])
-    unknown = next((k for k in body if k not in keys), None) if keys is not None else None
-    if unknown is not None:
-        raise bad(f"unknown parameter {quoted(unknown)}", None, "unknown_parameter")
-    return body
+    return b"".join(chunks)
 
 
-def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
-    value = body.get(key, default)
-    if not isinstance(value, bool):
-        raise bad(f"'{key}' must be true or false", key)
-    return value
+async def _prepare(state: ServerState, kind: str, raw: bytes) -> Any:
+    """`Preparer.<kind>(raw)`: a large body in the helper process (see prepare.py), a small one
+    in a worker thread of this process."""
+    assert state.preparer is not None
+    if len(raw) > PREPARE_ELSEWHERE and state.helper is not None:
+        return await state.helper.run(kind, raw)
+    return await asyncio.to_thread(getattr(state.preparer, kind), raw)
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:

@@ -16,7 +16,6 @@ from aigc_cli.engine.requests import Request as EngineRequest
 from aigc_cli.engine.loop import EngineLoop
 
 MAX_BODY = 4 << 20  # bytes of request body (--max-body)
-MAX_TOKENIZE_CHARS = 1 << 20  # characters /tokenize takes in one request
 RETRY_AFTER = "1"  # seconds, on 503
 SHUTDOWN_TIMEOUT = 10.0  # seconds SIGTERM waits for requests in flight (--shutdown-timeout)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -49,6 +48,8 @@ class ServerState:
     metrics: Any = None
     jobs: set[Any] = field(default_factory=set)  # completion requests in flight (to end them at shutdown)
     draining: bool = False  # a signal came: no new work, /health answers 503
+    preparer: Any = None  # prepare.Preparer, once the model is loaded
+    helper: Any = None  # prepare.Helper: the process that prepares large request bodies
 
     def load(self) -> None:
         """Load the model and start the engine loop (a background thread while the socket serves /health)."""
@@ -67,6 +68,10 @@ class ServerState:
             self.log(f"aigc serve: error: {type(exc).__name__}: {exc}")
             self._quit(int(ExitCode.FAILURE))
             return
+        from aigc_cli.frontends.server.prepare import Helper, Preparer
+
+        self.preparer = Preparer(o.spec.name, engine, o.chat_template)
+        self.helper = Helper.started(self.preparer, self.log)
         self.engine, self.loop = engine, loop
         precision = engine.lm.dtype if engine.lm.quantize == "none" else f"--quantize {engine.lm.quantize}"
         self.log(f"aigc serve: {o.spec.name} ready in {time.monotonic() - started:.1f} s ({engine.lm.device}, {precision})")
