@@ -8,6 +8,7 @@ import functools
 import re
 from dataclasses import dataclass, field
 
+from aigc_cli.apps.tonal import tone_classes
 from aigc_cli.core.errors import UsageError
 
 CHINESE_MODEL_HINT = "uer/gpt2-chinese-poem"
@@ -22,6 +23,8 @@ class Form:
     lengths: tuple[tuple[int, int], ...]  # (low, high) per line
     scheme: str = ""  # one letter per line ("." = free); empty = no rhyme
     description: str = ""
+    regulated: bool = False  # 近体诗: a tonal pattern (平仄) and 平声 rhymes
+    meter: str = "off"  # English: the default --meter (iambic for sonnet and couplet)
 
     @property
     def lines(self) -> int:
@@ -41,13 +44,13 @@ def _range(text: str, flag: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _en(name: str, lengths: list[str], scheme: str, description: str) -> Form:
-    return Form(name, "en", tuple(_range(x, "--syllables") for x in lengths), scheme, description)
+def _en(name: str, lengths: list[str], scheme: str, description: str, meter: str = "off") -> Form:
+    return Form(name, "en", tuple(_range(x, "--syllables") for x in lengths), scheme, description, meter=meter)
 
 
-def _zh(name: str, chars: int, lines: int, description: str) -> Form:
-    # Even lines rhyme on one group; odd lines are free.
-    return Form(name, "zh", tuple((chars, chars) for _ in range(lines)), ".A" * (lines // 2), description)
+def _zh(name: str, chars: int, lines: int, description: str, regulated: bool = True) -> Form:
+    # Even lines rhyme on one group; odd lines are free (a regulated first line may rhyme too).
+    return Form(name, "zh", tuple((chars, chars) for _ in range(lines)), ".A" * (lines // 2), description, regulated)
 
 
 FORMS: dict[str, Form] = {
@@ -57,15 +60,21 @@ FORMS: dict[str, Form] = {
         _en("haiku", ["5", "7", "5"], "", "3 lines of 5-7-5 syllables"),
         _en("tanka", ["5", "7", "5", "7", "7"], "", "5 lines of 5-7-5-7-7 syllables"),
         _en("limerick", ["8-9", "8-9", "5-6", "5-6", "8-9"], "AABBA", "5 lines, AABBA"),
-        _en("couplet", ["10", "10"], "AA", "2 rhyming lines of 10 syllables"),
+        _en("couplet", ["10", "10"], "AA", "2 rhyming lines of 10 syllables, iambic", "iambic"),
         _en("quatrain", ["8"] * 4, "ABAB", "4 lines of 8 syllables, ABAB"),
-        _en("sonnet", ["10"] * 14, "ABABCDCDEFEFGG", "Shakespearean: 14 lines of 10 syllables, ABAB CDCD EFEF GG"),
-        _zh("wujue", 5, 4, "五言绝句: 4 lines of 5 characters"),
-        _zh("qijue", 7, 4, "七言绝句: 4 lines of 7 characters"),
-        _zh("wulv", 5, 8, "五言律诗: 8 lines of 5 characters"),
-        _zh("qilv", 7, 8, "七言律诗: 8 lines of 7 characters"),
+        _en("sonnet", ["10"] * 14, "ABABCDCDEFEFGG", "Shakespearean: 14 lines of iambic pentameter, ABAB CDCD EFEF GG", "iambic"),
+        _zh("wujue", 5, 4, "五言绝句: 4 lines of 5 characters, 平仄 pattern"),
+        _zh("qijue", 7, 4, "七言绝句: 4 lines of 7 characters, 平仄 pattern"),
+        _zh("wulv", 5, 8, "五言律诗: 8 lines of 5 characters, 平仄 pattern"),
+        _zh("qilv", 7, 8, "七言律诗: 8 lines of 7 characters, 平仄 pattern"),
+        _zh("gujue", 5, 4, "古绝: 4 lines of 5 characters, no tonal pattern, rhyming on 平 or 仄", regulated=False),
     ]
 }
+
+
+# English forms of fixed syllable counts that may take iambic meter (--meter); limerick, haiku and
+# tanka are left out (their meter is not iambic), and free verse has no fixed count.
+METER_FORMS = ("couplet", "quatrain", "sonnet")
 
 
 def resolve_form(
@@ -101,7 +110,7 @@ def resolve_form(
             raise UsageError(f"--rhyme-scheme: letters A-Z, or . for an unrhymed line (got {rhyme_scheme!r})")
         if len(scheme) != len(lengths):
             raise UsageError(f"--rhyme-scheme: {len(scheme)} letters for {len(lengths)} lines")
-    return Form(form.name, form.language, tuple(lengths), scheme, form.description)
+    return Form(form.name, form.language, tuple(lengths), scheme, form.description, form.regulated, form.meter)
 
 
 # --- English: syllables and rhymes from the CMU pronouncing dictionary ----------------------
@@ -243,12 +252,14 @@ class LineReport:
     last: str = ""  # the rhyming word or character
     keys: frozenset[str] = frozenset()  # every rhyme key / (group, tone class) the last word can take
     estimated: tuple[str, ...] = ()  # words outside the dictionary, counted from their spelling
+    marks: str = ""  # 平/仄 per character (zh, 〇 for a character that may be either), stress per syllable (en)
 
 
 @dataclass
 class Report:
     lines: list[LineReport] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    pattern: str | None = None  # the 平仄 pattern a regulated poem follows, e.g. 仄起首句不入韵
 
     @property
     def ok(self) -> bool:
@@ -262,8 +273,20 @@ def poem_lines(text: str) -> list[str]:
     return [line.strip() for line in text.strip().splitlines() if line.strip()]
 
 
-def check(text: str, form: Form, acrostic: str | None = None, rhymes: str = "xinyun") -> Report:
+def check(
+    text: str,
+    form: Form,
+    acrostic: str | None = None,
+    rhymes: str = "xinyun",
+    tones: str = "relaxed",
+    pattern: str | None = None,
+    meter: str | None = None,
+) -> Report:
     """Does a poem (written by people or generated) fit `form`? Problems name the line.
+
+    Regulated Chinese forms (绝句, 律诗) also follow a 平仄 pattern under `tones` (strict, relaxed or
+    off; see apps.tonal), `pattern` fixing one (`--pattern`); English forms with `meter` "iambic"
+    (default: the form's own, iambic for sonnet and couplet) are checked for iambic meter.
 
     The checker reads poems as they are printed: English lines may carry any punctuation, quotes,
     dashes and contractions; every dictionary pronunciation of a word counts, and words outside
@@ -271,10 +294,12 @@ def check(text: str, form: Form, acrostic: str | None = None, rhymes: str = "xin
     repeat (Lear's limericks do). Chinese verse lines end at ，。！？； so a couplet may share a
     printed line; rhyme characters share a group of the rhyme book (`rhymes`: 中华新韵 or 平水韵)
     and one tone class (平 or 仄: 古绝 such as 春晓 rhyme on 仄声)."""
-    return _check_zh(text, form, acrostic, rhymes) if form.language == "zh" else _check_en(text, form)
+    if form.language == "zh":
+        return _check_zh(text, form, acrostic, rhymes, tones, pattern)
+    return _check_en(text, form, form.meter if meter is None else meter)
 
 
-def _check_en(text: str, form: Form) -> Report:
+def _check_en(text: str, form: Form, meter: str = "off") -> Report:
     report = Report()
     lines = poem_lines(text.replace("\u2019", "'").replace("\u2018", "'"))
     if len(lines) != form.lines:
@@ -336,7 +361,7 @@ def verse_lines(text: str) -> list[str]:
     return out
 
 
-def _check_zh(text: str, form: Form, acrostic: str | None, rhymes: str) -> Report:
+def _check_zh(text: str, form: Form, acrostic: str | None, rhymes: str, tones: str = "off", pattern: str | None = None) -> Report:
     report = Report()
     lines = verse_lines(text)
     if len(lines) != form.lines:
@@ -354,7 +379,30 @@ def _check_zh(text: str, form: Form, acrostic: str | None, rhymes: str) -> Repor
         if acrostic and n <= len(acrostic) and (not hanzi or hanzi[0] != acrostic[n - 1]):
             report.problems.append(f"line {n}: should start with {acrostic[n - 1]!r} (acrostic)")
     _check_scheme(report, form, repeats=False)
+    for line in report.lines:
+        line.marks = "".join(_mark(tone_classes(ch, rhymes)) for ch in line.text if is_hanzi(ch))
+    shaped = len(lines) == form.lines and all(line.count == lo for line, (lo, _) in zip(report.lines, form.lengths))
+    if form.regulated and tones != "off" and shaped and all(len(line.rstrip(_VERSE_END)) == line_.count for line, line_ in zip(lines, report.lines)):
+        _check_pattern(report, form, rhymes, tones, pattern)
     return report
+
+
+def _mark(classes: frozenset[str]) -> str:
+    return next(iter(classes)) if len(classes) == 1 else "〇" if classes else "？"
+
+
+def _check_pattern(report: Report, form: Form, rhymes: str, tones: str, pattern: str | None) -> None:
+    """平仄 (apps.tonal), once lines, characters and rhymes are right; 首句入韵 only if the first line
+    rhymes with the others."""
+    from aigc_cli.apps.tonal import check_tones, parse_pattern
+
+    fixed = parse_pattern(pattern) if pattern else None
+    hanzi = ["".join(ch for ch in line.text if is_hanzi(ch)) for line in report.lines]
+    shared = frozenset.intersection(*(line.keys for line in report.lines[1::2]))
+    rhymed_first = any(k.endswith("/平") and k in shared for k in report.lines[0].keys)
+    found, violations = check_tones(hanzi, rhymes, tones, rhymed_first, fixed)
+    report.pattern = found.name if found else None
+    report.problems += [str(v) for v in violations]
 
 
 def _group_shown(ch: str, rhymes: str) -> str | None:
