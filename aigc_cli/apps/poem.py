@@ -31,6 +31,7 @@ from aigc_cli.apps.poetics import (
     is_hanzi,
     is_level_tone,
     rhyme_readings,
+    pronunciation,
     rhyme_key,
     syllables,
 )
@@ -69,11 +70,14 @@ class EnglishVocab:
     syl: torch.Tensor  # syllables of the word, 0 for non-words
     key: torch.Tensor  # rhyme key index, -1 for none
     word: torch.Tensor  # lowercase word index, -1 for non-words
+    iamb: tuple[torch.Tensor, torch.Tensor] = (torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool))
+    # iamb[p]: tokens that keep iambic meter when they start after a number of syllables of parity p
+    # (every primary stress of a longer word on an even position; monosyllables and non-words always)
     keys: dict[str, int] = field(default_factory=dict)  # rhyme key -> index used in `key`
     words: dict[str, int] = field(default_factory=dict)  # lowercase word -> index used in `word`
     # Derived masks and ids, kept with the vocabulary (a cache on the class would keep every
     # instance alive in a long-running process).
-    _finals: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _finals: dict[tuple[int, int, bool], torch.Tensor] = field(default_factory=dict, repr=False)
     _tokens: dict[str, int] = field(default_factory=dict, repr=False)
 
     def word_token(self, word: str) -> int:
@@ -94,6 +98,7 @@ class EnglishVocab:
         syl = torch.zeros(size, dtype=torch.int8)  # small: the masks are computed every step
         key = torch.full((size,), -1, dtype=torch.long)
         word_index = torch.full((size,), -1, dtype=torch.long)
+        iamb = (torch.ones(size, dtype=torch.bool), torch.ones(size, dtype=torch.bool))
         keys: dict[str, int] = {}
         words: dict[str, int] = {}
         for i, text in enumerate(texts):
@@ -113,23 +118,35 @@ class EnglishVocab:
                 continue
             (space_word if m.group(1) else start_word)[i] = True
             syl[i] = n
+            stresses = [j for j, ch in enumerate(c for c in pronunciation(w) or "" if c.isdigit()) if ch == "1"]
+            if n > 1:  # starting after s syllables, stress j lands on position s + j + 1, which must be even
+                iamb[0][i] = all(j % 2 == 1 for j in stresses)
+                iamb[1][i] = all(j % 2 == 0 for j in stresses)
             word_index[i] = words.setdefault(w, len(words))
             if k:
                 key[i] = keys.setdefault(k, len(keys))
         eos = tok.eos_token_id
         if eos is None:
             raise UsageError("--model: the tokenizer has no end-of-text token, needed to end a poem")
-        return cls(size, space_word, start_word, newline, punct, eos, syl, key, word_index, keys, words)
+        return cls(size, space_word, start_word, newline, punct, eos, syl, key, word_index, iamb, keys, words)
 
-    def final_ok_new(self, more: int, max_syl: int) -> torch.Tensor:
+    def iambic_end(self) -> torch.Tensor:
+        """Words that keep iambic meter when they end a line of an even number of syllables: a word
+        of n syllables then starts after a number of parity n."""
+        return torch.where(self.syl.long() % 2 == 0, self.iamb[0], self.iamb[1])
+
+    def final_ok_new(self, more: int, max_syl: int, iambic: bool = False) -> torch.Tensor:
         """Words that may end the first line of a rhyme group which needs `more` later lines: their
-        rhyme class must hold `more` other words of at most `max_syl` syllables."""
-        if (more, max_syl) not in self._finals:
-            self._finals[(more, max_syl)] = self._final_ok_new(more, max_syl)
-        return self._finals[(more, max_syl)]
+        rhyme class must hold `more` other words of at most `max_syl` syllables (that can end an
+        iambic line, with `iambic`)."""
+        if (more, max_syl, iambic) not in self._finals:
+            self._finals[(more, max_syl, iambic)] = self._final_ok_new(more, max_syl, iambic)
+        return self._finals[(more, max_syl, iambic)]
 
-    def _final_ok_new(self, more: int, max_syl: int) -> torch.Tensor:
+    def _final_ok_new(self, more: int, max_syl: int, iambic: bool) -> torch.Tensor:
         fits = self.space_word & (self.syl <= _int8(max_syl)) & (self.key >= 0)
+        if iambic:
+            fits &= self.iambic_end()
         counts: dict[int, set[int]] = {}
         for k, w in zip(self.key[fits].tolist(), self.word[fits].tolist()):
             counts.setdefault(k, set()).add(w)
@@ -194,6 +211,12 @@ class FormConstraint:
         else:
             self.en = english_vocab(tok)
             self._allowed = self._allowed_en
+            self.iambic = (form.meter if meter is None else meter) == "iambic"
+            if self.iambic and any(lo != hi or lo % 2 for lo, hi in form.lengths):
+                raise UsageError(
+                    f"--meter iambic: needs an even, fixed number of syllables per line (the {form.name} has "
+                    f"{', '.join(str(lo) if lo == hi else f'{lo}-{hi}' for lo, hi in form.lengths)}); use --meter off"
+                )
             self._requirements: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, int]] = {}
             self._masks: dict[tuple[Any, ...], torch.Tensor] = {}
 
@@ -222,6 +245,10 @@ class FormConstraint:
         return (earlier, *self._requirements[key])
 
     def _compute_requirement(self, line: int, letter: str, earlier: tuple[str, ...]) -> torch.Tensor:
+        ok = self._compute_rhyme(line, letter, earlier)
+        return ok & self.en.iambic_end() if self.iambic else ok
+
+    def _compute_rhyme(self, line: int, letter: str, earlier: tuple[str, ...]) -> torch.Tensor:
         v, form = self.en, self.form
         if letter == ".":
             return v.space_word | v.start_word
@@ -229,7 +256,7 @@ class FormConstraint:
             later = [j for j in range(line + 1, form.lines) if form.letter(j) == letter]
             if not later:
                 return v.space_word | v.start_word
-            return v.final_ok_new(len(later), min(form.lengths[j][1] for j in later))
+            return v.final_ok_new(len(later), min(form.lengths[j][1] for j in later), self.iambic)
         key_index = v.keys.get(rhyme_key(earlier[0]) or "", -2)
         used = torch.tensor([v.words[w] for w in earlier if w in v.words] or [-2])
         return (v.key == key_index) & ~torch.isin(v.word, used)
@@ -269,6 +296,8 @@ class FormConstraint:
         room = hi - st.syllables  # syllables this line still has
         can_go_on = v.syl <= _int8(room - shortest)  # a rhyming word still fits after this one
         can_end_here = (v.syl >= _int8(lo - st.syllables)) & final_ok
+        if self.iambic:  # a word whose stresses would fall on odd positions is masked
+            words = words & v.iamb[st.syllables % 2]
         allowed |= words & (v.syl <= _int8(room)) & (can_go_on | can_end_here)
         if may_end:
             allowed |= v.punct

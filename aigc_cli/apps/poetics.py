@@ -4,6 +4,7 @@ checker that says whether a poem fits a form; no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass, field
@@ -145,40 +146,75 @@ def rhyme_key(word: str) -> str | None:
     return re.sub(r"\d", "", pronouncing.rhyming_part(pron))
 
 
-# A final unstressed syllable that verse often elides: heav'n, pow'r, wires as one syllable.
-_ELIDABLE = re.compile(r"(?:ER0(?: [ZD])?|AH0 [NL](?: [ZD])?)$")
+# Syllables verse often drops (elision, syncope, synaeresis): a final unstressed -er, -en, -el
+# (heav'n, pow'r, wires as one syllable); an unstressed vowel before another vowel (batt'ring,
+# wand'ring, oblivious as o-bliv-yous).
+_ELIDABLE = re.compile(r"(?:ER0(?: [ZD])?|(?:AH0|IH0) [NL](?: [ZD])?|AH0 (?:S T|TH))$")
+_VOWEL = re.compile(r"[A-Z]+\d")
+
+
+def stress_variants(pron: str) -> set[str]:
+    """Stress digits per syllable of a pronunciation as verse may say it: in full, without an
+    elidable final syllable, and without one unstressed vowel that runs into the next vowel."""
+    phones = pron.split()
+    digits = "".join(ch for ch in pron if ch.isdigit())
+    out = {digits}
+    vowels = [i for i, ph in enumerate(phones) if ph[-1].isdigit()]
+    if len(digits) > 1 and _ELIDABLE.search(pron) and digits[-1] == "0":
+        out.add(digits[:-1])
+    for k, i in enumerate(vowels[:-1]):
+        if phones[i][-1] == "0" and i + 1 < len(phones) and phones[i + 1][-1].isdigit():
+            out.add(digits[:k] + digits[k + 1 :])  # batt'ring: ER0 before IH0; oblivious: IY0 before AH0
+        elif phones[i + 1][-1:] == "0":
+            out.add(digits[: k + 1] + digits[k + 2 :])  # being as one syllable: IH0 right after IY1
+    return out
+
+
+def verse_prons(word: str) -> list[str]:
+    """CMU pronunciations of a word as verse prints it: elided forms are looked up in full, so
+    "possess'd" reads as "possessed", "dimm'd" as "dimmed" and "wander'st" as "wander"."""
+    w = word.lower()
+    prons = _cmu().get(w)
+    if prons:
+        return prons
+    for suffix, full in (("'d", ("ed", "d", "ned", "red")), ("'st", ("", "e")), ("'s", ("s", "es"))):
+        if w.endswith(suffix) and len(w) > len(suffix) + 1:
+            stem = w[: -len(suffix)]
+            for ending in full:
+                if _cmu().get(stem + ending):
+                    return _cmu()[stem + ending]
+    for suffix, sound in (("est", "AH0 S T"), ("eth", "AH0 TH"), ("st", "AH0 S T"), ("th", "AH0 TH")):
+        # thou perceivest, it fadeth: the verb with an unstressed ending that verse may elide
+        stem = w[: -len(suffix)]
+        if w.endswith(suffix) and len(stem) > 2:
+            for base in (stem, stem + "e"):
+                if _cmu().get(base):
+                    return [f"{p} {sound}" for p in _cmu()[base]]
+    return []
 
 
 def syllable_options(word: str) -> set[int] | None:
     """Syllable counts of every CMU pronunciation of a word ("every": 2 or 3), and one fewer where
     verse elides a final unstressed syllable ("heaven" as heav'n); None when unknown."""
-    prons = _cmu().get(word.lower())
+    prons = verse_prons(word)
     if not prons:
         return None
-    out = set()
-    for p in prons:
-        n = sum(ch.isdigit() for ch in p)
-        out.add(n)
-        if n > 1 and _ELIDABLE.search(p):
-            out.add(n - 1)
-    return out
+    return {len(v) for p in prons for v in stress_variants(p)}
 
 
 def rhyme_keys(word: str) -> set[str]:
     """Rhyme keys of every pronunciation of a word."""
     import pronouncing
 
-    return {re.sub(r"\d", "", pronouncing.rhyming_part(p)) for p in _cmu().get(word.lower(), [])}
+    return {re.sub(r"\d", "", pronouncing.rhyming_part(p)) for p in verse_prons(word)}
 
 
 def estimate_syllables(word: str) -> int:
-    """Syllables of a word outside the dictionary, from its spelling: vowel groups, less a silent
-    final e (not in -le), at least one."""
-    w = word.lower().replace("'", "")
-    groups = len(re.findall(r"[aeiouy]+", w))
-    if w.endswith("e") and not w.endswith(("le", "ee", "ye")) and groups > 1:
-        groups -= 1
-    return max(groups, 1)
+    """Syllables of a word outside the dictionary (the fewest of apps.meter's estimates: a compound
+    of dictionary words, or vowel groups less a silent e)."""
+    from aigc_cli.apps.meter import estimated_counts
+
+    return min(estimated_counts(word))
 
 
 def _spelled_rhyme(word: str) -> str:
@@ -300,28 +336,42 @@ def check(
 
 
 def _check_en(text: str, form: Form, meter: str = "off") -> Report:
+    from aigc_cli.apps.meter import check_line, estimated_counts
+
     report = Report()
     lines = poem_lines(text.replace("\u2019", "'").replace("\u2018", "'"))
     if len(lines) != form.lines:
         report.problems.append(f"{len(lines)} lines, expected {form.lines}")
     for n, line in enumerate(lines, start=1):
-        words = WORD_RE.findall(line)
-        options = [syllable_options(w) or {estimate_syllables(w)} for w in words]
+        found = list(WORD_RE.finditer(line))
+        words = [m.group(0) for m in found]
+        breaks = {k for k in range(1, len(found)) if re.search(r"[,.;:!?\u2014\u2013()-]", line[found[k - 1].end() : found[k].start()])}
+        options = [syllable_options(w) or set(estimated_counts(w)) for w in words]
         totals = {0}
         for opts in options:
             totals = {t + o for t in totals for o in opts}
         lo, hi = form.lengths[n - 1] if n <= form.lines else (0, 10**6)
         fitting = sorted(t for t in totals if lo <= t <= hi)
         count = fitting[0] if fitting else min(totals, key=lambda t: min(abs(t - lo), abs(t - hi)))
+        faults, marks = [], ""
+        if meter == "iambic" and n <= form.lines and words:
+            metered, faults, marks = check_line(words, lo, hi, breaks=breaks)
+            if metered is not None:
+                count, fitting = metered, [metered]  # a feminine ending counts one more
         last = words[-1].lower() if words else ""
-        keys = frozenset(rhyme_keys(last) or ({_spelled_rhyme(last)} if last else set()))
+        sounded = rhyme_keys(last)
+        # Spelling rhymes too (alack/back, love/prove, dimm'd/untrimm'd): the eye rhymes and rhymes of
+        # older pronunciation that real verse has.
+        keys = frozenset(sounded | ({_spelled_rhyme(last)} if last else set()))
         estimated = tuple(w for w in words if syllable_options(w) is None)
-        report.lines.append(LineReport(line, count, min(keys) if keys else None, last, keys, estimated))
+        shown = min(sounded) if sounded else min(keys) if keys else None
+        report.lines.append(LineReport(line, count, shown, last, keys, estimated, marks))
         if not words:
             report.problems.append(f"line {n}: has no words")
         elif n <= form.lines and not fitting:
             want = f"{lo}" if lo == hi else f"{lo}-{hi}"
             report.problems.append(f"line {n}: {count} syllables, expected {want}")
+        report.problems += [str(dataclasses.replace(f, line=n)) for f in faults]
     _check_scheme(report, form, repeats=True)
     return report
 
