@@ -150,3 +150,15 @@ def test_meter_cli(cli, tmp_path):
     r = cli("poem", "--check", str(prose), "--form", "couplet", "--rhyme-scheme", "..")
     assert r.exit_code == 1 and "(iambic)" in r.stderr
     assert cli("poem", "--check", str(prose), "--form", "couplet", "--rhyme-scheme", "..", "--meter", "off").exit_code == 0
+
+
+@pytest.mark.slow
+def test_two_hundred_couplets_keep_the_meter(en):
+    """The guarantee at scale (bench/poem.py --part guarantee runs every form and flag value)."""
+    seen = 0
+    for seed in range(25):
+        poems = write_poems(en, "the sea", FORMS["couplet"], S(num_sequences=8, seed=1000 + seed).resolved(), 8, load_prompt("poem-en.txt", "-"))
+        for p in poems:
+            assert check(p.text, FORMS["couplet"], meter="iambic").ok, p.text
+            seen += 1
+    assert seen == 200

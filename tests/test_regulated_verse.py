@@ -248,3 +248,29 @@ def test_verse_usage_errors(cli, args, message):
     r = cli(*args)
     assert r.exit_code == 2, (r.stdout, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, tones", [("qilv", "relaxed"), ("wujue", "strict")])
+def test_two_hundred_poems_keep_the_pattern(zh, name, tones):
+    """The guarantee at scale (bench/poem.py --part guarantee runs every form and flag value)."""
+    form, seen = FORMS[name], 0
+    for seed in range(25):
+        for p in _poems(zh, form, 1000 + seed, n=8, tones=tones):
+            assert independent_check(p.text, name, strict=tones == "strict"), p.text
+            seen += 1
+    assert seen == 200
+
+
+def test_a_vocabulary_that_cannot_fill_a_position_names_it(zh):
+    """With no 仄 character left in the vocabulary, --tones strict --pattern zeqi cannot start a line."""
+    import dataclasses
+
+    import torch
+
+    from aigc_cli.apps.poem import FormConstraint
+
+    constraint = FormConstraint(zh.tokenizer, FORMS["wujue"], 0, tones="strict", pattern="zeqi")
+    constraint.zh = dataclasses.replace(constraint.zh, ze=torch.zeros_like(constraint.zh.ze))
+    with pytest.raises(UsageError, match=r"can fill line 1, position 1 \(it needs 仄"):
+        constraint._allowed_zh([])

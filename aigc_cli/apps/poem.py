@@ -5,9 +5,12 @@ recomputed from `input_ids` at each step, so it works with batches, -n and beam 
 only whole dictionary words (one token each) with a known pronunciation, a newline, one line-end
 punctuation mark and EOS; a word is allowed only if the line can still be finished within its
 syllable budget with a word that satisfies the rhyme scheme, so the allowed set is never empty and
-every poem ends within `token_budget(form)` tokens. Chinese: one hanzi per token, exact
-characters per line, ，/。 after odd/even lines, even lines on one level-toned rhyme group with no
-repeated rhyme character, optional acrostic.
+every poem ends within `token_budget(form)` tokens; with iambic meter, a word of two or more
+syllables only where its stresses land on even syllables (and only words that can end an iambic line
+in rhyme groups). Chinese: one hanzi per token, exact characters per line, ，/。 after odd/even lines,
+even lines on one level-toned rhyme group with no repeated rhyme character, optional acrostic; in
+regulated verse, at each position only the characters some still-open 平仄 pattern allows
+(apps.tonal). Where nothing fits, a usage error names the line and position.
 """
 
 from __future__ import annotations
@@ -207,6 +210,7 @@ class FormConstraint:
             self._allowed = self._allowed_zh
             self.regulated = form.regulated and tones != "off"
             self._patterns_cache: dict[tuple[tuple[int, int], ...], tuple[Any, ...]] = {}
+            self._tone_masks: dict[tuple[Any, ...], torch.Tensor] = {}
             self.patterns = self._prepare_patterns(pattern) if self.regulated else ()
         else:
             self.en = english_vocab(tok)
@@ -306,7 +310,10 @@ class FormConstraint:
             else:
                 allowed |= v.newline
         if not allowed.any():  # cannot happen when the form is feasible for this vocabulary
-            raise UsageError(f"--form {form.name}: this model's vocabulary cannot complete line {st.index + 1}")
+            raise UsageError(
+                f"--form {form.name}: this model's vocabulary cannot complete line {st.index + 1} at syllable {st.syllables + 1}"
+                + (" (try --meter off)" if self.iambic else "")
+            )
         return allowed
 
     def _word_token(self, word: str) -> int:
@@ -388,6 +395,9 @@ class FormConstraint:
 
         v = self.zh
         classes = [v.classes[t] for t in chars]
+        key = (line, pos, patterns, tuple(classes))
+        if key in self._tone_masks:
+            return self._tone_masks[key]
         mask = torch.zeros(v.size, dtype=torch.bool)
         for pat in patterns:
             allowed, _ = requirement(self._line_patterns(pat, line), pos, self.tones, classes)
@@ -395,6 +405,7 @@ class FormConstraint:
             if line == 0 and pos == self.form.lengths[0][0] - 1 and pat.rhymed_first:
                 part = part & v.rhyme_start(self._rhymed_lines(True))
             mask |= part
+        self._tone_masks[key] = mask
         return mask
 
     def _unfillable(self, line: int, pos: int, patterns: tuple[Any, ...]) -> str:
