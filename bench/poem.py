@@ -222,10 +222,12 @@ def _write(sections: dict[str, list[str]]) -> None:
     old = RESULTS.read_text("utf-8") if RESULTS.exists() else ""
     parts = re.split(r"(?m)^(?=## )", old)
     kept = {p.split("\n", 1)[0][3:].strip(): p.rstrip() for p in parts[1:]}
+    run = f"Run on {datetime.date.today().isoformat()}: {_machine()}."
     for key, lines in sections.items():
+        lines = [lines[0], "", run, *lines[2:]]
         kept = {k: v for k, v in kept.items() if not k.startswith(key)}
         kept[lines[0][3:].strip()] = "\n".join(lines).rstrip()
-    head = ["# Poem benchmark", "", f"Last run on {datetime.date.today().isoformat()}: {_machine()}.", "Each section says what it measures."]
+    head = ["# Poem benchmark", "", "Each section says what it measures, when, and on which machine; `bench/poem.py --part NAME` reruns it."]
     order = ["Form constraints", "The cost", "The guarantee"]
     body = sorted(kept.items(), key=lambda kv: next((i for i, o in enumerate(order) if kv[0].startswith(o)), 9))
     RESULTS.write_text("\n".join(head) + "\n\n" + "\n\n".join(v for _, v in body) + "\n", "utf-8")

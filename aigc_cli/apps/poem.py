@@ -38,6 +38,7 @@ from aigc_cli.apps.poetics import (
     rhyme_key,
     syllables,
 )
+from aigc_cli.apps.meter import FUNCTION_WORDS
 from aigc_cli.apps.tonal import tone_classes
 
 _ENDS = {",", ".", "!", "?", ";"}
@@ -74,8 +75,9 @@ class EnglishVocab:
     key: torch.Tensor  # rhyme key index, -1 for none
     word: torch.Tensor  # lowercase word index, -1 for non-words
     iamb: tuple[torch.Tensor, torch.Tensor] = (torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool))
-    # iamb[p]: tokens that keep iambic meter when they start after a number of syllables of parity p
-    # (every primary stress of a longer word on an even position; monosyllables and non-words always)
+    # iamb[p]: tokens that keep iambic meter when they start after a number of syllables of parity p:
+    # every primary stress of a longer word, and a stressed monosyllable that is not a function word,
+    # on an even position; function words and non-words always (stricter than apps.meter's check)
     keys: dict[str, int] = field(default_factory=dict)  # rhyme key -> index used in `key`
     words: dict[str, int] = field(default_factory=dict)  # lowercase word -> index used in `word`
     # Derived masks and ids, kept with the vocabulary (a cache on the class would keep every
@@ -125,6 +127,8 @@ class EnglishVocab:
             if n > 1:  # starting after s syllables, stress j lands on position s + j + 1, which must be even
                 iamb[0][i] = all(j % 2 == 1 for j in stresses)
                 iamb[1][i] = all(j % 2 == 0 for j in stresses)
+            elif w not in FUNCTION_WORDS and stresses:  # a stressed monosyllable: even positions only
+                iamb[0][i] = False
             word_index[i] = words.setdefault(w, len(words))
             if k:
                 key[i] = keys.setdefault(k, len(keys))
@@ -301,7 +305,10 @@ class FormConstraint:
         can_go_on = v.syl <= _int8(room - shortest)  # a rhyming word still fits after this one
         can_end_here = (v.syl >= _int8(lo - st.syllables)) & final_ok
         if self.iambic:  # a word whose stresses would fall on odd positions is masked
-            words = words & v.iamb[st.syllables % 2]
+            fits = v.iamb[st.syllables % 2]
+            if st.syllables == 0:  # an initial trochee: a stressed monosyllable may open the line
+                fits = fits | (v.syl == 1)
+            words = words & fits
         allowed |= words & (v.syl <= _int8(room)) & (can_go_on | can_end_here)
         if may_end:
             allowed |= v.punct
