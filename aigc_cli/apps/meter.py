@@ -139,7 +139,7 @@ def check_line(words: list[str], lo: int, hi: int, feminine: bool = True, breaks
 def _marks(word: str, pattern: str) -> str:
     if len(pattern) == 1 and pattern != "?":
         return "x" if word.lower() in FUNCTION_WORDS else "/"
-    return pattern.translate(str.maketrans({"1": "/", "0": "x", "2": "\\"}))
+    return pattern.replace("1", "/").replace("0", "x").replace("2", "\\")
 
 
 def _unstressed_end(last: tuple[str, str, int, bool]) -> bool:

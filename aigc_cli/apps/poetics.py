@@ -9,8 +9,13 @@ import functools
 import re
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from aigc_cli.apps.tonal import tone_classes
 from aigc_cli.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from aigc_cli.apps.meter import MeterFault
 
 CHINESE_MODEL_HINT = "uer/gpt2-chinese-poem"
 
@@ -353,7 +358,8 @@ def _check_en(text: str, form: Form, meter: str = "off") -> Report:
         lo, hi = form.lengths[n - 1] if n <= form.lines else (0, 10**6)
         fitting = sorted(t for t in totals if lo <= t <= hi)
         count = fitting[0] if fitting else min(totals, key=lambda t: min(abs(t - lo), abs(t - hi)))
-        faults, marks = [], ""
+        faults: list[MeterFault] = []
+        marks = ""
         if meter == "iambic" and n <= form.lines and words:
             metered, faults, marks = check_line(words, lo, hi, breaks=breaks)
             if metered is not None:
@@ -429,10 +435,10 @@ def _check_zh(text: str, form: Form, acrostic: str | None, rhymes: str, tones: s
         if acrostic and n <= len(acrostic) and (not hanzi or hanzi[0] != acrostic[n - 1]):
             report.problems.append(f"line {n}: should start with {acrostic[n - 1]!r} (acrostic)")
     _check_scheme(report, form, repeats=False)
-    for line in report.lines:
-        line.marks = "".join(_mark(tone_classes(ch, rhymes)) for ch in line.text if is_hanzi(ch))
-    shaped = len(lines) == form.lines and all(line.count == lo for line, (lo, _) in zip(report.lines, form.lengths))
-    if form.regulated and tones != "off" and shaped and all(len(line.rstrip(_VERSE_END)) == line_.count for line, line_ in zip(lines, report.lines)):
+    for reported in report.lines:
+        reported.marks = "".join(_mark(tone_classes(ch, rhymes)) for ch in reported.text if is_hanzi(ch))
+    shaped = len(lines) == form.lines and all(r.count == lo for r, (lo, _) in zip(report.lines, form.lengths))
+    if form.regulated and tones != "off" and shaped and all(len(text.rstrip(_VERSE_END)) == r.count for text, r in zip(lines, report.lines)):
         _check_pattern(report, form, rhymes, tones, pattern)
     return report
 
