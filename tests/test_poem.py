@@ -17,7 +17,7 @@ from aigc_cli.apps.prompts import load_prompt
 from aigc_cli.core.settings import Decoding, GenerationSettings as S
 
 EN_FORMS = ["free", "haiku", "tanka", "limerick", "couplet", "quatrain", "sonnet"]
-ZH_FORMS = ["wujue", "qijue", "wulv", "qilv"]
+ZH_FORMS = ["wujue", "qijue", "wulv", "qilv", "gujue"]
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_checker_on_known_poems():
     assert check("An old silent pond,\nA frog jumps into the pond\nsplash silence again.", FORMS["haiku"]).ok
     bad = check("An old silent pond\nA frog jumps in the pond\nsplash silence again", FORMS["haiku"])
     assert bad.problems == ["line 2: 6 syllables, expected 7"]
-    assert check("床前明月光，\n疑是地上霜。\n举头望明月，\n低头思故乡。", FORMS["wujue"]).ok
+    assert check("床前明月光，\n疑是地上霜。\n举头望明月，\n低头思故乡。", FORMS["gujue"]).ok
     wrong = check("床前明月光，\n疑是地上霜。\n举头望明月，\n低头思故人。", FORMS["wujue"])
     assert any(p.startswith("line 4: does not rhyme") for p in wrong.problems)
     couplet = check("The sun is high above the quiet sea,\nThe wind is cold and I am far from thee.", FORMS["couplet"])

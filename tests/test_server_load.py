@@ -114,6 +114,9 @@ def server(tmp_path_factory):
     s.stop()
 
 
+SLICE = 0.025  # seconds: about one scheduler time slice of a loaded Linux machine
+
+
 class Burner:
     """A process that only burns CPU, at the helper process's priority: the machine as busy as the
     helper makes it, with nothing going through the server."""
@@ -140,7 +143,7 @@ def test_large_bodies_starve_nothing(server, names, copies):
     The bounds, on a shared CI machine that may deschedule any process now and then: /health's
     median within 100 ms and its slowest within 500 ms (the stall this guards against, parsing or
     tokenizing in the server's process, held it for 0.1-1.5 s on these loads); the stream's
-    longest gap under load within twice its normal longest gap, comparing the medians of five
+    longest gap under load within twice its normal longest gap (and one time slice), comparing the medians of five
     rounds (the stall showed in every round, at 10-100 times the gap alone; a hiccup of the
     machine in one round does not decide). The control with the burner is what makes the bound
     about the server: on two busy cores, any process that takes CPU, the helper included, makes
@@ -163,7 +166,10 @@ def test_large_bodies_starve_nothing(server, names, copies):
                      f"answers {load.answers}")
         assert statistics.median(health) < 0.1 and max(health) < 0.5, lines
     print("\n".join(lines))
-    assert statistics.median(loaded) <= 2 * statistics.median(normal), lines
+    # plus one scheduler time slice (25 ms): the tiny model's gaps are a few ms, where one slice
+    # given to another process doubles a gap; the stall this guards against was 90-1232 ms, and with
+    # the bodies prepared in the server's process 150-200 ms against 30 ms, still far past the bound
+    assert statistics.median(loaded) <= 2 * statistics.median(normal) + SLICE, lines
 
 
 def test_the_helper_answers_as_the_server_process_does(tmp_path):

@@ -4,11 +4,18 @@ checker that says whether a poem fits a form; no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
+from aigc_cli.apps.tonal import tone_classes
 from aigc_cli.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from aigc_cli.apps.meter import MeterFault
 
 CHINESE_MODEL_HINT = "uer/gpt2-chinese-poem"
 
@@ -22,6 +29,8 @@ class Form:
     lengths: tuple[tuple[int, int], ...]  # (low, high) per line
     scheme: str = ""  # one letter per line ("." = free); empty = no rhyme
     description: str = ""
+    regulated: bool = False  # 近体诗: a tonal pattern (平仄) and 平声 rhymes
+    meter: str = "off"  # English: the default --meter (iambic for sonnet and couplet)
 
     @property
     def lines(self) -> int:
@@ -41,13 +50,13 @@ def _range(text: str, flag: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _en(name: str, lengths: list[str], scheme: str, description: str) -> Form:
-    return Form(name, "en", tuple(_range(x, "--syllables") for x in lengths), scheme, description)
+def _en(name: str, lengths: list[str], scheme: str, description: str, meter: str = "off") -> Form:
+    return Form(name, "en", tuple(_range(x, "--syllables") for x in lengths), scheme, description, meter=meter)
 
 
-def _zh(name: str, chars: int, lines: int, description: str) -> Form:
-    # Even lines rhyme on one group; odd lines are free.
-    return Form(name, "zh", tuple((chars, chars) for _ in range(lines)), ".A" * (lines // 2), description)
+def _zh(name: str, chars: int, lines: int, description: str, regulated: bool = True) -> Form:
+    # Even lines rhyme on one group; odd lines are free (a regulated first line may rhyme too).
+    return Form(name, "zh", tuple((chars, chars) for _ in range(lines)), ".A" * (lines // 2), description, regulated)
 
 
 FORMS: dict[str, Form] = {
@@ -57,15 +66,21 @@ FORMS: dict[str, Form] = {
         _en("haiku", ["5", "7", "5"], "", "3 lines of 5-7-5 syllables"),
         _en("tanka", ["5", "7", "5", "7", "7"], "", "5 lines of 5-7-5-7-7 syllables"),
         _en("limerick", ["8-9", "8-9", "5-6", "5-6", "8-9"], "AABBA", "5 lines, AABBA"),
-        _en("couplet", ["10", "10"], "AA", "2 rhyming lines of 10 syllables"),
+        _en("couplet", ["10", "10"], "AA", "2 rhyming lines of 10 syllables, iambic", "iambic"),
         _en("quatrain", ["8"] * 4, "ABAB", "4 lines of 8 syllables, ABAB"),
-        _en("sonnet", ["10"] * 14, "ABABCDCDEFEFGG", "Shakespearean: 14 lines of 10 syllables, ABAB CDCD EFEF GG"),
-        _zh("wujue", 5, 4, "五言绝句: 4 lines of 5 characters"),
-        _zh("qijue", 7, 4, "七言绝句: 4 lines of 7 characters"),
-        _zh("wulv", 5, 8, "五言律诗: 8 lines of 5 characters"),
-        _zh("qilv", 7, 8, "七言律诗: 8 lines of 7 characters"),
+        _en("sonnet", ["10"] * 14, "ABABCDCDEFEFGG", "Shakespearean: 14 lines of iambic pentameter, ABAB CDCD EFEF GG", "iambic"),
+        _zh("wujue", 5, 4, "五言绝句: 4 lines of 5 characters, 平仄 pattern"),
+        _zh("qijue", 7, 4, "七言绝句: 4 lines of 7 characters, 平仄 pattern"),
+        _zh("wulv", 5, 8, "五言律诗: 8 lines of 5 characters, 平仄 pattern"),
+        _zh("qilv", 7, 8, "七言律诗: 8 lines of 7 characters, 平仄 pattern"),
+        _zh("gujue", 5, 4, "古绝: 4 lines of 5 characters, no tonal pattern, rhyming on 平 or 仄", regulated=False),
     ]
 }
+
+
+# English forms of fixed syllable counts that may take iambic meter (--meter); limerick, haiku and
+# tanka are left out (their meter is not iambic), and free verse has no fixed count.
+METER_FORMS = ("couplet", "quatrain", "sonnet")
 
 
 def resolve_form(
@@ -101,7 +116,7 @@ def resolve_form(
             raise UsageError(f"--rhyme-scheme: letters A-Z, or . for an unrhymed line (got {rhyme_scheme!r})")
         if len(scheme) != len(lengths):
             raise UsageError(f"--rhyme-scheme: {len(scheme)} letters for {len(lengths)} lines")
-    return Form(form.name, form.language, tuple(lengths), scheme, form.description)
+    return Form(form.name, form.language, tuple(lengths), scheme, form.description, form.regulated, form.meter)
 
 
 # --- English: syllables and rhymes from the CMU pronouncing dictionary ----------------------
@@ -136,40 +151,75 @@ def rhyme_key(word: str) -> str | None:
     return re.sub(r"\d", "", pronouncing.rhyming_part(pron))
 
 
-# A final unstressed syllable that verse often elides: heav'n, pow'r, wires as one syllable.
-_ELIDABLE = re.compile(r"(?:ER0(?: [ZD])?|AH0 [NL](?: [ZD])?)$")
+# Syllables verse often drops (elision, syncope, synaeresis): a final unstressed -er, -en, -el
+# (heav'n, pow'r, wires as one syllable); an unstressed vowel before another vowel (batt'ring,
+# wand'ring, oblivious as o-bliv-yous).
+_ELIDABLE = re.compile(r"(?:ER0(?: [ZD])?|(?:AH0|IH0) [NL](?: [ZD])?|AH0 (?:S T|TH))$")
+_VOWEL = re.compile(r"[A-Z]+\d")
+
+
+def stress_variants(pron: str) -> set[str]:
+    """Stress digits per syllable of a pronunciation as verse may say it: in full, without an
+    elidable final syllable, and without one unstressed vowel that runs into the next vowel."""
+    phones = pron.split()
+    digits = "".join(ch for ch in pron if ch.isdigit())
+    out = {digits}
+    vowels = [i for i, ph in enumerate(phones) if ph[-1].isdigit()]
+    if len(digits) > 1 and _ELIDABLE.search(pron) and digits[-1] == "0":
+        out.add(digits[:-1])
+    for k, i in enumerate(vowels[:-1]):
+        if phones[i][-1] == "0" and i + 1 < len(phones) and phones[i + 1][-1].isdigit():
+            out.add(digits[:k] + digits[k + 1 :])  # batt'ring: ER0 before IH0; oblivious: IY0 before AH0
+        elif phones[i + 1][-1:] == "0":
+            out.add(digits[: k + 1] + digits[k + 2 :])  # being as one syllable: IH0 right after IY1
+    return out
+
+
+def verse_prons(word: str) -> list[str]:
+    """CMU pronunciations of a word as verse prints it: elided forms are looked up in full, so
+    "possess'd" reads as "possessed", "dimm'd" as "dimmed" and "wander'st" as "wander"."""
+    w = word.lower()
+    prons = _cmu().get(w)
+    if prons:
+        return prons
+    for suffix, full in (("'d", ("ed", "d", "ned", "red")), ("'st", ("", "e")), ("'s", ("s", "es"))):
+        if w.endswith(suffix) and len(w) > len(suffix) + 1:
+            stem = w[: -len(suffix)]
+            for ending in full:
+                if _cmu().get(stem + ending):
+                    return _cmu()[stem + ending]
+    for suffix, sound in (("est", "AH0 S T"), ("eth", "AH0 TH"), ("st", "AH0 S T"), ("th", "AH0 TH")):
+        # thou perceivest, it fadeth: the verb with an unstressed ending that verse may elide
+        stem = w[: -len(suffix)]
+        if w.endswith(suffix) and len(stem) > 2:
+            for base in (stem, stem + "e"):
+                if _cmu().get(base):
+                    return [f"{p} {sound}" for p in _cmu()[base]]
+    return []
 
 
 def syllable_options(word: str) -> set[int] | None:
     """Syllable counts of every CMU pronunciation of a word ("every": 2 or 3), and one fewer where
     verse elides a final unstressed syllable ("heaven" as heav'n); None when unknown."""
-    prons = _cmu().get(word.lower())
+    prons = verse_prons(word)
     if not prons:
         return None
-    out = set()
-    for p in prons:
-        n = sum(ch.isdigit() for ch in p)
-        out.add(n)
-        if n > 1 and _ELIDABLE.search(p):
-            out.add(n - 1)
-    return out
+    return {len(v) for p in prons for v in stress_variants(p)}
 
 
 def rhyme_keys(word: str) -> set[str]:
     """Rhyme keys of every pronunciation of a word."""
     import pronouncing
 
-    return {re.sub(r"\d", "", pronouncing.rhyming_part(p)) for p in _cmu().get(word.lower(), [])}
+    return {re.sub(r"\d", "", pronouncing.rhyming_part(p)) for p in verse_prons(word)}
 
 
 def estimate_syllables(word: str) -> int:
-    """Syllables of a word outside the dictionary, from its spelling: vowel groups, less a silent
-    final e (not in -le), at least one."""
-    w = word.lower().replace("'", "")
-    groups = len(re.findall(r"[aeiouy]+", w))
-    if w.endswith("e") and not w.endswith(("le", "ee", "ye")) and groups > 1:
-        groups -= 1
-    return max(groups, 1)
+    """Syllables of a word outside the dictionary (the fewest of apps.meter's estimates: a compound
+    of dictionary words, or vowel groups less a silent e)."""
+    from aigc_cli.apps.meter import estimated_counts
+
+    return min(estimated_counts(word))
 
 
 def _spelled_rhyme(word: str) -> str:
@@ -243,12 +293,14 @@ class LineReport:
     last: str = ""  # the rhyming word or character
     keys: frozenset[str] = frozenset()  # every rhyme key / (group, tone class) the last word can take
     estimated: tuple[str, ...] = ()  # words outside the dictionary, counted from their spelling
+    marks: str = ""  # 平/仄 per character (zh, 〇 for a character that may be either), stress per syllable (en)
 
 
 @dataclass
 class Report:
     lines: list[LineReport] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    pattern: str | None = None  # the 平仄 pattern a regulated poem follows, e.g. 仄起首句不入韵
 
     @property
     def ok(self) -> bool:
@@ -262,8 +314,20 @@ def poem_lines(text: str) -> list[str]:
     return [line.strip() for line in text.strip().splitlines() if line.strip()]
 
 
-def check(text: str, form: Form, acrostic: str | None = None, rhymes: str = "xinyun") -> Report:
+def check(
+    text: str,
+    form: Form,
+    acrostic: str | None = None,
+    rhymes: str = "xinyun",
+    tones: str = "relaxed",
+    pattern: str | None = None,
+    meter: str | None = None,
+) -> Report:
     """Does a poem (written by people or generated) fit `form`? Problems name the line.
+
+    Regulated Chinese forms (绝句, 律诗) also follow a 平仄 pattern under `tones` (strict, relaxed or
+    off; see apps.tonal), `pattern` fixing one (`--pattern`); English forms with `meter` "iambic"
+    (default: the form's own, iambic for sonnet and couplet) are checked for iambic meter.
 
     The checker reads poems as they are printed: English lines may carry any punctuation, quotes,
     dashes and contractions; every dictionary pronunciation of a word counts, and words outside
@@ -271,32 +335,49 @@ def check(text: str, form: Form, acrostic: str | None = None, rhymes: str = "xin
     repeat (Lear's limericks do). Chinese verse lines end at ，。！？； so a couplet may share a
     printed line; rhyme characters share a group of the rhyme book (`rhymes`: 中华新韵 or 平水韵)
     and one tone class (平 or 仄: 古绝 such as 春晓 rhyme on 仄声)."""
-    return _check_zh(text, form, acrostic, rhymes) if form.language == "zh" else _check_en(text, form)
+    if form.language == "zh":
+        return _check_zh(text, form, acrostic, rhymes, tones, pattern)
+    return _check_en(text, form, form.meter if meter is None else meter)
 
 
-def _check_en(text: str, form: Form) -> Report:
+def _check_en(text: str, form: Form, meter: str = "off") -> Report:
+    from aigc_cli.apps.meter import check_line, estimated_counts
+
     report = Report()
     lines = poem_lines(text.replace("\u2019", "'").replace("\u2018", "'"))
     if len(lines) != form.lines:
         report.problems.append(f"{len(lines)} lines, expected {form.lines}")
     for n, line in enumerate(lines, start=1):
-        words = WORD_RE.findall(line)
-        options = [syllable_options(w) or {estimate_syllables(w)} for w in words]
+        found = list(WORD_RE.finditer(line))
+        words = [m.group(0) for m in found]
+        breaks = {k for k in range(1, len(found)) if re.search(r"[,.;:!?\u2014\u2013()-]", line[found[k - 1].end() : found[k].start()])}
+        options = [syllable_options(w) or set(estimated_counts(w)) for w in words]
         totals = {0}
         for opts in options:
             totals = {t + o for t in totals for o in opts}
         lo, hi = form.lengths[n - 1] if n <= form.lines else (0, 10**6)
         fitting = sorted(t for t in totals if lo <= t <= hi)
         count = fitting[0] if fitting else min(totals, key=lambda t: min(abs(t - lo), abs(t - hi)))
+        faults: list[MeterFault] = []
+        marks = ""
+        if meter == "iambic" and n <= form.lines and words:
+            metered, faults, marks = check_line(words, lo, hi, breaks=breaks)
+            if metered is not None:
+                count, fitting = metered, [metered]  # a feminine ending counts one more
         last = words[-1].lower() if words else ""
-        keys = frozenset(rhyme_keys(last) or ({_spelled_rhyme(last)} if last else set()))
+        sounded = rhyme_keys(last)
+        # Spelling rhymes too (alack/back, love/prove, dimm'd/untrimm'd): the eye rhymes and rhymes of
+        # older pronunciation that real verse has.
+        keys = frozenset(sounded | ({_spelled_rhyme(last)} if last else set()))
         estimated = tuple(w for w in words if syllable_options(w) is None)
-        report.lines.append(LineReport(line, count, min(keys) if keys else None, last, keys, estimated))
+        shown = min(sounded) if sounded else min(keys) if keys else None
+        report.lines.append(LineReport(line, count, shown, last, keys, estimated, marks))
         if not words:
             report.problems.append(f"line {n}: has no words")
         elif n <= form.lines and not fitting:
             want = f"{lo}" if lo == hi else f"{lo}-{hi}"
             report.problems.append(f"line {n}: {count} syllables, expected {want}")
+        report.problems += [str(dataclasses.replace(f, line=n)) for f in faults]
     _check_scheme(report, form, repeats=True)
     return report
 
@@ -336,7 +417,7 @@ def verse_lines(text: str) -> list[str]:
     return out
 
 
-def _check_zh(text: str, form: Form, acrostic: str | None, rhymes: str) -> Report:
+def _check_zh(text: str, form: Form, acrostic: str | None, rhymes: str, tones: str = "off", pattern: str | None = None) -> Report:
     report = Report()
     lines = verse_lines(text)
     if len(lines) != form.lines:
@@ -354,7 +435,30 @@ def _check_zh(text: str, form: Form, acrostic: str | None, rhymes: str) -> Repor
         if acrostic and n <= len(acrostic) and (not hanzi or hanzi[0] != acrostic[n - 1]):
             report.problems.append(f"line {n}: should start with {acrostic[n - 1]!r} (acrostic)")
     _check_scheme(report, form, repeats=False)
+    for reported in report.lines:
+        reported.marks = "".join(_mark(tone_classes(ch, rhymes)) for ch in reported.text if is_hanzi(ch))
+    shaped = len(lines) == form.lines and all(r.count == lo for r, (lo, _) in zip(report.lines, form.lengths))
+    if form.regulated and tones != "off" and shaped and all(len(text.rstrip(_VERSE_END)) == r.count for text, r in zip(lines, report.lines)):
+        _check_pattern(report, form, rhymes, tones, pattern)
     return report
+
+
+def _mark(classes: frozenset[str]) -> str:
+    return next(iter(classes)) if len(classes) == 1 else "〇" if classes else "？"
+
+
+def _check_pattern(report: Report, form: Form, rhymes: str, tones: str, pattern: str | None) -> None:
+    """平仄 (apps.tonal), once lines, characters and rhymes are right; 首句入韵 only if the first line
+    rhymes with the others."""
+    from aigc_cli.apps.tonal import check_tones, parse_pattern
+
+    fixed = parse_pattern(pattern) if pattern else None
+    hanzi = ["".join(ch for ch in line.text if is_hanzi(ch)) for line in report.lines]
+    shared = frozenset.intersection(*(line.keys for line in report.lines[1::2]))
+    rhymed_first = any(k.endswith("/平") and k in shared for k in report.lines[0].keys)
+    found, violations = check_tones(hanzi, rhymes, tones, rhymed_first, fixed)
+    report.pattern = found.name if found else None
+    report.problems += [str(v) for v in violations]
 
 
 def _group_shown(ch: str, rhymes: str) -> str | None:

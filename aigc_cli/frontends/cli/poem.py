@@ -24,8 +24,11 @@ EPILOG = (
     "  aigc poem \"the sea at night\" --form haiku -n 2 --annotate\n\n"
     "  aigc poem autumn --form sonnet --candidates 4\n\n"
     "  aigc poem 春天 --form qijue --acrostic 春夏秋冬 --model uer/gpt2-chinese-poem\n\n"
+    "  aigc poem 月 --form qilv --tones strict --pattern zeqi-rhymed --model uer/gpt2-chinese-poem\n\n"
+    "  aigc poem --check chunwang.txt --form wulv --rhymes pingshui\n\n"
     "  aigc poem --check my_haiku.txt --form haiku\n\n"
-    "Forms: free, haiku, tanka, limerick, couplet, quatrain, sonnet (English); wujue, qijue, wulv, qilv (Chinese).\n\n"
+    "Forms: free, haiku, tanka, limerick, couplet, quatrain, sonnet (English); wujue, qijue, wulv, qilv "
+    "(Chinese regulated verse, with a 平仄 pattern), gujue (古绝, no tonal pattern).\n\n"
     f"{o.EXIT_CODES_HELP} With --check: 0 the poem fits, 1 it does not."
 )
 MAX_CANDIDATES = 256
@@ -34,6 +37,17 @@ MAX_CANDIDATES = 256
 class RhymeBook(str, Enum):
     xinyun = "xinyun"
     pingshui = "pingshui"
+
+
+class Tones(str, Enum):
+    strict = "strict"
+    relaxed = "relaxed"
+    off = "off"
+
+
+class Meter(str, Enum):
+    iambic = "iambic"
+    off = "off"
 
 
 class PoemDecoding(str, Enum):
@@ -70,7 +84,25 @@ def command(
     rhymes: Annotated[
         RhymeBook, typer.Option(help="Chinese rhyme book: xinyun (中华新韵, modern pinyin) or pingshui (平水韵, classical poems).")
     ] = RhymeBook.xinyun,
-    annotate: Annotated[bool, typer.Option(help="Show syllables or characters per line and the rhyme key.")] = False,
+    tones: Annotated[
+        Optional[Tones],
+        typer.Option(
+            help="Regulated Chinese forms' 平仄: strict (every position), relaxed (default: 一三五不论, never 孤平 or 三平尾) or off.",
+            show_default=False,
+        ),
+    ] = None,
+    pattern: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Regulated Chinese forms: fix the 平仄 pattern: pingqi, pingqi-rhymed, zeqi or zeqi-rhymed (平起/仄起, first line rhymed or not; default: any).",
+            metavar="PATTERN",
+        ),
+    ] = None,
+    meter: Annotated[
+        Optional[Meter],
+        typer.Option(help="English forms of fixed syllable counts: iambic (default for sonnet and couplet) or off.", show_default=False),
+    ] = None,
+    annotate: Annotated[bool, typer.Option(help="Show syllables or characters per line, the rhyme key, and 平/仄 or stress marks.")] = False,
     template: Annotated[Optional[str], typer.Option(help="Prompt template with $topic and $form.", metavar="FILE")] = None,
     check_path: Annotated[
         Optional[str], typer.Option("--check", help="Check an existing poem (file or '-') against --form instead of writing one.", metavar="FILE")
@@ -85,9 +117,10 @@ def command(
     form = resolve_form(form_name, syllables, rhyme_scheme, lines)
     if acrostic is not None and (form.language != "zh" or len(acrostic) != form.lines):
         raise UsageError(f"--acrostic: needs a Chinese form and one character per line ({form.lines} for {form.name})")
+    tones_value, meter_value = _verse_rules(form, tones, pattern, meter)
     streams = Streams()
     if check_path is not None:
-        _check(check_path, form, acrostic, rhymes.value, annotate, output_format, streams)
+        _check(check_path, form, acrostic, rhymes.value, tones_value, pattern, meter_value, annotate, output_format, streams)
     if not topic or not topic.strip():
         raise UsageError("no topic: aigc poem TOPIC --form FORM (or --check FILE)")
     candidates = candidates if candidates is not None else max(4, settings.num_sequences)
@@ -103,21 +136,51 @@ def command(
 
     prompt_template = load_prompt(template or f"poem-{form.language}.txt", "--template")
     engine = o.load_engine(spec, Messages(streams))
-    poems = write_poems(engine, topic, form, settings, candidates, prompt_template, acrostic, rhymes.value)
+    poems = write_poems(engine, topic, form, settings, candidates, prompt_template, acrostic, rhymes.value, tones_value, pattern, meter_value)
     render_poems(streams, output_format, poems, f"{form.name} on {topic}", annotate, {"model": engine.name, "form": form.name, "topic": topic})
 
 
-def _check(path: str, form: Form, acrostic: str | None, rhymes: str, annotate: bool, fmt: OutputFormat, streams: Streams) -> None:
+def _verse_rules(form: Form, tones: Tones | None, pattern: str | None, meter: Meter | None) -> tuple[str, str]:
+    """--tones, --pattern and --meter checked against the form: (tones, meter) to use."""
+    from aigc_cli.apps.poetics import METER_FORMS
+    from aigc_cli.apps.tonal import parse_pattern
+
+    if tones is not None and not form.regulated:
+        raise UsageError(f"--tones: only for the regulated Chinese forms wujue, qijue, wulv, qilv (not {form.name})")
+    if pattern is not None:
+        if not form.regulated:
+            raise UsageError(f"--pattern: only for the regulated Chinese forms wujue, qijue, wulv, qilv (not {form.name})")
+        if tones is Tones.off:
+            raise UsageError("--pattern: needs --tones strict or relaxed (got --tones off)")
+        parse_pattern(pattern)
+    if meter is not None and form.name not in METER_FORMS:
+        raise UsageError(f"--meter: only for English forms of fixed syllable counts ({', '.join(METER_FORMS)}), not {form.name}")
+    return (tones or Tones.relaxed).value, meter.value if meter is not None else form.meter
+
+
+def _check(
+    path: str,
+    form: Form,
+    acrostic: str | None,
+    rhymes: str,
+    tones: str,
+    pattern: str | None,
+    meter: str,
+    annotate: bool,
+    fmt: OutputFormat,
+    streams: Streams,
+) -> None:
     """`--check FILE`: the poem's lines, counts and rhymes; exit 0 if it fits, 1 if not."""
     from aigc_cli.apps.poetics import check
 
-    report = check(read_text(path, "--check"), form, acrostic, rhymes)
+    report = check(read_text(path, "--check"), form, acrostic, rhymes, tones, pattern, meter)
     rows = [
-        {"line": n, "text": r.text, "count": r.count, "rhyme": r.rhyme, "estimated": list(r.estimated)}
+        {"line": n, "text": r.text, "count": r.count, "rhyme": r.rhyme, "marks": r.marks, "estimated": list(r.estimated)}
         for n, r in enumerate(report.lines, start=1)
     ]
-    columns = ["line", "text", "count", "rhyme"] + (["estimated"] if annotate else [])
-    render_rows(streams, fmt, columns, rows, title=f"{form.name}: " + ("fits" if report.ok else "does not fit"))
+    columns = ["line", "text", "count", "rhyme"] + (["marks", "estimated"] if annotate else [])
+    verdict = "fits" if report.ok else "does not fit"
+    render_rows(streams, fmt, columns, rows, title=f"{form.name}: {verdict}" + (f" ({report.pattern})" if report.pattern else ""))
     for problem in report.problems:
         Messages(streams).error(problem)
     raise typer.Exit(0 if report.ok else 1)

@@ -300,6 +300,8 @@ def render_poems(
                 "lines": p.lines,
                 "counts": p.counts,
                 "rhymes": p.rhymes,
+                "marks": p.marks,
+                **({"pattern": p.pattern} if p.pattern else {}),
                 "score": p.score,
                 "seed": p.seed,
                 **provenance,
@@ -317,7 +319,11 @@ def render_poems(
         if not annotate:
             return list(p.lines)
         width = max(len(line) for line in p.lines)
-        return [f"{line.ljust(width)}  [{count}{' | ' + rhyme if rhyme else ''}]" for line, count, rhyme in zip(p.lines, p.counts, p.rhymes)]
+        marks = p.marks or [""] * len(p.lines)
+        return [
+            f"{line.ljust(width)}  [{count}{' | ' + rhyme if rhyme else ''}{' | ' + mark if mark else ''}]"
+            for line, count, rhyme, mark in zip(p.lines, p.counts, p.rhymes, marks)
+        ] + ([f"({p.pattern})"] if p.pattern else [])
 
     if fmt is OutputFormat.plain:
         for p in poems:
