@@ -571,6 +571,28 @@ def poem_text(tok: Any, form: Form, token_ids: list[int]) -> str:
     return tok.decode(token_ids, clean_up_tokenization_spaces=False).strip()
 
 
+def _prompt_ids(engine: Any, prompt: str, run: Any, form: Form) -> list[int]:
+    """The prompt's ids; a topic the engine refuses is a usage error named as poem's own input
+    (poem has no --max-new-tokens)."""
+    try:
+        return list(engine.encode(prompt, run))
+    except RecordError as exc:
+        if exc.code != "prompt_too_long":
+            raise UsageError(f"the topic: {exc.message}") from None
+        raise UsageError(
+            f"the topic is too long: with the prompt template it leaves no room in {engine.name}'s context of "
+            f"{engine.context_length} tokens for a {form.name} (up to {run.max_new_tokens} tokens)"
+        ) from None
+
+
+def _poem(text: str, report: Any, score: float, seed: int) -> Poem:
+    lines = report.lines
+    return Poem(
+        index=0, text=text, lines=[x.text for x in lines], counts=[x.count for x in lines], rhymes=[x.rhyme for x in lines],
+        score=score, seed=seed, marks=[x.marks for x in lines], pattern=report.pattern,
+    )
+
+
 def write_poems(
     engine: Any,
     topic: str,
@@ -610,15 +632,7 @@ def write_poems(
     ).resolved()
     prompt = render_prompt(template, topic, form)
     seed = settings.seed
-    try:
-        prompt_ids = engine.encode(prompt, run)
-    except RecordError as exc:  # named as poem's own input: poem has no --max-new-tokens
-        if exc.code != "prompt_too_long":
-            raise UsageError(f"the topic: {exc.message}") from None
-        raise UsageError(
-            f"the topic is too long: with the prompt template it leaves no room in {engine.name}'s context of "
-            f"{engine.context_length} tokens for a {form.name} (up to {run.max_new_tokens} tokens)"
-        ) from None
+    prompt_ids = _prompt_ids(engine, prompt, run, form)
     FormConstraint(tok, form, 0, acrostic, rhymes, tones, pattern, meter)  # usage errors (acrostic vs pattern) before decoding
     request = Request(id=0, prompt=prompt, settings=run, seed=seed, prompt_ids=tuple(prompt_ids))
     completions = list(
@@ -641,19 +655,7 @@ def write_poems(
         report = check(text, form, acrostic, rhymes, tones, pattern, meter)
         if not report.ok:  # the constraint guarantees the form; this would be a bug, never shown as a poem
             raise AssertionError(f"constrained poem failed its form: {report.problems[0]}\n{text}")
-        poems.append(
-            Poem(
-                index=0,
-                text=text,
-                lines=[line.text for line in report.lines],
-                counts=[line.count for line in report.lines],
-                rhymes=[line.rhyme for line in report.lines],
-                score=sum(row) / max(len(row), 1),
-                seed=seed,
-                marks=[line.marks for line in report.lines],
-                pattern=report.pattern,
-            )
-        )
+        poems.append(_poem(text, report, sum(row) / max(len(row), 1), seed))
     poems.sort(key=lambda p: -p.score)
     for i, p in enumerate(poems[:keep]):
         p.index = i

@@ -69,7 +69,7 @@ class PoemDecoding(str, Enum):
     },
     choices={"decoding": PoemDecoding},
 )
-def command(
+def command(  # long only in its option declarations (Typer reads them from the signature); the body is short
     spec: ModelSpec,
     settings: GenerationSettings,
     topic: Annotated[Optional[str], typer.Argument(help="What the poem is about.", show_default=False, metavar="TOPIC")] = None,

@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 from rich.console import Console
 from rich.text import Text
@@ -254,9 +254,7 @@ def render_rows(
     """
     fmt = streams.resolve(fmt)
     if fmt is OutputFormat.jsonl:
-        for row in rows:
-            streams.stdout.write(json_line(row) + "\n")
-        streams.stdout.flush()
+        _jsonl(streams, rows)
         return
     escape = fmt is OutputFormat.rich or streams.stdout_tty
     title = visible(title) if escape and title else title
@@ -355,9 +353,7 @@ def render_token_views(streams: Streams, fmt: OutputFormat, records: list[dict[s
 
     fmt = streams.resolve(fmt)
     if fmt is OutputFormat.jsonl:
-        for record in records:
-            streams.stdout.write(json_line(record) + "\n")
-        streams.stdout.flush()
+        _jsonl(streams, records)
         return
     if fmt is OutputFormat.plain:
         escape = streams.stdout_tty
@@ -389,3 +385,10 @@ def render_token_views(streams: Streams, fmt: OutputFormat, records: list[dict[s
         summary = Text("  ".join(f"{BUCKET_LABELS[b]} {shares[b]:.0%}" for b in shares), style="bold")
         summary.append(f"   perplexity {record['perplexity']:.2f} over {record['token_count']} tokens")
         console.print(summary)
+
+
+def _jsonl(streams: Streams, rows: Iterable[dict[str, Any]]) -> None:
+    """One JSON object per line on stdout."""
+    for row in rows:
+        streams.stdout.write(json_line(row) + "\n")
+    streams.stdout.flush()
