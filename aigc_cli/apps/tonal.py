@@ -163,7 +163,7 @@ class Violation:
         return f"line {self.line}, position {self.position}: {self.char} ({self.reading}) is {self.actual}, expected {self.expected} ({self.rule})"
 
 
-def check_tones(
+def check_tones(  # kept whole: one Viterbi over the lines' second tones, its two cost functions beside it
     lines: list[str], rhymes: str, mode: str, rhymes_first: bool | None, pattern: Pattern | None = None
 ) -> tuple[Pattern | None, list[Violation]]:
     """The pattern that fits `lines` (each exactly 5 or 7 hanzi) best and its violations.
