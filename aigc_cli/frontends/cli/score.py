@@ -27,7 +27,7 @@ EPILOG = (
 
 
 @o.with_model()
-def command(  # its options take 17 lines (Typer reads them from the signature); the body parses and prints
+def command(  # about 60 lines of flag checks, reading, and the ways out (table, token views, HTML, JSONL); the work is in apps/ and engine/
     spec: ModelSpec,
     path: Annotated[str, typer.Argument(help="Text file to score, or '-' for stdin.", show_default=False, metavar="FILE")],
     per_line: Annotated[bool, typer.Option(help="Score each non-empty line on its own (a line that cannot be scored is reported and skipped).")] = False,

@@ -41,7 +41,7 @@ MAX_BLEU_SAMPLE = 100_000
 
 
 @o.with_model(named=True, model_help="Given, the texts are also scored under it (mean log-probability, perplexity); --unit token uses its tokenizer.")
-def command(  # its options take 17 lines (Typer reads them from the signature); the body parses and prints
+def command(  # about 60 lines of flag checks, the streamed reading with its progress, and the table or JSONL out; the measures are in apps/textstats.py
     spec: ModelSpec,
     named_model: str | None,
     path: Annotated[str, typer.Argument(help="Generated text: aigc generate's JSONL, or plain text with one item per line; '-' for stdin.", show_default=False, metavar="FILE")],
