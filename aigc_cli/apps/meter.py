@@ -30,7 +30,7 @@ FUNCTION_WORDS = frozenset(
 def stress_patterns(word: str) -> set[str] | None:
     """Stress digits per syllable ("010" for "tomorrow") of every CMU pronunciation of a word, as
     verse may say it (poetics.stress_variants: heav'n, batt'ring); None when unknown."""
-    from aigc_cli.apps.poetics import stress_variants, verse_prons
+    from aigc_cli.apps.lexicon import stress_variants, verse_prons
 
     prons = verse_prons(word)
     if not prons:
@@ -43,7 +43,7 @@ def estimated_counts(word: str) -> frozenset[int]:
     """Syllable counts of a word outside the dictionary: a compound of two dictionary words
     ("whitecaps" = white + caps: 2) takes their sum; otherwise vowel groups in the spelling less a
     silent final e ("-e", "-es", "-ed" after a consonant that does not make a syllable), at least 1."""
-    from aigc_cli.apps.poetics import syllable_options
+    from aigc_cli.apps.lexicon import syllable_options
 
     w = word.lower().replace("'", "")
     found: set[int] = set()

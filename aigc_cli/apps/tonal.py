@@ -113,7 +113,7 @@ def tone_classes(ch: str, rhymes: str = "xinyun") -> frozenset[str]:
     their modern tone), looked up as written and in traditional form; a character the table lacks
     falls back to its modern tones."""
     if rhymes == "pingshui":
-        from aigc_cli.apps.poetics import _pingshui, _traditional
+        from aigc_cli.apps.lexicon import _pingshui, _traditional
 
         table = _pingshui()
         found = frozenset(t for ch2 in {ch, _traditional(ch)} for _, t in table.get(ch2, []))
@@ -132,7 +132,7 @@ def _modern_tones(ch: str) -> list[int]:
 def readings_shown(ch: str, rhymes: str) -> str:
     """The readings a violation names: pinyin (中华新韵) or 平水韵 groups with their tone."""
     if rhymes == "pingshui":
-        from aigc_cli.apps.poetics import _pingshui, _traditional
+        from aigc_cli.apps.lexicon import _pingshui, _traditional
 
         groups = [f"{g}{t}" for ch2 in dict.fromkeys([ch, _traditional(ch)]) for g, t in _pingshui().get(ch2, [])]
         if groups:

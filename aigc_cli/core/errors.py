@@ -8,9 +8,13 @@ reference in its own words (`--max-new-tokens` on the command line, `max_tokens`
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from enum import IntEnum
 
 _REF = re.compile("\x00([a-z_]+)\x00")
+# How the settings registry names a setting on a surface (None: not a setting); core.settings
+# registers it as it loads, so that this module imports nothing of aigc (no import cycle).
+_named_setting: Callable[[str, str], str | None] = lambda name, surface: None  # noqa: E731
 
 
 class ExitCode(IntEnum):
@@ -33,9 +37,21 @@ def render(text: str, surface: str = "cli") -> str:
     """`text` with its setting references named as `surface` ("cli", "api", "jsonl") names them."""
     if "\x00" not in text:
         return text
-    from aigc_cli.core.settings import label
-
     return _REF.sub(lambda m: label(m.group(1), surface), text)
+
+
+def label(name: str, surface: str = "cli") -> str:
+    """A setting's (or any field's) name on a surface: `--max-new-tokens`, `max_tokens`, `max_new_tokens`."""
+    named = _named_setting(name, surface)
+    if named is not None:
+        return named
+    return "--" + name.replace("_", "-") if surface == "cli" else f"'{name}'"
+
+
+def name_settings_with(lookup: Callable[[str, str], str | None]) -> None:
+    """Called by core.settings once its registry is built: references render by its labels."""
+    global _named_setting
+    _named_setting = lookup
 
 
 class AigcError(Exception):

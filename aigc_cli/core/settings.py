@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from aigc_cli.core.errors import UsageError, ref
+from aigc_cli.core.errors import UsageError, name_settings_with, ref
 from aigc_cli.core.textrules import unescape
 
 
@@ -193,12 +193,12 @@ SURFACE_DIFFERENCES = {
 FLAGS = {s.name: s.label("cli") for s in REGISTRY}
 
 
-def label(name: str, surface: str = "cli") -> str:
-    """A setting's (or any field's) name on a surface: `--max-new-tokens`, `max_tokens`, `max_new_tokens`."""
+def _named(name: str, surface: str) -> str | None:
     setting = SETTINGS.get(name)
-    if setting is not None:
-        return setting.label(surface)
-    return _flag(name) if surface == "cli" else f"'{name}'"
+    return setting.label(surface) if setting is not None else None
+
+
+name_settings_with(_named)
 
 
 class SettingsError(UsageError):

@@ -59,6 +59,11 @@ class Engine:
         return self.lm.tokenizer
 
     @property
+    def kv_budget(self) -> int:
+        """Bytes of KV cache an automatic CPU batch may take (AUTO_KV_BUDGET, read when asked)."""
+        return AUTO_KV_BUDGET
+
+    @property
     def default_batch(self) -> int:
         return DEFAULT_GPU_BATCH if self.lm.device == "cuda" else DEFAULT_CPU_BATCH
 

@@ -60,7 +60,6 @@ class OrderedRun(Generic[T]):
     ) -> None:
         if batching not in ("continuous", "static", "grouped"):
             raise ValueError(f"batching: {batching!r}")
-        from aigc_cli.engine.engine import AUTO_KV_BUDGET
         from aigc_cli.engine.scheduler import Scheduler
 
         self.engine, self.source, self.request_of = engine, source, request_of
@@ -68,7 +67,7 @@ class OrderedRun(Generic[T]):
         self.auto = batch_size is None
         self.cap = batch_size or engine.default_batch
         scheduled = processors is None and engine.lm.model.continuous and batching != "grouped"
-        budget = AUTO_KV_BUDGET if self.auto and engine.lm.device != "cuda" else None
+        budget = engine.kv_budget if self.auto and engine.lm.device != "cuda" else None
         self.sched: Scheduler | None = Scheduler(engine.lm, self.cap, budget, refill=batching == "continuous") if scheduled else None
         self.ahead: deque[_Item[T]] = deque()  # read, not yet yielded, in input order
         self.by_n: dict[int, _Item[T]] = {}
@@ -225,9 +224,7 @@ class _Static:
 
     def _auto_rows(self, rows: list[tuple[_Item[Any], int]], settings: Any) -> int:
         """How many of these rows (sorted by prompt length) an automatic CPU batch takes: the most
-        whose KV cache, at its full length, stays within AUTO_KV_BUDGET (at least one)."""
-        from aigc_cli.engine.engine import AUTO_KV_BUDGET
-
+        whose KV cache, at its full length, stays within the engine's budget (at least one)."""
         lm = self.engine.lm
         per_position = lm.model.kv_bytes_per_position()
         if lm.device == "cuda" or per_position is None:
@@ -239,7 +236,7 @@ class _Static:
             return n * per_position * min(longest + settings.max_new_tokens, self.engine.context_length)
 
         n = len(rows)
-        while n > 1 and cache_bytes(n) > AUTO_KV_BUDGET:
+        while n > 1 and cache_bytes(n) > self.engine.kv_budget:
             n -= 1
         return n
 
