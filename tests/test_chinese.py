@@ -332,3 +332,61 @@ def test_a_large_body_prepared_in_the_helper_process_gets_the_prefix_too(server,
     assert status == 200, data
     tokens = json.loads(data)["tokens"]
     assert tokens[0] == 2 and len(tokens) == 80001 and 3 not in tokens
+
+
+# -- defaults on GPT-2's context ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uer1024(uer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The UER-layout directory with GPT-2's 1,024-token context (the real UER models' too)."""
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("uer-1024")
+    for name in ("vocab.txt", "special_tokens_map.json", "tokenizer_config.json"):
+        shutil.copy(uer / name, d / name)
+    words = (d / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    torch.manual_seed(8)
+    config = GPT2Config(vocab_size=len(words), n_positions=1024, n_embd=64, n_layer=2, n_head=4, bos_token_id=50256, eos_token_id=50256)
+    GPT2LMHeadModel(config).save_pretrained(d)
+    return d
+
+
+def test_generate_with_defaults_fills_the_context_counting_cls(cli, uer1024, tmp_path):
+    """Defaults (50 new tokens): a prompt of 973 characters plus [CLS] and 50 new tokens is exactly
+    1,024 and runs; one character more is that record's prompt_too_long."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": "春" * n}) + "\n" for n in (973, 974)), encoding="utf-8")
+    r = cli("generate", "-f", str(src), "--model", str(uer1024))
+    assert r.exit_code == 4, r.stderr
+    fits, too_long = (json.loads(x) for x in r.stdout.splitlines())
+    assert fits["completion_tokens"] == 50 and fits["prompt_tokens"] == 974, fits
+    assert too_long["error"]["code"] == "prompt_too_long" and "975 tokens" in too_long["error"]["message"]
+
+
+def test_score_and_token_views_with_defaults_past_the_context(cli, uer1024):
+    """A text of 3,000 characters: score's default sliding windows over the 1,024-token context,
+    and --tokens' log-probabilities summing to score's total."""
+    text = ("春风吹绿江南岸，明月何时照我还。" * 200)[:3000]
+    whole = json.loads(cli("score", "-", "--model", str(uer1024), "--format", "jsonl", input=text).stdout)
+    assert whole["tokens"] == 3000
+    view = json.loads(cli("score", "-", "--tokens", "--model", str(uer1024), "--format", "jsonl", input=text).stdout)
+    assert "".join(t["token"] for t in view["tokens"]) == text
+    total = sum(t["logprob"] for t in view["tokens"] if t["logprob"] is not None)
+    assert -total / whole["tokens"] == pytest.approx(whole["nll"], rel=1e-5)
+
+
+def test_finetune_with_its_default_block_on_long_chinese_documents(cli, uer1024, tmp_path):
+    """No --block-size: blocks of the model's whole context, each [CLS] doc [SEP] framed; every
+    window fits (a 2,500-character document is cut into blocks)."""
+    corpus = tmp_path / "long.txt"
+    corpus.write_text(("山水清明，春风万里。" * 250) + "\n\n" + ("秋月照江河，孤舟夜行。" * 200) + "\n", encoding="utf-8")
+    out = tmp_path / "ft"
+    r = cli("finetune", str(corpus), "--model", str(uer1024), "-o", str(out), "--steps", "2")
+    assert r.exit_code == 0, r.stderr
+    assert "of up to 1024 tokens" in r.stderr, r.stderr
+    again = cli.jsonl("generate", "春天", "--model", str(out), "--max-new-tokens", "8")
+    assert not CJK_SPACE.search(again[0]["text"])
