@@ -220,6 +220,15 @@ def _lean_against_batch_step(model: Any, steps: int) -> dict[str, Any]:
     return {name: {"wall": w / n, "cpu": c / n} for name, (w, c) in out.items()}
 
 
+def _collect_floor(f: dict[str, Any], got: dict[str, Any]) -> None:
+    """Add one floor measurement (a worker's answer) to the run's figures for that precision."""
+    f.setdefault("seconds", []).append(got["seconds"])
+    f.setdefault("cpu", []).append(got["cpu"])
+    f["bytes"] = got["bytes"]
+    for label, seconds in got.get("others", {}).items():
+        f.setdefault("others", {}).setdefault(label, []).append(seconds)
+
+
 def _matrices(model: Any) -> list[tuple[Any, int, int]]:
     """(callable, in, out) of every weight matrix of aigc's GPT-2: 4 per layer and the LM head."""
     cfg = model.cfg
@@ -255,19 +264,25 @@ def _floor(model: Any, rounds: int) -> dict[str, Any]:
         one(own)
     passes = [one(own) for _ in range(rounds)]
     result: dict[str, Any] = {"seconds": statistics.median(w for w, _ in passes), "cpu": statistics.median(c for _, c in passes), "bytes": weight_bytes}
+    others: dict[str, Any] = {}
     if not quantized:  # torch's own linear kernel on plain (out, in) float32 weights
-        plain = [functools_partial(F.linear, weight=torch.randn(o, i) * 0.02) for _, i, o in mats]
+        plain = [_bound(F.linear, weight=torch.randn(o, i) * 0.02) for _, i, o in mats]
+        others["torch `F.linear` on plain weights"] = plain
+    if not quantized and getattr(own[0], "packed", None) is not None:  # oneDNN's one-row kernel: what aigc ran before padding
+        others["oneDNN packed, one row unpadded (before `PACKED_MIN_ROWS`)"] = [
+            _bound(torch.ops.mkldnn._linear_pointwise, m.packed, m.zero_bias, "none", [], "") for m in own
+        ]
+    result["others"] = {}
+    for label, calls in others.items():
         for _ in range(2):
-            one(plain)
-        result["torch_seconds"] = statistics.median(one(plain)[0] for _ in range(rounds))
-        del plain
+            one(calls)
+        result["others"][label] = statistics.median(one(calls)[0] for _ in range(rounds))
     return result
 
 
-def functools_partial(fn: Any, **kw: Any) -> Any:
-    import functools
-
-    return functools.partial(fn, **kw)
+def _bound(fn: Any, *args: Any, **kw: Any) -> Any:
+    """fn(x, *args, **kw) as a function of x."""
+    return lambda x: fn(x, *args, **kw)
 
 
 class _Probe:
@@ -461,11 +476,7 @@ def main() -> None:
     def measure_floors() -> None:
         for q in quantizes:
             got = engines[("aigc", q)].ask(floor=10)
-            f = floors.setdefault(q, {"seconds": [], "cpu": [], "torch_seconds": [], "bytes": got["bytes"]})
-            f["seconds"].append(got["seconds"])
-            f["cpu"].append(got["cpu"])
-            if "torch_seconds" in got:
-                f["torch_seconds"].append(got["torch_seconds"])
+            _collect_floor(floors.setdefault(q, {}), got)
 
     results: dict[str, dict[str, list[float]]] = {}
     cpu_times: dict[str, dict[str, list[float]]] = {}
@@ -542,17 +553,11 @@ def main() -> None:
         commands["transformers"] = ([sys.executable, "-c", _HF_README, path], None)
         readme_times, readme_cpu = _process_times(commands, args.rounds)
         print("README example: " + ", ".join(f"{n} {statistics.median(t):.2f} s" for n, t in readme_times.items()), flush=True)
-        if "none" not in floors:
-            floors["none"] = {"seconds": [], "cpu": [], "torch_seconds": [], "bytes": 0}
-        if not floors["none"]["seconds"]:
+        if not floors.get("none", {}).get("seconds"):
             eng = Engine("aigc (none)", "aigc", ROOT, "none", path, long_prompt)
             eng.ready()
             for _ in range(args.rounds):
-                got = eng.ask(floor=10)
-                floors["none"]["seconds"].append(got["seconds"])
-                floors["none"]["cpu"].append(got["cpu"])
-                floors["none"]["torch_seconds"].append(got["torch_seconds"])
-                floors["none"]["bytes"] = got["bytes"]
+                _collect_floor(floors.setdefault("none", {}), eng.ask(floor=10))
             eng.close()
 
     # -- report ----------------------------------------------------------------------------------
@@ -572,14 +577,14 @@ def main() -> None:
     lines += ["", "## The floor (measured in every round, before each case's engines)", ""]
     lines += ["| precision | kernels | weight bytes per step | time per pass | CPU time per pass | GB/s | tokens/s at the floor |", "|---|---|---:|---:|---:|---:|---:|"]
     for q, f in floors.items():
-        if not f["seconds"]:
+        if not f.get("seconds"):
             continue
         s, b = med(f["seconds"]), f["bytes"]
         kern = "oneDNN packed (aigc's `_Linear`)" if q == "none" else "fbgemm dynamic int8 (aigc's `Int8Linear`)"
         lines.append(f"| {'float32' if q == 'none' else q} | {kern} | {b / 1e6:.0f} MB | {s * 1e3:.2f} ms (min {min(f['seconds']) * 1e3:.2f}) | {med(f['cpu']) * 1e3:.2f} ms | {b / s / 1e9:.1f} | {1 / s:.1f} |")
-        if f["torch_seconds"]:
-            t = med(f["torch_seconds"])
-            lines.append(f"| float32 | torch `F.linear` on plain weights | {b / 1e6:.0f} MB | {t * 1e3:.2f} ms (min {min(f['torch_seconds']) * 1e3:.2f}) | - | {b / t / 1e9:.1f} | {1 / t:.1f} |")
+        for label, times in f.get("others", {}).items():
+            t = med(times)
+            lines.append(f"| float32 | {label} | {b / 1e6:.0f} MB | {t * 1e3:.2f} ms (min {min(times) * 1e3:.2f}) | - | {b / t / 1e9:.1f} | {1 / t:.1f} |")
     lines += ["", "## Cases", ""]
     lines += ["| case | engine | time | tokens/s | per step | GB/s | % of floor | CPU per step | % of floor (CPU time) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for case, times in results.items():

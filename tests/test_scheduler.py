@@ -357,6 +357,44 @@ def test_one_running_row_takes_the_lean_step_with_the_batch_steps_logits_bit_for
     assert torch.equal(lean.v[:, :2, :, :n], full.v[:, :2, :, :n])
 
 
+@pytest.mark.parametrize("min_rows", [None, 1], ids=["as built", "unpadded"])
+def test_a_rows_logits_are_the_same_bits_alone_and_in_a_batch_at_gpt2_width(min_rows, monkeypatch):
+    """At GPT-2's own width (768, so a 3,072-wide MLP product), a row decoded alone gets the same
+    logits to the bit as the same row stepping among others: oneDNN's one-row kernel sums that
+    product in another order than its kernels for more rows, so a lone row is padded to
+    PACKED_MIN_ROWS. (Rows of one length: a batch's attention over rows of other lengths adds
+    masked positions, which changes a softmax's summation order.) The "unpadded" variant turns the padding off and must show the difference
+    (it checks that the test can fail where oneDNN's kernels are the ones measured)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from aigc_cli.models import gpt2
+
+    if min_rows is not None:
+        monkeypatch.setattr(gpt2, "PACKED_MIN_ROWS", min_rows)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=768, n_head=12, vocab_size=500, n_positions=64)).eval()
+    model = gpt2.from_hf_model(hf)
+    if model.layers[0][7].packed is None:
+        pytest.skip("no oneDNN packed kernels in this torch build")
+    prompts = [[5, 17, 99, 3], [42, 8, 8, 31], [7, 7, 250, 1]]  # one length: attention reads the same span for each
+    alone, together = model.new_slots(), model.new_slots()
+    alone.reserve(1, 32)
+    together.reserve(3, 32)
+    first = model.step(None, alone, prompts[:1])
+    model.step(None, together, prompts)
+    token = first.argmax(-1)
+    differ = 0
+    for _ in range(8):
+        got = model.step(token, alone, [])
+        batch = model.step(torch.stack([token[0], token[0] * 0 + 11, token[0] * 0 + 12]), together, [])
+        differ += not torch.equal(got[0], batch[0])
+        token = got.argmax(-1)
+    if min_rows is None:
+        assert differ == 0
+    else:
+        assert differ > 0
+
+
 def test_a_lone_row_gets_a_cache_of_its_own_size_and_arrivals_grow_it_in_steps(tiny_lm):
     """The first rows of an empty cache take exactly their slots (a lone 900-token prompt once
     zeroed 8 rows of cache before its first token); rows arriving later grow it in steps."""

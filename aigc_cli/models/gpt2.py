@@ -271,23 +271,57 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.zero_bias, "none", [], "")
+            rows = x.shape[0]
+            if rows >= PACKED_MIN_ROWS:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.zero_bias, "none", [], "")
+            # Fewer rows go through oneDNN's kernel for PACKED_MIN_ROWS, zeros below them: its
+            # one-row kernel streams the weights slower (see PACKED_MIN_ROWS), and every row then
+            # gets the same bits alone as among other rows.
+            padded = torch.cat((x, x.new_zeros(PACKED_MIN_ROWS - rows, x.shape[1])))
+            return torch.ops.mkldnn._linear_pointwise(padded, self.packed, self.zero_bias, "none", [], "")[:rows]
         assert self.weight is not None
         if self.bias is None:
             return x @ self.weight
         return torch.addmm(self.bias, x, self.weight)
 
 
+PACKED_MIN_ROWS = 4
+"""A packed matmul over fewer rows runs as one over this many, the others zeros. Measured on a 2-core
+AMD EPYC (bench/RESULTS-decode.md), a pass over GPT-2 small's weight matrices with oneDNN's packed
+kernels: one thread 34.9 ms for one row, 40.6 for two, 26.9 for four; two threads 19.5, 24.5, 18.3.
+oneDNN's one-row kernel also sums a 3,072-wide product in another order than its kernels for more
+rows, so that padding makes a row's logits the same bits alone as in a batch."""
+
+
 def _use_onednn(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_on()
+
+
+def _onednn_on() -> bool:
     import os
 
     return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and os.environ.get("AIGC_ONEDNN", "1") != "0"
+        os.environ.get("AIGC_ONEDNN", "1") != "0"
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
+
+
+def _to_pack(tensors: Any, name: str, device: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """Checkpoint tensor `name`, for a `_Linear` about to be built on `device` in `dtype`. When it
+    will be packed (float32 on the CPU) and the reader can map the file, a tensor over a map of it:
+    oneDNN's reorder then reads the weight once, straight from the page cache, instead of from a
+    copy read first; the map goes with the tensor. Measured, GPT-2 small, one thread: reading and
+    packing every matrix 0.64 -> 0.50 s. Otherwise the tensor as the reader reads it."""
+    mapped = getattr(tensors, "mapped", None)
+    if mapped is not None and torch.device(device).type == "cpu" and dtype in (None, torch.float32) and _onednn_on():
+        try:
+            weight = mapped(name)
+        except (OSError, ValueError):  # no memory maps here: read it
+            weight = None
+        if weight is not None and weight.dtype == torch.float32:
+            return weight
+    return tensors[name]
 
 
 class GPT2:
@@ -327,7 +361,7 @@ class GPT2:
                 return q8.int8_linear(tensors, weight, bias, cache)
             if quantize == "fp16":
                 return q8.Fp16Linear(tensors[weight], tensors[bias])
-            return _Linear(tensors[weight], tensors[bias]).to(device, dtype)
+            return _Linear(_to_pack(tensors, weight, device, dtype), tensors[bias]).to(device, dtype)
 
         # Two loader threads: reading, quantizing and packing each weight are single-threaded
         # torch calls that release the GIL (measured, GPT-2 small: float32 1.1 -> 0.9 s, int8 2.7 -> 2.0 s,
@@ -335,7 +369,7 @@ class GPT2:
         matmuls = [f"h.{i}.{m}" for i in range(cfg.n_layer) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
         tied = cfg.tied or "lm_head.weight" not in names
         with ThreadPoolExecutor(max_workers=2) as pool:
-            table_and_head = pool.submit(self._table_and_head, tensors, names, tied, quantize, get, cache)
+            table_and_head = pool.submit(self._table_and_head, tensors, names, tied, quantize, get, cache, (device, dtype))
             packed = iter(list(pool.map(linear, matmuls)))
             self.embed, self.head, wte = table_and_head.result()
         if wte is not None:
@@ -357,7 +391,7 @@ class GPT2:
 
     @staticmethod
     def _table_and_head(
-        tensors: Any, names: dict[str, str], tied: bool, quantize: str, get: Any, cache: q8.Int8Cache
+        tensors: Any, names: dict[str, str], tied: bool, quantize: str, get: Any, cache: q8.Int8Cache, where: tuple[str, torch.dtype | None]
     ) -> tuple[Any, Any, Any]:
         """(token embedding, LM head, float token table or None) in the precision of `quantize`."""
         table, head_name = names["wte.weight"], names["wte.weight" if tied else "lm_head.weight"]
@@ -365,7 +399,8 @@ class GPT2:
             return (*q8.int8_embedding_and_head(tensors, table, head_name, tied, cache), None)
         if quantize == "fp16":
             return (*q8.fp16_embedding_and_head(tensors, table, head_name, tied), None)
-        head_weight = get("wte.weight" if tied else "lm_head.weight")
+        device, dtype = where
+        head_weight = _to_pack(tensors, head_name, device, dtype).to(device=device, dtype=dtype)
         head = _Linear(head_weight.t(), None).to(head_weight.device, head_weight.dtype)
         # When the head keeps its own (packed) copy, the embedding reads rows from a map of the
         # file instead of a second copy of the table in memory (GPT-2 small: 154 MB less).
@@ -454,17 +489,20 @@ class GPT2:
         p = slots.lengths[slot]
         x = self.embed(token) + self.wpe[p]
         scale = head_dim**-0.5
+        keys_t, values = slots.k.select(1, slot), slots.v.select(1, slot)  # (L, H, D, positions), (L, H, positions, D)
+        key_column, value_row = keys_t.select(3, p), values.select(2, p)  # where this step's key and value go, (L, H, D)
+        keys_t, values = keys_t[:, :, :, : p + 1], values[:, :, : p + 1]  # what attention reads
+        layer_norm, bmm = F.layer_norm, torch.bmm
         for i, (w1, b1, attn, proj, w2, b2, fc, fc_out) in enumerate(self.layers):
-            q, k, v = attn(F.layer_norm(x, (e,), w1, b1, eps)).view(3, heads, head_dim).unbind(0)  # each (H, D)
-            keys_t, values = slots.k[i, slot], slots.v[i, slot]  # (H, D, positions), (H, positions, D)
-            keys_t[:, :, p] = k
-            values[:, p] = v
-            a = _decode_attention((q * scale)[None, :, None, :], keys_t[None, :, :, : p + 1], values[None, :, : p + 1], None)
-            x = x + proj(a.reshape(1, e))
-            h = F.gelu(fc(F.layer_norm(x, (e,), w2, b2, eps)), approximate="tanh")
-            x = x + fc_out(h)
+            qkv = attn(layer_norm(x, (e,), w1, b1, eps)).view(3, heads, head_dim)
+            key_column[i].copy_(qkv[1])
+            value_row[i].copy_(qkv[2])
+            # _decode_attention's two matmuls as batched (H, 1, D) @ (H, D, S) products: the same kernels
+            scores = bmm(qkv[0].mul(scale).unsqueeze(1), keys_t[i])
+            x = x + proj(bmm(torch.softmax(scores, -1), values[i]).view(1, e))
+            x = x + fc_out(F.gelu(fc(layer_norm(x, (e,), w2, b2, eps)), approximate="tanh"))
         slots.lengths[slot] = p + 1
-        return self.logits(F.layer_norm(x, (e,), self.ln_f[0], self.ln_f[1], eps)).float()
+        return self.logits(layer_norm(x, (e,), self.ln_f[0], self.ln_f[1], eps)).float()
 
     def _step(  # one pass, kept whole: it is the decode loop's hot path, read top to bottom layer by layer
         self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False, first: int = 0
