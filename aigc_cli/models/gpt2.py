@@ -401,7 +401,7 @@ class GPT2:
             return (*q8.fp16_embedding_and_head(tensors, table, head_name, tied), None)
         device, dtype = where
         head_weight = _to_pack(tensors, head_name, device, dtype).to(device=device, dtype=dtype)
-        head = _Linear(head_weight.t(), None).to(head_weight.device, head_weight.dtype)
+        head = _Linear(head_weight.t(), None).to(device, dtype)
         # When the head keeps its own (packed) copy, the embedding reads rows from a map of the
         # file instead of a second copy of the table in memory (GPT-2 small: 154 MB less).
         can_map = hasattr(tensors, "mapped") and head_weight.device.type == "cpu" and (head.packed is not None or not tied)

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -286,8 +287,12 @@ def load(spec: ModelSpec | str, device: str = "auto", dtype: str = "auto", quant
         # A plain GPT-2 needs nothing from transformers: its own forward pass, the tokenizers library.
         # (Tokenizer first: the model load ends by handing the heap pages both freed back.)
         read_config(Path(res.path or "."))  # a broken config.json is named as such, not as a tokenizer failure
-        fast = load_fast(Path(res.path or ".")) or load_wordpiece(Path(res.path or "."))
-        native = load_gpt2(Path(res.path or "."), dev, torch_dtype, quantize)
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer parses while the weights load
+            reading = pool.submit(lambda: load_fast(Path(res.path or ".")) or load_wordpiece(Path(res.path or ".")))
+            try:
+                native = load_gpt2(Path(res.path or "."), dev, torch_dtype, quantize)
+            finally:
+                fast = reading.result()  # its error, if any, comes first, as when it loaded first
         tokenizer = (fast if native is not None else None) or _load_tokenizer(res)
         if native is None:
             if quantize != "none":
