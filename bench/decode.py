@@ -17,8 +17,10 @@ N new tokens):
 
 Each engine runs in its own worker process with PYTHONPATH set to its source tree and its source
 tree as working directory (so an editable install of another tree does not interfere), loaded
-once and warmed up; every case times each engine once per round, the engines alternating, and
-reports medians. Cases: batch-1 greedy (exact), batch-1 greedy --quantize int8, batch-1 top-p
+and warmed up; every case times each engine once per round, the engines alternating, and
+reports medians. Each round starts fresh worker processes (--same-process keeps them): where a
+process's weights land in memory moved a pass over them by up to 15% between processes here, a
+bias that rounds within one process would never average out. Cases: batch-1 greedy (exact), batch-1 greedy --quantize int8, batch-1 top-p
 sampling, beam search with 5 beams, a 900-token prompt (prefill: time to the first token), 32
 prompts sampled together (the batch path, which must not move), and the README example
 (`generate "Hello, how are you?" -n 5`, 44 tokens each) as a whole process, against a bare
@@ -359,6 +361,7 @@ class Engine:
 
     def __init__(self, label: str, kind: str, root: Path | None, quantize: str, path: str, long_prompt: str) -> None:
         self.label, self.kind, self.root, self.quantize = label, kind, root, quantize
+        self._args = (label, kind, root, quantize, path, long_prompt)
         env = dict(os.environ)
         cwd = str(root) if root is not None else str(HERE)
         if root is not None:
@@ -393,6 +396,12 @@ class Engine:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.proc.wait()
+
+    def restart(self) -> None:
+        """A fresh worker process in place of this one (loaded, not yet warmed up)."""
+        self.close()
+        self.__init__(*self._args)  # type: ignore[misc]
+        self.ready()
 
 
 def _process_times(commands: dict[str, tuple[list[str], Path | None]], rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
@@ -433,6 +442,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-decode.md")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens of the batch-1 cases (beam search: half)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in every engine (OMP_NUM_THREADS); 0: torch's default")
+    parser.add_argument("--same-process", action="store_true", help="keep each engine's worker process for every round (default: fresh workers each round)")
     parser.add_argument("--note", default="", help="a line about the machine's state for the results file")
     args = parser.parse_args()
     if args.threads:  # inherited by every worker and whole process
@@ -498,6 +508,13 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name, _ in contenders}
         cpus: dict[str, list[float]] = {name: [] for name, _ in contenders}
         for r in range(args.rounds):
+            if r and not args.same_process:  # fresh workers each round: where a process's weights land moves its speed
+                for name, engine in contenders:
+                    engine.restart()
+                    engine.ask(case=case)  # warm-up
+                for q_other in quantizes:  # the floors' workers too
+                    if q_other != q:
+                        engines[("aigc", q_other)].restart()
             measure_floors()
             order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
             for name, engine in order:
@@ -568,7 +585,9 @@ def main() -> None:
         f"Run on {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}: {cpu}, {os.cpu_count()} cores "
         f"(flags: {flags}), torch {torch.__version__}, Python {platform.python_version()}, {torch.get_num_threads()} torch threads.",
         "Model: GPT-2-small shape (124M parameters), random weights, the real GPT-2 tokenizer; every case forces exactly N new tokens.",
-        f"{args.rounds} rounds, engines alternating within each round (the order rotating), medians (best in brackets).",
+        f"{args.rounds} rounds, engines alternating within each round (the order rotating), "
+        + ("each engine in one worker process throughout" if args.same_process else "each round in fresh worker processes")
+        + ", medians (best in brackets).",
         "Builds: " + ", ".join(f"{n} = {r if r is not None else '-'}" for n, r in builds.items()) + "; transformers "
         + _version("transformers") + " `generate` (float32, also the reference of the int8 case).",
     ]
