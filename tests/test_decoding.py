@@ -279,6 +279,39 @@ def test_native_load_without_memory_maps(tiny_lm, tiny_dir, monkeypatch):
         assert torch.allclose(model(ids).logits, tiny_lm.hf_model(ids).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("onednn", ["1", "0"])
+def test_weights_to_pack_are_read_through_a_map_and_nothing_else_keeps_one(tmp_path, monkeypatch, onednn):
+    """Every matrix that will be packed for oneDNN (and the LM head) is read through a map of the
+    weights file: the reorder reads it once, from the page cache. Without packing (AIGC_ONEDNN=0)
+    no weight may keep a map: the model then holds plain copies, as before. Logits as transformers'."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from aigc_cli.models.gpt2 import load_gpt2
+    from aigc_cli.models.weights import SafetensorsReader
+
+    torch.manual_seed(0)
+    ref_model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval()
+    ref_model.save_pretrained(tmp_path)
+    monkeypatch.setenv("AIGC_ONEDNN", onednn)
+    mapped: list[str] = []
+    real = SafetensorsReader.mapped
+    monkeypatch.setattr(SafetensorsReader, "mapped", lambda self, name: mapped.append(name) or real(self, name))
+    model = load_gpt2(tmp_path)
+    assert model is not None
+    packing = model.head.packed is not None
+    if onednn == "1" and not packing:
+        pytest.skip("no oneDNN packed kernels in this torch build")
+    matrices = {f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    if packing:
+        assert matrices | {"transformer.wte.weight"} <= set(mapped)  # the head (tied: the table) too
+        assert all(layer[j].weight is None for layer in model.layers for j in (2, 3, 6, 7))
+    else:
+        assert mapped == []
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref_model(ids).logits, atol=1e-5)
+
+
 def test_processors_equal_transformers():
     from transformers.generation.logits_process import (
         MinNewTokensLengthLogitsProcessor,

@@ -479,9 +479,10 @@ class Scheduler:
     def _pick_group(self, logits: torch.Tensor, rows: list[int], tokens: list[int]) -> None:
         """Process and draw the tokens of rows that share their sampling settings."""
         settings = self.live[rows[0]].spec.settings
-        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-        scores = logits if len(rows) == len(self.live) else logits[index]
-        if any(self.live[b].processors for b in rows):  # history-based: each row on its own sequence
+        scores = logits if len(rows) == len(self.live) else logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+        if len(rows) == 1:  # one row (batch-1 decoding): no slicing and joining
+            scores = self._processed(self.live[rows[0]], scores)
+        elif any(self.live[b].processors for b in rows):  # history-based: each row on its own sequence
             scores = torch.cat([self._processed(self.live[b], scores[i : i + 1]) for i, b in enumerate(rows)])
         sampling = settings.decoding is Decoding.sample
         sampler = _Sampler(settings)
