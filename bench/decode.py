@@ -62,6 +62,7 @@ BATCH_PROMPTS = [
     "My favourite recipe for a rainy day is",
 ]
 LONG_PROMPT_TOKENS = 900
+MIXED_RECORDS = 64  # the mixed-length file case: records as bench/batch.py --mixed makes them
 README_TOKENS, README_N = 44, 5
 
 # case -> (engine kind it runs on in aigc builds, what it generates)
@@ -72,6 +73,8 @@ CASES: dict[str, dict[str, Any]] = {
     "beam": {"quantize": "none", "decoding": "beam", "prompts": 1, "tokens": 64, "title": "beam search, 5 beams"},
     "prefill": {"quantize": "none", "decoding": "greedy", "prompts": 1, "tokens": 1, "long": True, "title": f"{LONG_PROMPT_TOKENS}-token prompt, first token"},
     "batch32": {"quantize": "none", "decoding": "sample", "prompts": 32, "tokens": 64, "title": "32 prompts x 64, sampling top-p 0.9"},
+    "mixed": {"quantize": "none", "decoding": "greedy", "prompts": MIXED_RECORDS, "tokens": 160, "mixed": True,
+              "title": f"{MIXED_RECORDS} records of mixed settings (greedy, max_new_tokens 8-160, a quarter stop at \"k\")"},
 }
 
 
@@ -80,6 +83,23 @@ def _set_tokens(n: int) -> None:
     for name in ("greedy", "int8", "sample"):
         CASES[name]["tokens"] = n
     CASES["beam"]["tokens"] = max(1, n // 2)
+
+
+def _mixed_prompts(n: int) -> list[str]:
+    """n prompts of 3-40 words, the same in every build (a fixed seed)."""
+    import random
+
+    rng = random.Random(0)
+    words = "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 40))) for _ in range(n)]
+
+
+def _record_settings(case: dict[str, Any], settings: Any, i: int) -> Any:
+    """A record's settings: the case's, or for the mixed case max_new_tokens 8..160 and every fourth
+    record stopping at "k" (as bench/batch.py --mixed)."""
+    if not case.get("mixed"):
+        return settings
+    return settings.with_overrides(max_new_tokens=8 + (i * 97) % 153, min_new_tokens=0, stop=("k",) if i % 4 == 0 else ())
 
 
 def _cpu() -> tuple[str, str]:
@@ -120,6 +140,8 @@ def _worker(kind: str, quantize: str, path: str, long_prompt: str) -> None:
     def prompts_of(case: dict[str, Any]) -> list[str]:
         if case.get("long"):
             return [long_prompt]
+        if case.get("mixed"):
+            return _mixed_prompts(case["prompts"])
         return [PROMPT] if case["prompts"] == 1 else [BATCH_PROMPTS[i % 4] for i in range(case["prompts"])]
 
     if kind == "transformers":
@@ -162,12 +184,16 @@ def _worker(kind: str, quantize: str, path: str, long_prompt: str) -> None:
 
         def run(name: str, breakdown: bool) -> dict[str, Any]:
             case = CASES[name]
-            reqs = [Request(i, p, settings[name], 1) for i, p in enumerate(prompts_of(case))]
+            reqs = [Request(i, p, _record_settings(case, settings[name], i), 1) for i, p in enumerate(prompts_of(case))]
             probe = _Probe() if breakdown else None
             started, cpu = time.perf_counter(), time.process_time()
             completions = list(engine.generate(reqs, batch_size=64))
             seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
             out = {"seconds": seconds, "cpu": cpu, "ids": list(completions[0].token_ids), "prompt_tokens": completions[0].prompt_tokens}
+            if case.get("mixed"):  # every record's tokens, in order, and how many there were
+                done = sorted(completions, key=lambda c: c.index)
+                out["ids"] = [t for c in done for t in c.token_ids]
+                out["new_tokens"] = len(out["ids"])
             if probe is not None:
                 out["breakdown"] = probe.finish(seconds)
             return out
@@ -493,17 +519,20 @@ def main() -> None:
     outputs: dict[str, dict[str, list[int]]] = {}
     breakdowns: dict[str, dict[str, Any]] = {}
     prompt_tokens: dict[str, int] = {}
+    new_tokens: dict[str, int] = {}
+    round_floor: dict[str, list[tuple[float, float]]] = {}  # per case, each round's floor (wall, CPU), measured in that round's worker
     for case in (c for c in cases if c in CASES):
         spec = CASES[case]
         q = spec["quantize"]
-        # the batch path (32 rows) is compared with the builds that have a scheduler only
-        contenders = [(name, engines[(name, q)]) for name in builds if case != "batch32" or name != "pre-scheduler"]
-        if spec["decoding"] != "sample" or case == "sample":
+        # the batch path (32 rows, the mixed file) is compared with the builds that have a scheduler only
+        contenders = [(name, engines[(name, q)]) for name in builds if case not in ("batch32", "mixed") or name != "pre-scheduler"]
+        if (spec["decoding"] != "sample" or case == "sample") and case != "mixed":
             contenders.append(("transformers", engines[("transformers", "none")]))
         outputs[case] = {}
         for name, engine in contenders:  # warm-up, outputs checked
             got = engine.ask(case=case)
             outputs[case][name] = got["ids"]
+            new_tokens[case] = got.get("new_tokens", spec["tokens"] * spec["prompts"])
             prompt_tokens[case] = got["prompt_tokens"]
         times: dict[str, list[float]] = {name: [] for name, _ in contenders}
         cpus: dict[str, list[float]] = {name: [] for name, _ in contenders}
@@ -516,6 +545,7 @@ def main() -> None:
                     if q_other != q:
                         engines[("aigc", q_other)].restart()
             measure_floors()
+            round_floor.setdefault(case, []).append((floors[q]["seconds"][-1], floors[q]["cpu"][-1]))
             order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
             for name, engine in order:
                 got = engine.ask(case=case)
@@ -544,7 +574,12 @@ def main() -> None:
     # correctness: greedy and beam as transformers; seeded sampling as this tree
     checks: list[str] = []
     for case, outs in outputs.items():
-        if CASES[case]["decoding"] in ("greedy", "beam") and CASES[case]["quantize"] == "none":
+        if CASES[case].get("mixed"):  # no transformers run: the other builds against this tree
+            for name in builds:
+                if name not in ("aigc", "pre-scheduler"):
+                    same = outs[name] == outs["aigc"]
+                    checks.append(f"{CASES[case]['title']}: {name} {'identical to' if same else 'DIFFERS from'} this tree")
+        elif CASES[case]["decoding"] in ("greedy", "beam") and CASES[case]["quantize"] == "none":
             for name in builds:
                 same = outs[name] == outs["transformers"]
                 checks.append(f"{CASES[case]['title']}: {name} {'identical to' if same else 'DIFFERS from'} transformers")
@@ -604,30 +639,34 @@ def main() -> None:
         for label, times in f.get("others", {}).items():
             t = med(times)
             lines.append(f"| float32 | {label} | {b / 1e6:.0f} MB | {t * 1e3:.2f} ms (min {min(times) * 1e3:.2f}) | - | {b / t / 1e9:.1f} | {1 / t:.1f} |")
-    lines += ["", "## Cases", ""]
+    lines += ["", "## Cases", "",
+              "% of floor: the median over the rounds of that round's floor (measured in that round's worker of this tree) "
+              "over that round's time per step.", ""]
     lines += ["| case | engine | time | tokens/s | per step | GB/s | % of floor | CPU per step | % of floor (CPU time) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for case, times in results.items():
         spec = CASES[case]
         q = spec["quantize"]
-        floor_s = med(floors[q]["seconds"]) if floors.get(q, {}).get("seconds") else None
-        floor_cpu = med(floors[q]["cpu"]) if floors.get(q, {}).get("cpu") else None
         weight_bytes = floors.get(q, {}).get("bytes", 0)
         steps = spec["tokens"]
-        new = spec["tokens"] * spec["prompts"]
+        new = new_tokens.get(case, spec["tokens"] * spec["prompts"])
         for name, t in times.items():
             m = med(t)
             per_step = m / steps
             cpu_step = med(cpu_times[case][name]) / steps
             single = spec["prompts"] == 1 and spec["decoding"] != "beam" and case != "prefill"
-            pct_cpu = f"{100 * floor_cpu / cpu_step:.0f}%" if floor_cpu and single else "-"
+            # each round's own floor against that round's step (a fresh worker each round): where a
+            # process's weights land moves both alike
+            pairs = list(zip(round_floor.get(case, []), t, cpu_times[case][name]))
+            pct_cpu = f"{100 * statistics.median(f[1] * steps / c for f, _, c in pairs):.0f}%" if pairs and single else "-"
             if case == "prefill":
                 tps = f"{prompt_tokens[case] / m:.0f} prompt tok/s"
                 gbs = pct = "-"
             else:
                 tps = f"{new / m:.1f} (best {new / min(t):.1f})"
                 gbs = f"{weight_bytes / per_step / 1e9:.1f}" if weight_bytes and spec["prompts"] == 1 else "-"
-                pct = f"{100 * floor_s / per_step:.0f}%" if floor_s and spec["prompts"] == 1 and spec["decoding"] != "beam" else "-"
-            lines.append(f"| {spec['title']} | {name} | {m:.3f} s (min {min(t):.3f}) | {tps} | {per_step * 1e3:.1f} ms | {gbs} | {pct} | {cpu_step * 1e3:.1f} ms | {pct_cpu} |")
+                pct = f"{100 * statistics.median(f[0] * steps / w for f, w, _ in pairs):.0f}%" if pairs and single else "-"
+            step_ms, cpu_ms = (f"{per_step * 1e3:.1f} ms", f"{cpu_step * 1e3:.1f} ms") if not spec.get("mixed") else ("-", "-")
+            lines.append(f"| {spec['title']} | {name} | {m:.3f} s (min {min(t):.3f}) | {tps} | {step_ms} | {gbs} | {pct} | {cpu_ms} | {pct_cpu} |")
     if readme_times:
         floor_s = med(floors["none"]["seconds"])
         bare = med(readme_times["import torch"])
