@@ -19,10 +19,11 @@ Each engine runs in its own worker process with PYTHONPATH set to its source tre
 tree as working directory (so an editable install of another tree does not interfere), loaded
 and warmed up; every case times each engine once per round, the engines alternating, and
 reports medians. Each round starts fresh worker processes (--same-process keeps them): where a
-process's weights land in memory moved a pass over them by up to 15% between processes here, a
-bias that rounds within one process would never average out. Cases: batch-1 greedy (exact), batch-1 greedy --quantize int8, batch-1 top-p
-sampling, beam search with 5 beams, a 900-token prompt (prefill: time to the first token), 32
-prompts sampled together (the batch path, which must not move), and the README example
+process's weights land in memory moved the same pass over them between 25 and 34 ms here, a bias
+that rounds within one process never average out. Cases: batch-1 greedy (exact), batch-1 greedy
+--quantize int8, batch-1 top-p sampling, beam search with 5 beams, a 900-token prompt (prefill:
+time to the first token), 32 prompts sampled together and a file of 64 records with mixed
+settings (the batch paths, which must not move), and the README example
 (`generate "Hello, how are you?" -n 5`, 44 tokens each) as a whole process, against a bare
 `python -c "import torch"` plus 44 decoding steps at the floor.
 

@@ -482,8 +482,8 @@ class GPT2:
         the same kernels on the same values, so the same logits to the bit, without what a batch needs
         (position and row index tensors, attention blocks and their masks, index_put writes into the
         cache, gathering each row's last state). Its position is a Python int: the cache is written
-        and read through plain slices. Measured, GPT-2 small, one thread, 2-core AMD EPYC: 42.08 against
-        42.34 ms of CPU time per step (the matmuls are ~90% of a step; bench/RESULTS-decode.md)."""
+        and read through plain slices. Measured, GPT-2 small, one thread, 2-core AMD EPYC: 36.4 against
+        37.4 ms of CPU time per step (the matmuls are ~90% of a step; bench/RESULTS-decode.md)."""
         cfg = self.cfg
         heads, head_dim, e, eps = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd, cfg.eps
         p = slots.lengths[slot]
