@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aigc_cli.core.errors import RecordError, ref
 from aigc_cli.core.settings import GenerationSettings, shown, text_problem
-from aigc_cli.engine.requests import Completion, Request, check_length, joins, prompt_ids
+from aigc_cli.engine.requests import Completion, OnText, Request, check_length, joins, prompt_ids
 
 if TYPE_CHECKING:
     from aigc_cli.core.modelspec import ModelSpec
@@ -31,7 +31,6 @@ DEFAULT_CPU_BATCH = 64
 DEFAULT_GPU_BATCH = 64
 AUTO_KV_BUDGET = 1 << 30  # bytes
 T = TypeVar("T")
-OnText = Callable[[Completion, str], None]
 
 
 class Engine:
@@ -177,12 +176,13 @@ class Engine:
         ids = list(request.prompt_ids or ())
         specs = []
         for index in request.wanted():
-            stream = self._streamer(request, index, on_text) if on_text is not None else None
+            stream = self.streamer(request, index, on_text) if on_text is not None else None
             seed = row_seed(request.seed, request.id, index)
             specs.append(RowSpec(key(index), ids, request.settings, seed, stream, logprobs, top, joins(request.prompt)))
         return specs
 
-    def _streamer(self, request: Request, index: int, on_text: OnText) -> Callable[[str], None]:
+    def streamer(self, request: Request, index: int, on_text: OnText) -> Callable[[str], None]:
+        """A row's text callback: `on_text` with the row's (empty) partial completion."""
         partial = self.completion(request, index, None)
         return lambda text: on_text(partial, text)
 

@@ -99,3 +99,7 @@ class Completion:
 
 class Cancelled(Exception):
     """The work was stopped before it finished (its client went away)."""
+
+
+OnText = Callable[["Completion", str], None]
+"""Called with a row's (partial) completion and each piece of its text as it is decoded."""

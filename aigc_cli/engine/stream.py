@@ -9,14 +9,39 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from aigc_cli.core.errors import AigcError, RecordError
-from aigc_cli.engine.requests import Cancelled, Completion, Request, joins
+from aigc_cli.engine.requests import Cancelled, Completion, OnText, Request, joins
 
 if TYPE_CHECKING:
-    from aigc_cli.engine.engine import Engine, OnText
-    from aigc_cli.engine.scheduler import Scheduler
+    from aigc_cli.engine.scheduler import RowSpec, Scheduler
+
+
+class EngineLike(Protocol):
+    """What a run needs of `engine.Engine`, which starts runs: typed here, so that this module
+    does not import the one that imports it."""
+
+    lm: Any
+    context_length: int
+
+    @property
+    def default_batch(self) -> int: ...
+
+    @property
+    def kv_budget(self) -> int: ...
+
+    def prepared(self, request: Request) -> Request: ...
+
+    def on_scheduler(self, request: Request) -> bool: ...
+
+    def row_specs(
+        self, request: Request, key: Callable[[int], Any], logprobs: bool = False, top: int = 0, on_text: OnText | None = None
+    ) -> list[RowSpec]: ...
+
+    def streamer(self, request: Request, index: int, on_text: OnText) -> Callable[[str], None]: ...
+
+    def completion(self, request: Request, index: int, result: Any) -> Completion: ...
 
 T = TypeVar("T")
 
@@ -48,7 +73,7 @@ class OrderedRun(Generic[T]):
 
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineLike,
         source: Iterator[T],
         request_of: Callable[[T], Request | None],
         batch_size: int | None,
@@ -166,7 +191,7 @@ class _Static:
     that raises is run again one request at a time, so that only a request that fails alone fails."""
 
     def __init__(
-        self, engine: Engine, cap: int, auto: bool, on_text: OnText | None, processors: Any, logprobs: bool, stop: Callable[[], bool] | None
+        self, engine: EngineLike, cap: int, auto: bool, on_text: OnText | None, processors: Any, logprobs: bool, stop: Callable[[], bool] | None
     ) -> None:
         self.engine, self.cap, self.auto = engine, cap, auto
         self.on_text, self.processors, self.logprobs, self.stop = on_text, processors, logprobs, stop
@@ -213,7 +238,7 @@ class _Static:
             chunk, start = rows[start : start + size], start + size
             stream = None
             if self.on_text is not None and len(rows) == 1:
-                lone = self.engine._streamer(_req(chunk[0][0]), chunk[0][1], self.on_text)
+                lone = self.engine.streamer(_req(chunk[0][0]), chunk[0][1], self.on_text)
                 stream = lambda _i, text: lone(text)  # noqa: E731
             seeds = [row_seed(_req(e).seed, _req(e).id, i) for e, i in chunk]
             prompts = [list(_req(e).prompt_ids or ()) for e, _ in chunk]

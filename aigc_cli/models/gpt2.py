@@ -257,6 +257,7 @@ class _Linear:
         self.bias = bias
         self.packed: torch.Tensor | None = None  # oneDNN's layout of the weight
         self.zero_bias: torch.Tensor | None = None  # the bias for the packed call (zeros when there is none)
+        self.pad: torch.Tensor | None = None  # zero rows that fill a packed call up to PACKED_MIN_ROWS, made once
 
     def to(self, device: str | None, dtype: torch.dtype | None) -> _Linear:
         assert self.weight is not None, "a packed _Linear is not moved again"
@@ -277,7 +278,9 @@ class _Linear:
             # Fewer rows go through oneDNN's kernel for PACKED_MIN_ROWS, zeros below them: its
             # one-row kernel streams the weights slower (see PACKED_MIN_ROWS), and every row then
             # gets the same bits alone as among other rows.
-            padded = torch.cat((x, x.new_zeros(PACKED_MIN_ROWS - rows, x.shape[1])))
+            if self.pad is None or self.pad.shape[0] < PACKED_MIN_ROWS - rows:
+                self.pad = x.new_zeros(PACKED_MIN_ROWS - 1, x.shape[1])
+            padded = torch.cat((x, self.pad[: PACKED_MIN_ROWS - rows]))
             return torch.ops.mkldnn._linear_pointwise(padded, self.packed, self.zero_bias, "none", [], "")[:rows]
         assert self.weight is not None
         if self.bias is None:
@@ -355,13 +358,16 @@ class GPT2:
         def get(name: str) -> torch.Tensor:
             return tensors[names[name]].to(device=device, dtype=dtype)
 
+        def packable(name: str) -> torch.Tensor:  # a checkpoint tensor for a _Linear: see _to_pack
+            return _to_pack(tensors, name, device, dtype).to(device=device, dtype=dtype)
+
         def linear(name: str) -> Any:
             weight, bias = names[name + ".weight"], names[name + ".bias"]
             if quantize == "int8":
                 return q8.int8_linear(tensors, weight, bias, cache)
             if quantize == "fp16":
                 return q8.Fp16Linear(tensors[weight], tensors[bias])
-            return _Linear(_to_pack(tensors, weight, device, dtype), tensors[bias]).to(device, dtype)
+            return _Linear(packable(weight), tensors[bias]).to(device, dtype)
 
         # Two loader threads: reading, quantizing and packing each weight are single-threaded
         # torch calls that release the GIL (measured, GPT-2 small: float32 1.1 -> 0.9 s, int8 2.7 -> 2.0 s,
@@ -369,7 +375,7 @@ class GPT2:
         matmuls = [f"h.{i}.{m}" for i in range(cfg.n_layer) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
         tied = cfg.tied or "lm_head.weight" not in names
         with ThreadPoolExecutor(max_workers=2) as pool:
-            table_and_head = pool.submit(self._table_and_head, tensors, names, tied, quantize, get, cache, (device, dtype))
+            table_and_head = pool.submit(self._table_and_head, tensors, names, tied, quantize, get, packable, cache)
             packed = iter(list(pool.map(linear, matmuls)))
             self.embed, self.head, wte = table_and_head.result()
         if wte is not None:
@@ -391,7 +397,7 @@ class GPT2:
 
     @staticmethod
     def _table_and_head(
-        tensors: Any, names: dict[str, str], tied: bool, quantize: str, get: Any, cache: q8.Int8Cache, where: tuple[str, torch.dtype | None]
+        tensors: Any, names: dict[str, str], tied: bool, quantize: str, get: Any, packable: Any, cache: q8.Int8Cache
     ) -> tuple[Any, Any, Any]:
         """(token embedding, LM head, float token table or None) in the precision of `quantize`."""
         table, head_name = names["wte.weight"], names["wte.weight" if tied else "lm_head.weight"]
@@ -399,9 +405,8 @@ class GPT2:
             return (*q8.int8_embedding_and_head(tensors, table, head_name, tied, cache), None)
         if quantize == "fp16":
             return (*q8.fp16_embedding_and_head(tensors, table, head_name, tied), None)
-        device, dtype = where
-        head_weight = _to_pack(tensors, head_name, device, dtype).to(device=device, dtype=dtype)
-        head = _Linear(head_weight.t(), None).to(device, dtype)
+        head_weight = packable(head_name)
+        head = _Linear(head_weight.t(), None).to(str(head_weight.device), head_weight.dtype)
         # When the head keeps its own (packed) copy, the embedding reads rows from a map of the
         # file instead of a second copy of the table in memory (GPT-2 small: 154 MB less).
         can_map = hasattr(tensors, "mapped") and head_weight.device.type == "cpu" and (head.packed is not None or not tied)

@@ -287,11 +287,12 @@ def load(spec: ModelSpec | str, device: str = "auto", dtype: str = "auto", quant
         # A plain GPT-2 needs nothing from transformers: its own forward pass, the tokenizers library.
         # (The tokenizer parses in a thread meanwhile, 0.1 s of GPT-2's start-up; the model load ends
         # by handing back the heap pages both freed.)
-        read_config(Path(res.path or "."))  # a broken config.json is named as such, not as a tokenizer failure
+        folder = Path(res.path or ".")
+        read_config(folder)  # a broken config.json is named as such, not as a tokenizer failure
         with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer parses while the weights load
-            reading = pool.submit(lambda: load_fast(Path(res.path or ".")) or load_wordpiece(Path(res.path or ".")))
+            reading = pool.submit(lambda: load_fast(folder) or load_wordpiece(folder))
             try:
-                native = load_gpt2(Path(res.path or "."), dev, torch_dtype, quantize)
+                native = load_gpt2(folder, dev, torch_dtype, quantize)
             finally:
                 fast = reading.result()  # its error, if any, comes first, as when it loaded first
         tokenizer = (fast if native is not None else None) or _load_tokenizer(res)
@@ -301,7 +302,7 @@ def load(spec: ModelSpec | str, device: str = "auto", dtype: str = "auto", quant
                     f"--quantize {quantize}: only for GPT-2 checkpoints with safetensors weights; "
                     f"{name} runs through transformers (drop --quantize)"
                 )
-            _preflight(Path(res.path or "."), torch_dtype)
+            _preflight(folder, torch_dtype)
             hf, _ = _load_pretrained(res, torch_dtype, tokenizer=False)
     conventions = settle(tokenizer, Path(res.path) if res.path else None, _where(res))
     if hf is not None:
