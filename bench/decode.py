@@ -210,7 +210,7 @@ def _worker(kind: str, quantize: str, path: str, long_prompt: str) -> None:
             if "floor" in ask:
                 answer = floor(ask["floor"])
             elif "lean" in ask:
-                answer = _lean_against_batch_step(engine.lm.model, ask["lean"])
+                answer = _lean_against_batch_step(engine.lm.model, ask["lean"], ask.get("rows", 1))
             else:
                 answer = run(ask["case"], ask.get("breakdown", False))
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which names the engine
@@ -219,18 +219,19 @@ def _worker(kind: str, quantize: str, path: str, long_prompt: str) -> None:
         proto.flush()
 
 
-def _lean_against_batch_step(model: Any, steps: int) -> dict[str, Any]:
-    """Wall and CPU time per decoding step of one row, `steps` steps through the lean one-row step
-    (`GPT2.step`) and as many through the batch step (`GPT2._step`) on the same model, alternating
-    in blocks of 8 steps; the logits are checked equal."""
+def _lean_against_batch_step(model: Any, steps: int, rows: int = 1) -> dict[str, Any]:
+    """Wall and CPU time per decoding step of `rows` rows at one position (one prompt's sequences),
+    `steps` steps through the level step (`GPT2.step`, which takes `GPT2._step_level` for them) and
+    as many through the batch step (`GPT2._step`) on the same model, alternating in blocks of 8
+    steps; the logits are checked equal."""
     import torch
 
     out: dict[str, list[float]] = {"lean": [0.0, 0.0], "batch": [0.0, 0.0]}
     caches = {name: model.new_slots() for name in out}
     logits = {}
     for name, slots in caches.items():
-        slots.reserve(1, steps + 8)
-        logits[name] = model.step(None, slots, [[15496, 11, 703, 389, 345, 30]])
+        slots.reserve(rows, steps + 8)
+        logits[name] = model.step(None, slots, [[15496, 11, 703, 389, 345, 30]] * rows)
     token = logits["lean"].argmax(-1)
     for _ in range(steps // 8):
         for name, slots in caches.items():
@@ -243,7 +244,7 @@ def _lean_against_batch_step(model: Any, steps: int) -> dict[str, Any]:
             out[name][0] += time.perf_counter() - started
             out[name][1] += time.process_time() - cpu
         if not torch.equal(logits["lean"], logits["batch"]):
-            raise AssertionError("the lean step's logits differ from the batch step's")
+            raise AssertionError("the level step's logits differ from the batch step's")
         token = logits["lean"].argmax(-1)
     n = steps // 8 * 8
     return {name: {"wall": w / n, "cpu": c / n} for name, (w, c) in out.items()}
@@ -559,17 +560,19 @@ def main() -> None:
         print(f"{spec['title']}: " + ", ".join(f"{n} {statistics.median(t):.3f} s" for n, t in times.items()), flush=True)
 
     lean: dict[str, dict[str, list[float]]] = {}
-    if "lean" in cases:  # this tree's lean one-row step against its batch step, same model, same process
+    if "lean" in cases:  # this tree's level step against its batch step, same model, same process: 1 row, the README's 5
         eng = engines.get(("aigc", "none")) or Engine("aigc (none)", "aigc", ROOT, "none", path, long_prompt)
         if ("aigc", "none") not in engines:
             eng.ready()
             engines[("aigc", "none")] = eng
         for _ in range(args.rounds):
-            got = eng.ask(lean=96)
-            for name, t in got.items():
-                lean.setdefault(name, {"wall": [], "cpu": []})
-                lean[name]["wall"].append(t["wall"])
-                lean[name]["cpu"].append(t["cpu"])
+            for rows in (1, README_N):
+                got = eng.ask(lean=96, rows=rows)
+                for name, t in got.items():
+                    key = f"{name}, {rows} row{'s' if rows > 1 else ''}"
+                    lean.setdefault(key, {"wall": [], "cpu": []})
+                    lean[key]["wall"].append(t["wall"])
+                    lean[key]["cpu"].append(t["cpu"])
         print("lean step: " + ", ".join(f"{n} {statistics.median(t['cpu']) * 1e3:.1f} ms CPU" for n, t in lean.items()), flush=True)
 
     # correctness: greedy and beam as transformers; seeded sampling as this tree
@@ -701,10 +704,11 @@ def main() -> None:
                     f"{b['conversions']}, {b['conversion_seconds'] / steps * 1e3:.2f} |"
                 )
     if lean:
-        lines += ["", "## The lean one-row step against the batch step (this tree, same model and process, 96 steps a round)", ""]
+        lines += ["", f"## The level step against the batch step (this tree, same model and process, 96 steps a round, {args.threads or 'default'} torch threads)", ""]
         lines += ["| step | wall per step (median) | CPU per step (median) |", "|---|---:|---:|"]
         for name, t in lean.items():
-            label = "lean (`GPT2._step_one`, taken by `GPT2.step` for one running row)" if name == "lean" else "batch (`GPT2._step`, what one row ran before)"
+            kind, rows = name.split(", ")
+            label = f"level (`GPT2._step_level`, taken by `GPT2.step` for rows at one position), {rows}" if kind == "lean" else f"batch (`GPT2._step`), {rows}"
             lines.append(f"| {label} | {med(t['wall']) * 1e3:.2f} ms | {med(t['cpu']) * 1e3:.2f} ms |")
         lines.append("")
         lines.append("The logits of the two were checked equal (torch.equal) after every block of 8 steps.")

@@ -312,6 +312,27 @@ def test_weights_to_pack_are_read_through_a_map_and_nothing_else_keeps_one(tmp_p
         assert torch.allclose(model(ids).logits, ref_model(ids).logits, atol=1e-5)
 
 
+def test_weights_are_transposed_for_packing_through_one_buffer_per_loader_thread():
+    """oneDNN's reorder copies a transposed view into fresh memory of its own, whose page faults
+    cost more than the copy: the loader copies each Conv1D weight's transpose into a buffer that
+    its thread uses again (grown when a larger weight comes), and a weight whose transpose is
+    contiguous already (the LM head over the token table) is not copied at all."""
+    import threading
+
+    from aigc_cli.models.gpt2 import _transposed
+
+    scratch = threading.local()
+    big, small = torch.randn(8, 24), torch.randn(8, 8)  # (in, out), as GPT-2 stores them
+    first = _transposed(big, scratch)
+    assert first.is_contiguous() and torch.equal(first, big.t())
+    second = _transposed(small, scratch)
+    assert second.is_contiguous() and torch.equal(second, small.t())
+    assert second.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()  # the same buffer
+    table = torch.randn(30, 8)  # (vocab, dim): its transpose's transpose is the table itself
+    assert _transposed(table.t(), scratch).data_ptr() == table.data_ptr()
+    assert _transposed(big, None).data_ptr() == big.data_ptr()  # no buffer: oneDNN copies it
+
+
 def test_processors_equal_transformers():
     from transformers.generation.logits_process import (
         MinNewTokensLengthLogitsProcessor,

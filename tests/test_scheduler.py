@@ -334,8 +334,8 @@ def test_one_running_row_takes_the_lean_step_with_the_batch_steps_logits_bit_for
 
     model = tiny_lm.model if quantize == "none" else from_hf_model(tiny_lm.hf_model, quantize=quantize)
     lean_calls = []
-    original = GPT2._step_one
-    monkeypatch.setattr(GPT2, "_step_one", lambda self, *a: lean_calls.append(a[2]) or original(self, *a))
+    original = GPT2._step_level
+    monkeypatch.setattr(GPT2, "_step_level", lambda self, *a: lean_calls.append(a[2]) or original(self, *a))
     tok = tiny_lm.tokenizer
     prompts = [tok.encode("the cat sat on", add_special_tokens=False), tok.encode("he was in the house of his", add_special_tokens=False)]
     lean, full = model.new_slots(), model.new_slots()
@@ -355,6 +355,42 @@ def test_one_running_row_takes_the_lean_step_with_the_batch_steps_logits_bit_for
     n = max(full.lengths)
     assert torch.equal(lean.keys[:, :2, :, :n], full.keys[:, :2, :, :n])
     assert torch.equal(lean.v[:, :2, :, :n], full.v[:, :2, :, :n])
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_rows_at_one_position_take_the_level_step_with_the_batch_steps_logits_bit_for_bit(tiny_lm, quantize, monkeypatch):
+    """Running rows that stand at one position (the sequences of one prompt, `-n 5`) take
+    `GPT2._step_level` too: the same logits to the bit as the batch step, the same keys and values
+    in their slots, the slots before `first` untouched. Rows at different positions do not."""
+    from aigc_cli.models.gpt2 import GPT2, from_hf_model
+
+    model = tiny_lm.model if quantize == "none" else from_hf_model(tiny_lm.hf_model, quantize=quantize)
+    level_calls = []
+    original = GPT2._step_level
+    monkeypatch.setattr(GPT2, "_step_level", lambda self, *a: level_calls.append(a[0].shape[0]) or original(self, *a))
+    tok = tiny_lm.tokenizer
+    other = tok.encode("far away", add_special_tokens=False)
+    rows = [tok.encode(text, add_special_tokens=False) for text in ("the cat sat on the", "he was in the house", "she said that it was")]
+    assert len({len(r) for r in rows}) == 1 and len(other) != len(rows[0])
+    level, full = model.new_slots(), model.new_slots()
+    for slots in (level, full):
+        slots.reserve(4, 64)
+        logits = model.step(None, slots, [other, *rows])  # slot 0 stands elsewhere: rows 1-3 step from first=1
+    tokens = logits[1:].argmax(-1)
+    level_calls.clear()
+    for _ in range(12):
+        got = model.step(tokens, level, [], first=1)
+        want = model._step(tokens, full, [], False, 1)
+        assert torch.equal(got, want)
+        tokens = got.argmax(-1)
+    assert level_calls == [3] * 12
+    assert level.lengths == full.lengths and level.lengths[0] == len(other)
+    n = max(full.lengths)
+    assert torch.equal(level.keys[:, :4, :, :n], full.keys[:, :4, :, :n])
+    assert torch.equal(level.v[:, :4, :, :n], full.v[:, :4, :, :n])
+    level_calls.clear()
+    model.step(torch.cat([tokens[:1], tokens]), level, [], first=0)  # slot 0 is at another position
+    assert level_calls == []
 
 
 @pytest.mark.parametrize("min_rows", [None, 1], ids=["as built", "unpadded"])

@@ -69,8 +69,10 @@ class Engine:
     @functools.cached_property
     def longest_token(self) -> int:
         """Characters in the vocabulary's longest token string (byte-level BPE writes one character
-        per byte): no token of any text stands for more characters than this."""
-        return max(map(len, self.tokenizer.get_vocab()), default=1)
+        per byte): no token of any text stands for more characters than this. Our own tokenizer
+        knows it already (core.tokenizer.FastTokenizer.longest_token); a transformers one is asked."""
+        known = getattr(self.tokenizer, "longest_token", None)
+        return known if isinstance(known, int) else max(map(len, self.tokenizer.get_vocab()), default=1)
 
     # -- checking prompts -----------------------------------------------------------------------
 

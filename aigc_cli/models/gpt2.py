@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -259,13 +260,16 @@ class _Linear:
         self.zero_bias: torch.Tensor | None = None  # the bias for the packed call (zeros when there is none)
         self.pad: torch.Tensor | None = None  # zero rows that fill a packed call up to PACKED_MIN_ROWS, made once
 
-    def to(self, device: str | None, dtype: torch.dtype | None) -> _Linear:
+    def to(self, device: str | None, dtype: torch.dtype | None, scratch: Any = None) -> _Linear:
+        """This linear on `device` in `dtype`, packed where oneDNN runs it. `scratch`: a
+        `threading.local` whose buffer transposed weights are copied into before packing (see
+        `_transposed`); None: oneDNN copies the transposed weight itself."""
         assert self.weight is not None, "a packed _Linear is not moved again"
         weight = self.weight.to(device=device, dtype=dtype)
         bias = self.bias.to(device=device, dtype=dtype) if self.bias is not None else None
         out = _Linear(weight, bias)
         if _use_onednn(weight):
-            out.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t(), 32)  # from the view: no transposed copy
+            out.packed = torch.ops.mkldnn._reorder_linear_weight(_transposed(weight, scratch), 32)
             out.zero_bias = bias if bias is not None else torch.zeros(weight.shape[1], dtype=weight.dtype)
             out.weight = None  # the packed copy replaces it
         return out
@@ -294,6 +298,21 @@ AMD EPYC (bench/RESULTS-decode.md), a pass over GPT-2 small's weight matrices wi
 kernels: one thread 34.9 ms for one row, 40.6 for two, 26.9 for four; two threads 19.5, 24.5, 18.3.
 oneDNN's one-row kernel also sums a 3,072-wide product in another order than its kernels for more
 rows, so that padding makes a row's logits the same bits alone as in a batch."""
+
+
+def _transposed(weight: torch.Tensor, scratch: Any) -> torch.Tensor:
+    """weight.t() contiguous, for oneDNN's reorder: given a transposed view it makes a contiguous
+    copy of its own, in fresh memory every time, and the page faults of that memory cost more than
+    the copy (measured, a 768 x 3072 matrix, one thread: 13 ms from the view, 9 ms through a buffer
+    used again). A Conv1D weight (in, out) is copied into `scratch`'s buffer, kept per thread and
+    grown as needed; a weight whose transpose is contiguous already (the LM head) is not copied."""
+    view = weight.t()
+    if view.is_contiguous() or scratch is None:
+        return view
+    buf = getattr(scratch, "buf", None)
+    if buf is None or buf.numel() < view.numel():
+        buf = scratch.buf = torch.empty(view.numel(), dtype=view.dtype)
+    return buf[: view.numel()].view(view.shape).copy_(view)
 
 
 def _use_onednn(weight: torch.Tensor) -> bool:
@@ -367,13 +386,16 @@ class GPT2:
                 return q8.int8_linear(tensors, weight, bias, cache)
             if quantize == "fp16":
                 return q8.Fp16Linear(tensors[weight], tensors[bias])
-            return _Linear(packable(weight), tensors[bias]).to(device, dtype)
+            return _Linear(packable(weight), tensors[bias]).to(device, dtype, scratch)
 
         # Two loader threads: reading, quantizing and packing each weight are single-threaded
         # torch calls that release the GIL (measured, GPT-2 small: float32 1.1 -> 0.9 s, int8 2.7 -> 2.0 s,
         # fp16 2.5 -> 1.6 s). The token table and LM head (the largest single weight) load alongside.
         matmuls = [f"h.{i}.{m}" for i in range(cfg.n_layer) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
         tied = cfg.tied or "lm_head.weight" not in names
+        # Each loader thread's buffer for transposing weights (_transposed), freed with this call.
+        # Measured, GPT-2 small, two threads: load 0.38 -> 0.28-0.32 s, page faults 211k -> 135k.
+        scratch = threading.local()
         with ThreadPoolExecutor(max_workers=2) as pool:
             table_and_head = pool.submit(self._table_and_head, tensors, names, tied, quantize, get, packable, cache)
             packed = iter(list(pool.map(linear, matmuls)))
@@ -478,35 +500,41 @@ class GPT2:
     ) -> torch.Tensor | Stepped:
         with _threads(self.threads):
             # CPU only until measured on a GPU (no GPU was lent when it was written)
-            if tokens is not None and tokens.shape[0] == 1 and not prompts and not states and self.device.type == "cpu":
-                return self._step_one(tokens, slots, first)
+            if tokens is not None and not prompts and not states and self.device.type == "cpu":
+                rows = tokens.shape[0]
+                p = slots.lengths[first]
+                if rows == 1 or all(n == p for n in slots.lengths[first + 1 : first + rows]):
+                    return self._step_level(tokens, slots, first)
             return self._step(tokens, slots, prompts, states, first)
 
-    def _step_one(self, token: torch.Tensor, slots: SlotCache, slot: int) -> torch.Tensor:
-        """`_step` for one running row and no new ones (batch-1 decoding, the weight-streaming bound):
-        the same kernels on the same values, so the same logits to the bit, without what a batch needs
-        (position and row index tensors, attention blocks and their masks, index_put writes into the
-        cache, gathering each row's last state). Its position is a Python int: the cache is written
-        and read through plain slices. Measured, GPT-2 small, one thread, 2-core AMD EPYC: 36.4 against
-        37.4 ms of CPU time per step (the matmuls are ~90% of a step; bench/RESULTS-decode.md)."""
+    def _step_level(self, tokens: torch.Tensor, slots: SlotCache, first: int) -> torch.Tensor:
+        """`_step` for running rows that all stand at one position (batch-1 decoding, the weight-
+        streaming bound; the sequences of one prompt, as `generate -n 5` makes them) and no new
+        ones: the same kernels on the same values, so the same logits to the bit, without what
+        rows of different lengths need (position and row index tensors, attention blocks and their
+        masks, index_put writes into the cache, gathering each row's last state). The position is
+        a Python int: the cache is written and read through plain slices. Measured, GPT-2 small,
+        2-core AMD EPYC: one row, one thread, 36.4 against 37.4 ms of CPU time per step (the
+        matmuls are ~90% of a step); five rows, two threads, see bench/RESULTS-decode.md."""
         cfg = self.cfg
         heads, head_dim, e, eps = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd, cfg.eps
-        p = slots.lengths[slot]
-        x = self.embed(token) + self.wpe[p]
-        scale = head_dim**-0.5
-        keys_t, values = slots.k.select(1, slot), slots.v.select(1, slot)  # (L, H, D, positions), (L, H, positions, D)
-        key_column, value_row = keys_t.select(3, p), values.select(2, p)  # where this step's key and value go, (L, H, D)
-        keys_t, values = keys_t[:, :, :, : p + 1], values[:, :, : p + 1]  # what attention reads
+        rows, p = tokens.shape[0], slots.lengths[first]
+        x = self.embed(tokens) + self.wpe[p]
+        scale, lanes = head_dim**-0.5, rows * heads  # lanes: one (row, head) pair each
+        keys_t, values = slots.k[:, first : first + rows], slots.v[:, first : first + rows]  # (L, B, H, D, positions), (L, B, H, positions, D)
+        key_column, value_row = keys_t.select(4, p), values.select(3, p)  # where this step's keys and values go, (L, B, H, D)
+        # what attention reads, one (row, head) lane after another: (L, B*H, D, p+1), (L, B*H, p+1, D), views of the cache
+        keys_t, values = keys_t[..., : p + 1].flatten(1, 2), values[:, :, :, : p + 1].flatten(1, 2)
         layer_norm, bmm = F.layer_norm, torch.bmm
         for i, (w1, b1, attn, proj, w2, b2, fc, fc_out) in enumerate(self.layers):
-            qkv = attn(layer_norm(x, (e,), w1, b1, eps)).view(3, heads, head_dim)
-            key_column[i].copy_(qkv[1])
-            value_row[i].copy_(qkv[2])
-            # _decode_attention's two matmuls as batched (H, 1, D) @ (H, D, S) products: the same kernels
-            scores = bmm(qkv[0].mul(scale).unsqueeze(1), keys_t[i])
-            x = x + proj(bmm(torch.softmax(scores, -1), values[i]).view(1, e))
+            qkv = attn(layer_norm(x, (e,), w1, b1, eps)).view(rows, 3, heads, head_dim)
+            key_column[i].copy_(qkv[:, 1])
+            value_row[i].copy_(qkv[:, 2])
+            # _decode_attention's two matmuls as batched (B*H, 1, D) @ (B*H, D, S) products: the same kernels
+            scores = bmm(qkv[:, 0].mul(scale).view(lanes, 1, head_dim), keys_t[i])
+            x = x + proj(bmm(torch.softmax(scores, -1), values[i]).view(rows, e))
             x = x + fc_out(F.gelu(fc(layer_norm(x, (e,), w2, b2, eps)), approximate="tanh"))
-        slots.lengths[slot] = p + 1
+        slots.lengths[first : first + rows] = [p + 1] * rows
         return self.logits(layer_norm(x, (e,), self.ln_f[0], self.ln_f[1], eps)).float()
 
     def _step(  # one pass, kept whole: it is the decode loop's hot path, read top to bottom layer by layer

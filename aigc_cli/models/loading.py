@@ -18,7 +18,7 @@ from aigc_cli.core import jsondata
 from aigc_cli.core.caches import cache_dir, file_identity
 from aigc_cli.core.errors import ModelUnavailableError, UsageError
 from aigc_cli.core.modelspec import ModelSpec
-from aigc_cli.core.tokenizer import load_wordpiece
+from aigc_cli.core.tokenizer import FastTokenizer, load_wordpiece
 from aigc_cli.models.conventions import Conventions, fix_config_ids, settle
 from aigc_cli.models.tiny import TINY_MODELS
 
@@ -271,7 +271,6 @@ def load(spec: ModelSpec | str, device: str = "auto", dtype: str = "auto", quant
     from aigc_cli.models.backends import TransformersBackend
     from aigc_cli.models.checkpoint import read_config
     from aigc_cli.models.gpt2 import from_state_dict, load_gpt2
-    from aigc_cli.core.tokenizer import load_fast
 
     hf = native = None
     if res.kind == "builtin":  # drawn with plain torch, no transformers: see models/tiny.py
@@ -290,7 +289,7 @@ def load(spec: ModelSpec | str, device: str = "auto", dtype: str = "auto", quant
         folder = Path(res.path or ".")
         read_config(folder)  # a broken config.json is named as such, not as a tokenizer failure
         with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer parses while the weights load
-            reading = pool.submit(lambda: load_fast(folder) or load_wordpiece(folder))
+            reading = pool.submit(_read_tokenizer, folder)
             try:
                 native = load_gpt2(folder, dev, torch_dtype, quantize)
             finally:
@@ -431,6 +430,17 @@ def _download(repo_id: str) -> str:
         return snapshot_download(repo_id, allow_patterns=patterns)
     except Exception as exc:
         raise ModelUnavailableError(f"--model {repo_id}: cannot download ({_first_line(exc)})", hint=OFFLINE_HINT) from exc
+
+
+def _read_tokenizer(folder: Path) -> FastTokenizer | None:
+    """A directory's own tokenizer (load_fast, else load_wordpiece), with what prompt checks ask of
+    it first worked out (its longest token): run in a thread while the weights load."""
+    from aigc_cli.core.tokenizer import load_fast
+
+    tok = load_fast(folder) or load_wordpiece(folder)
+    if tok is not None:
+        tok.longest_token  # noqa: B018 - computed now, cached on the tokenizer
+    return tok
 
 
 def _load_tokenizer(res: Resolution) -> Any:
