@@ -522,20 +522,21 @@ class GPT2:
         x = self.embed(tokens) + self.wpe[p]
         scale, lanes = head_dim**-0.5, rows * heads  # lanes: one (row, head) pair each
         keys_t, values = slots.k[:, first : first + rows], slots.v[:, first : first + rows]  # (L, B, H, D, positions), (L, B, H, positions, D)
-        key_column, value_row = keys_t.select(4, p), values.select(3, p)  # where this step's keys and values go, (L, B, H, D)
-        # what attention reads, one (row, head) lane after another: (L, B*H, D, p+1), (L, B*H, p+1, D), views of the cache
-        keys_t, values = keys_t[..., : p + 1].flatten(1, 2), values[:, :, :, : p + 1].flatten(1, 2)
-        layer_norm, bmm = F.layer_norm, torch.bmm
-        for i, (w1, b1, attn, proj, w2, b2, fc, fc_out) in enumerate(self.layers):
-            qkv = attn(layer_norm(x, (e,), w1, b1, eps)).view(rows, 3, heads, head_dim)
-            key_column[i].copy_(qkv[:, 1])
-            value_row[i].copy_(qkv[:, 2])
+        # Each layer's views, taken once per step (unbind: one call for all layers):
+        # where this step's keys and values go, (B, H, D) ...
+        key_columns, value_rows = keys_t.select(4, p).unbind(0), values.select(3, p).unbind(0)
+        # ... and what attention reads, one (row, head) lane after another: (B*H, D, p+1), (B*H, p+1, D)
+        keys_t, values = keys_t[..., : p + 1].flatten(1, 2).unbind(0), values[:, :, :, : p + 1].flatten(1, 2).unbind(0)
+        layer_norm, bmm, softmax, gelu, norm, lane_shape = F.layer_norm, torch.bmm, torch.softmax, F.gelu, (e,), (lanes, 1, head_dim)
+        for (w1, b1, attn, proj, w2, b2, fc, fc_out), key_column, value_row, keys, vals in zip(self.layers, key_columns, value_rows, keys_t, values):
+            q, k, v = attn(layer_norm(x, norm, w1, b1, eps)).view(rows, 3, heads, head_dim).unbind(1)
+            key_column.copy_(k)
+            value_row.copy_(v)
             # _decode_attention's two matmuls as batched (B*H, 1, D) @ (B*H, D, S) products: the same kernels
-            scores = bmm(qkv[:, 0].mul(scale).view(lanes, 1, head_dim), keys_t[i])
-            x = x + proj(bmm(torch.softmax(scores, -1), values[i]).view(rows, e))
-            x = x + fc_out(F.gelu(fc(layer_norm(x, (e,), w2, b2, eps)), approximate="tanh"))
+            x = x + proj(bmm(softmax(bmm(q.mul(scale).view(lane_shape), keys), -1), vals).view(rows, e))
+            x = x + fc_out(gelu(fc(layer_norm(x, norm, w2, b2, eps)), approximate="tanh"))
         slots.lengths[first : first + rows] = [p + 1] * rows
-        return self.logits(layer_norm(x, (e,), self.ln_f[0], self.ln_f[1], eps)).float()
+        return self.logits(layer_norm(x, norm, self.ln_f[0], self.ln_f[1], eps)).float()
 
     def _step(  # one pass, kept whole: it is the decode loop's hot path, read top to bottom layer by layer
         self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False, first: int = 0
