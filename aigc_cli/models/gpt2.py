@@ -514,8 +514,8 @@ class GPT2:
         rows of different lengths need (position and row index tensors, attention blocks and their
         masks, index_put writes into the cache, gathering each row's last state). The position is
         a Python int: the cache is written and read through plain slices. Measured, GPT-2 small,
-        2-core AMD EPYC: one row, one thread, 36.4 against 37.4 ms of CPU time per step (the
-        matmuls are ~90% of a step); five rows, two threads, see bench/RESULTS-decode.md."""
+        2-core AMD EPYC, one thread, same process: one row 29.9 against 30.7 ms a step, five rows
+        32.0 against 33.1 (the matmuls are ~90% of a step; bench/RESULTS-decode.md)."""
         cfg = self.cfg
         heads, head_dim, e, eps = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd, cfg.eps
         rows, p = tokens.shape[0], slots.lengths[first]
@@ -526,9 +526,9 @@ class GPT2:
         # where this step's keys and values go, (B, H, D) ...
         key_columns, value_rows = keys_t.select(4, p).unbind(0), values.select(3, p).unbind(0)
         # ... and what attention reads, one (row, head) lane after another: (B*H, D, p+1), (B*H, p+1, D)
-        keys_t, values = keys_t[..., : p + 1].flatten(1, 2).unbind(0), values[:, :, :, : p + 1].flatten(1, 2).unbind(0)
+        lane_keys, lane_values = keys_t[..., : p + 1].flatten(1, 2).unbind(0), values[:, :, :, : p + 1].flatten(1, 2).unbind(0)
         layer_norm, bmm, softmax, gelu, norm, lane_shape = F.layer_norm, torch.bmm, torch.softmax, F.gelu, (e,), (lanes, 1, head_dim)
-        for (w1, b1, attn, proj, w2, b2, fc, fc_out), key_column, value_row, keys, vals in zip(self.layers, key_columns, value_rows, keys_t, values):
+        for (w1, b1, attn, proj, w2, b2, fc, fc_out), key_column, value_row, keys, vals in zip(self.layers, key_columns, value_rows, lane_keys, lane_values):
             q, k, v = attn(layer_norm(x, norm, w1, b1, eps)).view(rows, 3, heads, head_dim).unbind(1)
             key_column.copy_(k)
             value_row.copy_(v)
