@@ -357,12 +357,12 @@ def uer1024(uer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_generate_with_defaults_fills_the_context_counting_cls(cli, uer1024, tmp_path):
     """Defaults (50 new tokens): a prompt of 973 characters plus [CLS] and 50 new tokens is exactly
-    1,024 and runs; one character more is that record's prompt_too_long. (--min-new-tokens 50
-    keeps the unseeded draw from ending the text at [SEP] before the last position: this random
-    model's 239-token vocabulary drew it within 50 tokens for 1 seed of 30, and in a full run.)"""
+    1,024 and runs; one character more is that record's prompt_too_long. (Every setting is the
+    default but the seed: unseeded, this random model's 239-token vocabulary ended the text at
+    [SEP] within 50 tokens for 1 seed of 30, and failed a full run so.)"""
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"prompt": "春" * n}) + "\n" for n in (973, 974)), encoding="utf-8")
-    r = cli("generate", "-f", str(src), "--model", str(uer1024), "--min-new-tokens", "50")
+    r = cli("generate", "-f", str(src), "--model", str(uer1024), "--seed", "1")
     assert r.exit_code == 4, r.stderr
     fits, too_long = (json.loads(x) for x in r.stdout.splitlines())
     assert fits["completion_tokens"] == 50 and fits["prompt_tokens"] == 974, fits
