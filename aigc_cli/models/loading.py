@@ -18,7 +18,7 @@ from aigc_cli.core import jsondata
 from aigc_cli.core.caches import cache_dir, file_identity
 from aigc_cli.core.errors import ModelUnavailableError, UsageError
 from aigc_cli.core.modelspec import ModelSpec
-from aigc_cli.core.tokenizer import FastTokenizer, load_wordpiece
+from aigc_cli.core.tokenizer import FastTokenizer, load_fast, load_wordpiece
 from aigc_cli.models.conventions import Conventions, fix_config_ids, settle
 from aigc_cli.models.tiny import TINY_MODELS
 
@@ -365,8 +365,6 @@ def load_tokenizer(name: str, revision: bool = True) -> tuple[Any, str, Conventi
         if res.kind == "hub":
             res = Resolution(res.name, "hub-cache", _download(res.name))
         path = Path(res.path or ".")
-        from aigc_cli.core.tokenizer import load_fast
-
         tokenizer = load_fast(path) or load_wordpiece(path) or _load_tokenizer(res)
         base = weights_sha256(path) if res.kind == "local" and revision else path.name  # (hashing reads every weight)
     return tokenizer, base, settle(tokenizer, Path(res.path) if res.path else None, _where(res))
@@ -456,8 +454,6 @@ def _download(repo_id: str) -> str:
 def _read_tokenizer(folder: Path) -> FastTokenizer | None:
     """A directory's own tokenizer (load_fast, else load_wordpiece), with what prompt checks ask of
     it first worked out (its longest token): run in a thread while the weights load."""
-    from aigc_cli.core.tokenizer import load_fast
-
     tok = load_fast(folder) or load_wordpiece(folder)
     if tok is not None:
         tok.longest_token  # noqa: B018 - computed now, cached on the tokenizer
