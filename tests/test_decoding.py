@@ -356,6 +356,8 @@ def test_processors_equal_transformers():
         (NoBadWords(bad), NoBadWordsLogitsProcessor(bad, eos_token_id=11)),
         (MinNewTokens(5, 6, 11), MinNewTokensLengthLogitsProcessor(5, 6, 11)),
         (MinNewTokens(5, 3, 11), MinNewTokensLengthLogitsProcessor(5, 3, 11)),
+        (MinNewTokens(5, 4, 11), MinNewTokensLengthLogitsProcessor(5, 4, 11)),  # the boundary: 4 new tokens made
+        (MinNewTokens(5, 5, 11), MinNewTokensLengthLogitsProcessor(5, 5, 11)),
     ]
     for ours, theirs in pairs:
         assert torch.equal(ours(ids, scores.clone()), theirs(ids, scores.clone())), type(ours).__name__

@@ -443,3 +443,54 @@ def test_a_lone_row_gets_a_cache_of_its_own_size_and_arrivals_grow_it_in_steps(t
     sched.step()
     assert sched.slots.capacity[0] == 8
     assert set(_drain(sched)) == {"a", "b"}
+
+
+def test_rows_with_one_prompt_are_prefilled_once_and_each_gets_its_tokens_alone(tiny_lm, monkeypatch):
+    """The sequences of one prompt (`-n 5`) and repeated prompts, joining together or mid-decode,
+    prefill each distinct prompt once and share its keys and values; every row's tokens are the
+    ones it gets alone, whatever its settings and seed."""
+    sample = GenerationSettings(decoding="sample", max_new_tokens=10, top_k=0).resolved()
+    cooler = GenerationSettings(decoding="sample", max_new_tokens=7, temperature=0.7, repetition_penalty=1.3).resolved()
+    same, other = "he was in the house of", "it is"
+    specs = [_spec(tiny_lm, f"p{i}", same, sample, seed=i) for i in range(4)]
+    specs[2:2] = [_spec(tiny_lm, "q0", other, GREEDY), _spec(tiny_lm, "c", same, cooler), _spec(tiny_lm, "q1", other, cooler)]
+    later = [_spec(tiny_lm, "q2", other, GREEDY), _spec(tiny_lm, "r", "for his", sample)]
+    later += [_spec(tiny_lm, f"p{i}", same, sample, seed=i) for i in (8, 9)]
+    real, prefilled = tiny_lm.model.step, []
+
+    def step(tokens, slots, prompts, states=False, first=0):
+        prefilled.extend(tuple(p) for p in prompts)
+        return real(tokens, slots, prompts, states=states, first=first)
+
+    monkeypatch.setattr(tiny_lm.model, "step", step)
+    results = _drain(Scheduler(tiny_lm, max_rows=16), {0: specs, 3: later})
+    ids = {text: tuple(tiny_lm.tokenizer.encode(text, add_special_tokens=False)) for text in (same, other, "for his")}
+    assert prefilled == [ids[same], ids[other], ids[other], ids["for his"], ids[same]]  # each once per arrival step
+    monkeypatch.setattr(tiny_lm.model, "step", real)
+    for spec in specs + later:
+        assert results[spec.key].token_ids == _alone(tiny_lm, spec).token_ids, spec.key
+    assert len({tuple(results[f"p{i}"].token_ids) for i in range(4)}) == 4  # the seeds really drew apart
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "sample"])
+def test_min_new_tokens_holds_eos_back_as_the_static_loop_does(tiny_lm, decoding, monkeypatch):
+    """min_new_tokens holds EOS back for a group of rows in one write, before the processors that
+    read each row's tokens: the same tokens as the static loop, which applies transformers'
+    processors in their order, for a group (5 rows of one prompt) and for a lone row. The model's
+    EOS logit is raised so that EOS would come early."""
+    from aigc_cli.engine.decoding import generate_rows
+
+    logits, eos = tiny_lm.model.logits, tiny_lm.tokenizer.eos_token_id
+    monkeypatch.setattr(tiny_lm.model, "logits", lambda hidden: logits(hidden).index_add(-1, torch.tensor([eos]), torch.full((*hidden.shape[:-1], 1), 8.0)))
+    prompt, seeds = "he was in", list(range(5))
+    for rows in (5, 1):
+        for extra in ({}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}):
+            settings = GenerationSettings(decoding=decoding, max_new_tokens=12, min_new_tokens=8, **extra).resolved()
+            specs = [RowSpec(i, tiny_lm.tokenizer.encode(prompt, add_special_tokens=False), settings, seeds[i]) for i in range(rows)]
+            got = _drain(Scheduler(tiny_lm, max_rows=8), {0: specs})
+            static = generate_rows(tiny_lm, [s.prompt_ids for s in specs], settings, seeds[:rows])
+            assert [got[i].token_ids for i in range(rows)] == [r.token_ids for r in static], (rows, extra)
+            assert all(len(got[i].token_ids) >= 8 for i in range(rows))
+    free = GenerationSettings(decoding=decoding, max_new_tokens=12).resolved()  # without the hold, EOS comes early here
+    unheld = _drain(Scheduler(tiny_lm, max_rows=8), {0: [RowSpec(i, specs[0].prompt_ids, free, i) for i in range(5)]})
+    assert any(len(r.token_ids) < 8 for r in unheld.values())

@@ -49,8 +49,12 @@ class MinNewTokens:
     def __init__(self, prompt_width: int, min_new: int, eos: int) -> None:
         self.prompt_width, self.min_new, self.eos = prompt_width, min_new, eos
 
+    def holds(self, generated: int) -> bool:
+        """Is EOS still held back after `generated` new tokens?"""
+        return generated < self.min_new
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[-1] - self.prompt_width < self.min_new:
+        if self.holds(input_ids.shape[-1] - self.prompt_width):
             scores = scores.clone()
             scores[:, self.eos] = -float("inf")
         return scores

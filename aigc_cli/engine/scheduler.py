@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from aigc_cli.engine.decoding import RowResult, RowRules, _mask_banned_top, _Row, _Sampler, _unbanned
-from aigc_cli.engine.processors import ProcessorList
+from aigc_cli.engine.processors import MinNewTokens, ProcessorList
 from aigc_cli.core.settings import Decoding, GenerationSettings
 
 if TYPE_CHECKING:
@@ -84,7 +84,8 @@ class _Live:
     spec: RowSpec
     row: _Row
     rules: RowRules
-    processors: ProcessorList
+    processors: ProcessorList  # those that read the row's tokens (not `hold`)
+    hold: MinNewTokens | None = None  # min_new_tokens: EOS held back, applied to a group of rows at once
     step: int = 0
     top: list[list[tuple[int, float]]] | None = None
     # contrastive search: the candidates that the last forward pass evaluated, one per slot
@@ -100,6 +101,11 @@ class _Live:
     @property
     def contrastive(self) -> bool:
         return self.spec.settings.decoding is Decoding.contrastive
+
+    @property
+    def holding(self) -> bool:
+        """Is EOS held back from this row's next token?"""
+        return self.hold is not None and self.hold.holds(len(self.row.generated))
 
 
 class Scheduler:
@@ -231,10 +237,13 @@ class Scheduler:
         retried in parts (`_split_forward`): only rows that cannot run even alone fail."""
         token_t = torch.tensor(tokens, dtype=torch.long, device=self.model.device) if tokens else None
         states = any(x.contrastive for x in self.live) or any(spec.settings.decoding is Decoding.contrastive for spec in joining)
+        firsts, copies = _shared_prompts(joining) if not states else (joining, [])
         try:
-            out = self.model.step(token_t, self.slots, [spec.prompt_ids for spec in joining], states=states)
+            out = self.model.step(token_t, self.slots, [spec.prompt_ids for spec in firsts], states=states)
             parts: _Parts = _Parts.of(out)
-            admitted, failed_running = joining, list[int]()
+            admitted, failed_running = firsts, list[int]()
+            if copies:
+                parts, admitted = self._fork_copies(parts, firsts, copies), firsts + [spec for _, spec in copies]
         except Exception:  # noqa: BLE001 - no single row to blame: split the batch
             parts, admitted, failed_running = self._split_forward(tokens, joining, states, events)
         for j, spec in enumerate(admitted):
@@ -250,6 +259,16 @@ class Scheduler:
             logits = logits[order]
             hidden = hidden[order] if hidden is not None else None
         self.logits, self.hidden = (logits, hidden) if self.live else (None, None)
+
+    def _fork_copies(self, parts: _Parts, firsts: list[RowSpec], copies: list[tuple[int, RowSpec]]) -> _Parts:
+        """After a pass that prefilled `firsts`, the rows whose prompt is a first's (`copies`, (index
+        in firsts, spec), grouped by that index) take slots after the last, each a copy of its
+        first's prompt keys and values, and its logits."""
+        start = self.slots.rows - len(firsts)
+        for at in sorted({at for at, _ in copies}):
+            self.slots.fork(start + at, sum(1 for i, _ in copies if i == at))
+        index = torch.tensor([len(parts.logits) - len(firsts) + at for at, _ in copies], dtype=torch.long, device=parts.logits.device)
+        return _Parts(torch.cat([parts.logits, parts.logits[index]]))
 
     def _split_forward(
         self, tokens: list[int], joining: list[RowSpec], states: bool, events: list[Event]
@@ -413,7 +432,11 @@ class Scheduler:
         rules = self._rules_for(spec.settings)
         tail = self.tok.decode(spec.prompt_ids[-16:], clean_up_tokenization_spaces=False)
         before = spec.prompt_ids[-1] if spec.prompt_ids and spec.joins else None
-        return _Live(spec, _Row(self.tok, tail, before=before), rules, rules.processors(len(spec.prompt_ids)))
+        processors = rules.processors(len(spec.prompt_ids))
+        # MinNewTokens comes last and only writes -inf, which every processor before it keeps: it
+        # can go first, for all the rows of a group in one write (`_held_back`)
+        hold = processors.pop() if processors and isinstance(processors[-1], MinNewTokens) else None
+        return _Live(spec, _Row(self.tok, tail, before=before), rules, processors, hold)
 
     def _drop_cancelled(self) -> None:
         if not self._cancel or not self.live:
@@ -482,8 +505,10 @@ class Scheduler:
         scores = logits if len(rows) == len(self.live) else logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
         if len(rows) == 1:  # one row (batch-1 decoding): no slicing and joining
             scores = self._processed(self.live[rows[0]], scores)
-        elif any(self.live[b].processors for b in rows):  # history-based: each row on its own sequence
-            scores = torch.cat([self._processed(self.live[b], scores[i : i + 1]) for i, b in enumerate(rows)])
+        else:
+            scores = self._held_back(scores, [self.live[b] for b in rows])
+            if any(self.live[b].processors for b in rows):  # history-based: each row on its own sequence
+                scores = torch.cat([self._processed(self.live[b], scores[i : i + 1], held=True) for i, b in enumerate(rows)])
         sampling = settings.decoding is Decoding.sample
         sampler = _Sampler(settings)
         if sampling:
@@ -502,11 +527,44 @@ class Scheduler:
                 token = _unbanned(live.rules, live.row, scores[i], token, draw)
             tokens[b] = token
 
-    def _processed(self, live: _Live, scores: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _held_back(scores: torch.Tensor, rows: list[_Live]) -> torch.Tensor:
+        """`scores` (one row each of `rows`) with EOS at -inf where a row's min_new_tokens holds it back."""
+        held = [(i, live.hold.eos) for i, live in enumerate(rows) if live.holding and live.hold is not None]
+        if not held:
+            return scores
+        scores = scores.clone()
+        for i, eos in held:
+            scores[i, eos] = -float("inf")
+        return scores
+
+    def _processed(self, live: _Live, scores: torch.Tensor, held: bool = False) -> torch.Tensor:
+        """One row's scores (1, V) through its processors; `held`: its EOS hold is applied already."""
+        if not held:
+            scores = self._held_back(scores, [live])
         if not live.processors:
             return scores
         ids = torch.tensor([live.spec.prompt_ids + live.row.generated], dtype=torch.long, device=scores.device)
         return live.processors(ids, scores)
+
+
+def _shared_prompts(joining: list[RowSpec]) -> tuple[list[RowSpec], list[tuple[int, RowSpec]]]:
+    """The joining rows whose prompt no earlier joining row has (prefilled), and the others as (index
+    of the first row with their prompt, row), grouped by that index: the sequences of one prompt
+    (`generate -n 5`, a request's `n`) and repeated prompts are prefilled once and share the prompt's
+    keys and values. A row gets the same logits as prefilled alone (a row's values do not depend on
+    its batch mates), and so the same tokens for its seed."""
+    where: dict[tuple[int, ...], int] = {}
+    firsts: list[RowSpec] = []
+    copies: list[tuple[int, RowSpec]] = []
+    for spec in joining:
+        at = where.setdefault(tuple(spec.prompt_ids), len(firsts))
+        if at == len(firsts):
+            firsts.append(spec)
+        else:
+            copies.append((at, spec))
+    copies.sort(key=lambda c: c[0])  # stable: each first's copies in arrival order
+    return firsts, copies
 
 
 @dataclass
