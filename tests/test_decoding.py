@@ -584,3 +584,25 @@ def test_incremental_text_equals_decoding_the_whole_row_every_step(tiny_lm):
             assert row.text == (full[:cut] if cut is not None else full), (trial, step)
             if row.finish_reason is not None:
                 break
+
+
+def test_beam_search_prefills_the_prompt_once_for_every_beam(tiny_lm, monkeypatch):
+    """transformers prefills one copy of the prompt per beam; we prefill it once and repeat its keys
+    and values: the beams' passes are then one new token each, and the beams equal transformers'."""
+    ids = _ids(tiny_lm, "he was in the house of the king and")
+    real, shapes = tiny_lm.model.forward, []
+
+    def forward(x, *args, **kwargs):
+        shapes.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_lm.model, "forward", forward)
+    settings = S(decoding=Decoding.beam, num_beams=4, num_sequences=2, max_new_tokens=10).resolved()
+    ours = [r.token_ids for r in generate_beam(tiny_lm, ids, settings)]
+    assert shapes[0] == (1, len(ids)) and set(shapes[1:]) == {(4, 1)}
+    x = torch.tensor([ids])
+    out = tiny_lm.hf_model.generate(
+        input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, num_beams=4, num_return_sequences=2,
+        max_new_tokens=10, pad_token_id=tiny_lm.tokenizer.eos_token_id,
+    )
+    assert ours == [_strip_eos(row[len(ids) :].tolist(), tiny_lm.tokenizer.eos_token_id) for row in out]

@@ -594,10 +594,14 @@ def _beam_loop(dec: _Decoder, model: Backend) -> list[list[int]]:  # kept whole:
     unsatisfied = torch.ones((1, 1), dtype=torch.bool)
     running_idx = torch.full((1, nb, max_len - width), -1, dtype=torch.long)
     beam_idx = running_idx.clone()
-    run = _Runner(model, nb, max_len)
-    ids = prompt.expand(nb, width).to(dec.device)
+    # the prompt is prefilled once and its keys and values repeated for every beam (transformers
+    # prefills nb copies): the same values, as a row's do not depend on its batch mates
+    run = _Runner(model, 1, max_len)
+    ids = prompt.to(dec.device)
     mask = torch.ones_like(ids)
     logits, _ = run(ids, mask, dec.position_ids(mask))
+    run.repeat_interleave(nb)
+    logits = logits.expand(nb, -1)
     cur = width
     while True:
         dec.check_stop()
