@@ -606,3 +606,25 @@ def test_beam_search_prefills_the_prompt_once_for_every_beam(tiny_lm, monkeypatc
         max_new_tokens=10, pad_token_id=tiny_lm.tokenizer.eos_token_id,
     )
     assert ours == [_strip_eos(row[len(ids) :].tolist(), tiny_lm.tokenizer.eos_token_id) for row in out]
+
+
+@pytest.mark.parametrize("decoding", ["sample", "contrastive"])
+def test_the_static_loop_prefills_a_repeated_prompt_once(tiny_lm, decoding, monkeypatch):
+    """Rows that repeat a prompt (`-n 3` on the static path: poem forms, grouped batching) are
+    prefilled once and their keys and values repeated; each row gets the tokens it gets alone."""
+    a, b = _ids(tiny_lm, PROMPTS[0]), _ids(tiny_lm, PROMPTS[1])
+    prompts, seeds = [a, b, a, a, b], [1, 2, 3, 4, 5]
+    settings = S(decoding=Decoding(decoding), max_new_tokens=8, **({"top_k": 3} if decoding == "contrastive" else {})).resolved()
+    real, batches = tiny_lm.model.forward, []
+
+    def forward(x, *args, **kwargs):
+        batches.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_lm.model, "forward", forward)
+    together = [r.token_ids for r in generate_rows(tiny_lm, prompts, settings, seeds)]
+    assert batches[0] == 2
+    monkeypatch.setattr(tiny_lm.model, "forward", real)
+    assert together == [generate_rows(tiny_lm, [p], settings, [seed])[0].token_ids for p, seed in zip(prompts, seeds)]
+    if decoding == "sample":
+        assert len({tuple(t) for t in together}) > 2  # the seeds really drew apart

@@ -424,8 +424,7 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
     row_seeds = torch.tensor(list(seeds), dtype=torch.long)
     active = list(range(len(dec.rows)))
     ids, mask = dec.ids, dec.mask
-    run = _Runner(dec.model, len(dec.rows), dec.prompt_width + dec.s.max_new_tokens)
-    logits, _ = run(ids, mask, dec.position_ids(mask))
+    run, logits, _ = _prefilled(dec, dec.prompt_width + dec.s.max_new_tokens, hidden=False)
     for step in range(dec.s.max_new_tokens):
         dec.check_stop()
         raw = torch.log_softmax(logits, dim=-1) if dec.logprobs else None  # processors may write in place
@@ -452,6 +451,25 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
         logits, _ = run(token_t, mask, dec.position_ids(mask)[:, -1:])
 
 
+def _prefilled(dec: _Decoder, capacity: int, hidden: bool) -> tuple[_Runner, torch.Tensor, torch.Tensor | None]:
+    """A runner for the decoder's rows after the pass over their prompts, and that pass's outputs
+    (logits, and last-layer states with `hidden`). Rows that repeat a prompt (`-n 5`) are prefilled
+    once, then their keys and values repeated: the same values, as a row's do not depend on its
+    batch mates."""
+    ids, mask = dec.ids, dec.mask
+    first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    which = [first.setdefault((tuple(r), tuple(m)), len(first)) for r, m in zip(ids.tolist(), mask.tolist())]
+    rows = torch.tensor([which.index(u) for u in range(len(first))], device=ids.device)
+    run = _Runner(dec.model, len(first), capacity)
+    ids, mask = ids[rows], mask[rows]
+    logits, states = run(ids, mask, dec.position_ids(mask), True) if hidden else run(ids, mask, dec.position_ids(mask))
+    if len(first) < len(which):
+        index = torch.tensor(which, device=ids.device)
+        run.select(index)
+        logits, states = logits[index], (states[index] if states is not None else None)
+    return run, logits, states
+
+
 def _unbanned(dec: Any, row: _Row, row_scores: torch.Tensor, token: int, draw: tuple[Any, torch.Tensor, torch.Tensor] | None) -> int:
     """Re-pick a row's token while it would write a banned word (EOS when nothing else is left);
     `draw` is (sampler, seed, draw number) for sampled rows: the same race, the banned token out."""
@@ -472,8 +490,8 @@ def _contrastive_loop(dec: _Decoder) -> None:
     k, alpha = dec.s.k, dec.s.penalty_alpha
     active = list(range(len(dec.rows)))
     ids, mask = dec.ids, dec.mask
-    run = _Runner(dec.model, len(dec.rows), dec.prompt_width + dec.s.max_new_tokens + 1)
-    logits, context = run(ids, mask, dec.position_ids(mask), hidden=True)  # context: (B, L, H)
+    run, logits, context = _prefilled(dec, dec.prompt_width + dec.s.max_new_tokens + 1, hidden=True)  # context: (B, L, H)
+    assert context is not None
     ctx_mask = mask.bool()
     for step in range(dec.s.max_new_tokens):
         dec.check_stop()
