@@ -22,7 +22,7 @@ reports medians. Each round starts fresh worker processes (--same-process keeps 
 process's weights land in memory moved the same pass over them between 25 and 34 ms here, a bias
 that rounds within one process never average out. Cases: batch-1 greedy (exact), batch-1 greedy
 --quantize int8, batch-1 top-p sampling, beam search with 5 beams, a 900-token prompt (prefill:
-time to the first token), 32 prompts sampled together and a file of 64 records with mixed
+time to the first token; and with -n 5, five sampled sequences of it), 32 prompts sampled together and a file of 64 records with mixed
 settings (the batch paths, which must not move), and the README example
 (`generate "Hello, how are you?" -n 5`, 44 tokens each) as a whole process, against a bare
 `python -c "import torch"` plus 44 decoding steps at the floor.
@@ -73,6 +73,8 @@ CASES: dict[str, dict[str, Any]] = {
     "sample": {"quantize": "none", "decoding": "sample", "prompts": 1, "tokens": 128, "title": "batch-1 sampling, top-p 0.9"},
     "beam": {"quantize": "none", "decoding": "beam", "prompts": 1, "tokens": 64, "title": "beam search, 5 beams"},
     "prefill": {"quantize": "none", "decoding": "greedy", "prompts": 1, "tokens": 1, "long": True, "title": f"{LONG_PROMPT_TOKENS}-token prompt, first token"},
+    "prefill5": {"quantize": "none", "decoding": "sample", "prompts": 1, "tokens": 1, "long": True, "sequences": 5,
+                 "title": f"{LONG_PROMPT_TOKENS}-token prompt, -n 5 sampled, first tokens"},
     "batch32": {"quantize": "none", "decoding": "sample", "prompts": 32, "tokens": 64, "title": "32 prompts x 64, sampling top-p 0.9"},
     "mixed": {"quantize": "none", "decoding": "greedy", "prompts": MIXED_RECORDS, "tokens": 160, "mixed": True,
               "title": f"{MIXED_RECORDS} records of mixed settings (greedy, max_new_tokens 8-160, a quarter stop at \"k\")"},
@@ -159,8 +161,9 @@ def _worker(kind: str, quantize: str, path: str, long_prompt: str) -> None:
             started, cpu = time.perf_counter(), time.process_time()
             batch = tok(prompts_of(case), return_tensors="pt", padding=True)
             n = case["tokens"]
+            more = {"num_return_sequences": case["sequences"]} if case.get("sequences") else {}
             with torch.inference_mode():
-                out = model.generate(**batch, pad_token_id=tok.eos_token_id, max_new_tokens=n, min_new_tokens=n, **hf_kw[case["decoding"]])
+                out = model.generate(**batch, pad_token_id=tok.eos_token_id, max_new_tokens=n, min_new_tokens=n, **hf_kw[case["decoding"]], **more)
             seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
             width = batch["input_ids"].shape[1]
             return {"seconds": seconds, "cpu": cpu, "ids": out[0, width:].tolist(), "prompt_tokens": int(batch["attention_mask"][0].sum())}
@@ -181,6 +184,8 @@ def _worker(kind: str, quantize: str, path: str, long_prompt: str) -> None:
                 kw["num_beams"] = 5
             if case["decoding"] == "sample":
                 kw["top_p"] = 0.9
+            if case.get("sequences"):
+                kw["num_sequences"] = case["sequences"]
             settings[name] = GenerationSettings(**kw).resolved()
 
         def run(name: str, breakdown: bool) -> dict[str, Any]:
@@ -528,7 +533,7 @@ def main() -> None:
         q = spec["quantize"]
         # the batch path (32 rows, the mixed file) is compared with the builds that have a scheduler only
         contenders = [(name, engines[(name, q)]) for name in builds if case not in ("batch32", "mixed") or name != "pre-scheduler"]
-        if (spec["decoding"] != "sample" or case == "sample") and case != "mixed":
+        if (spec["decoding"] != "sample" or case in ("sample", "prefill5")) and case != "mixed":
             contenders.append(("transformers", engines[("transformers", "none")]))
         outputs[case] = {}
         for name, engine in contenders:  # warm-up, outputs checked
@@ -657,12 +662,12 @@ def main() -> None:
             m = med(t)
             per_step = m / steps
             cpu_step = med(cpu_times[case][name]) / steps
-            single = spec["prompts"] == 1 and spec["decoding"] != "beam" and case != "prefill"
+            single = spec["prompts"] == 1 and spec["decoding"] != "beam" and not spec.get("long")
             # each round's own floor against that round's step (a fresh worker each round): where a
             # process's weights land moves both alike
             pairs = list(zip(round_floor.get(case, []), t, cpu_times[case][name]))
             pct_cpu = f"{100 * statistics.median(f[1] * steps / c for f, _, c in pairs):.0f}%" if pairs and single else "-"
-            if case == "prefill":
+            if spec.get("long"):
                 tps = f"{prompt_tokens[case] / m:.0f} prompt tok/s"
                 gbs = pct = "-"
             else:
