@@ -392,3 +392,17 @@ def test_finetune_with_its_default_block_on_long_chinese_documents(cli, uer1024,
     assert "of up to 1024 tokens" in r.stderr, r.stderr
     again = cli.jsonl("generate", "春天", "--model", str(out), "--max-new-tokens", "8")
     assert not CJK_SPACE.search(again[0]["text"])
+
+
+def test_the_sequences_of_one_prompt_share_its_prefill_at_the_full_context(cli, uer1024):
+    """`-n 3` with the default 50 new tokens on a prompt that fills the 1,024-token context with them:
+    the three sequences share one prefill of the prompt, and each is what it is when the rows run one
+    at a time (`--batch-size 1`: each row prefills the prompt itself)."""
+    args = ("generate", ("春风吹绿江南岸明月何时照我还" * 70)[:973], "-n", "3", "--model", str(uer1024), "--seed", "1", "--format", "jsonl")
+    shared, alone = cli(*args), cli(*args, "--batch-size", "1")
+    assert shared.exit_code == 0 and alone.exit_code == 0, shared.stderr + alone.stderr
+    rows = [json.loads(x) for x in shared.stdout.splitlines()]
+    assert [r["text"] for r in rows] == [json.loads(x)["text"] for x in alone.stdout.splitlines()]
+    assert [r["prompt_tokens"] for r in rows] == [974] * 3  # [CLS] and 973 characters
+    assert max(r["prompt_tokens"] + r["completion_tokens"] for r in rows) == 1024
+    assert len({r["text"] for r in rows}) == 3
