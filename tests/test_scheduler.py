@@ -494,3 +494,37 @@ def test_min_new_tokens_holds_eos_back_as_the_static_loop_does(tiny_lm, decoding
     free = GenerationSettings(decoding=decoding, max_new_tokens=12).resolved()  # without the hold, EOS comes early here
     unheld = _drain(Scheduler(tiny_lm, max_rows=8), {0: [RowSpec(i, specs[0].prompt_ids, free, i) for i in range(5)]})
     assert any(len(r.token_ids) < 8 for r in unheld.values())
+
+
+def test_rows_that_cannot_take_a_copy_of_their_prompt_fail_alone(tiny_lm, monkeypatch):
+    """If copying a shared prompt's keys and values fails, the rows that needed the copy fail with
+    that error and leave no slot behind; the row that prefilled it and the rows already running
+    finish with their own tokens."""
+    sample = GenerationSettings(decoding="sample", max_new_tokens=8, top_k=0).resolved()
+    running = _spec(tiny_lm, "run", "it is in the", sample)
+    first, copies = _spec(tiny_lm, "p0", "he was in", sample, seed=0), [_spec(tiny_lm, f"p{i}", "he was in", sample, seed=i) for i in (1, 2)]
+    sched = Scheduler(tiny_lm, max_rows=8)
+    real = type(sched.slots).fork
+
+    def fork(self, slot, times):
+        real(self, slot, 1)  # one copy made, then out of memory
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(type(sched.slots), "fork", fork)
+    sched.submit(running)
+    sched.step()
+    sched.step()
+    for spec in [first, *copies]:
+        sched.submit(spec)
+    results, failed = {}, {}
+    while sched.busy:
+        for event in sched.step():
+            if isinstance(event, Finished):
+                results[event.key] = event.result
+            elif isinstance(event, Failed):
+                failed[event.key] = event.error
+        assert sched.slots.rows == len(sched.live)
+    assert set(failed) == {"p1", "p2"} and all("out of memory" in str(e) for e in failed.values())
+    monkeypatch.setattr(type(sched.slots), "fork", real)
+    for spec in (running, first):
+        assert results[spec.key].token_ids == _alone(tiny_lm, spec).token_ids, spec.key

@@ -242,10 +242,11 @@ class Scheduler:
             out = self.model.step(token_t, self.slots, [spec.prompt_ids for spec in firsts], states=states)
             parts: _Parts = _Parts.of(out)
             admitted, failed_running = firsts, list[int]()
-            if copies:
-                parts, admitted = self._fork_copies(parts, firsts, copies), firsts + [spec for _, spec in copies]
         except Exception:  # noqa: BLE001 - no single row to blame: split the batch
             parts, admitted, failed_running = self._split_forward(tokens, joining, states, events)
+            copies = []  # each new row was prefilled on its own
+        if copies:
+            parts, admitted = self._fork_copies(parts, firsts, copies, events)
         for j, spec in enumerate(admitted):
             live = self._start(spec)
             if live.contrastive and parts.prompts is not None:
@@ -260,15 +261,25 @@ class Scheduler:
             hidden = hidden[order] if hidden is not None else None
         self.logits, self.hidden = (logits, hidden) if self.live else (None, None)
 
-    def _fork_copies(self, parts: _Parts, firsts: list[RowSpec], copies: list[tuple[int, RowSpec]]) -> _Parts:
+    def _fork_copies(
+        self, parts: _Parts, firsts: list[RowSpec], copies: list[tuple[int, RowSpec]], events: list[Event]
+    ) -> tuple[_Parts, list[RowSpec]]:
         """After a pass that prefilled `firsts`, the rows whose prompt is a first's (`copies`, (index
         in firsts, spec), grouped by that index) take slots after the last, each a copy of its
-        first's prompt keys and values, and its logits."""
-        start = self.slots.rows - len(firsts)
-        for at in sorted({at for at, _ in copies}):
-            self.slots.fork(start + at, sum(1 for i, _ in copies if i == at))
-        index = torch.tensor([len(parts.logits) - len(firsts) + at for at, _ in copies], dtype=torch.long, device=parts.logits.device)
-        return _Parts(torch.cat([parts.logits, parts.logits[index]]))
+        first's prompt keys and values, and its logits: (the step's outputs, the rows admitted). If
+        that fails, the copies fail (Failed events) and leave no slot behind; the others go on."""
+        rows = self.slots.rows
+        start = rows - len(firsts)
+        try:
+            for at in sorted({at for at, _ in copies}):
+                self.slots.fork(start + at, sum(1 for i, _ in copies if i == at))
+            index = torch.tensor([len(parts.logits) - len(firsts) + at for at, _ in copies], dtype=torch.long, device=parts.logits.device)
+            return _Parts(torch.cat([parts.logits, parts.logits[index]])), firsts + [spec for _, spec in copies]
+        except Exception as exc:  # noqa: BLE001 - these rows fail alone
+            while self.slots.rows > rows:
+                self.slots.remove(self.slots.rows - 1)
+            events.extend(Failed(spec.key, exc) for _, spec in copies)
+            return parts, firsts
 
     def _split_forward(
         self, tokens: list[int], joining: list[RowSpec], states: bool, events: list[Event]
