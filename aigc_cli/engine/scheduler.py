@@ -11,9 +11,10 @@ Greedy, sampled and contrastive-search rows run here (beam search keeps its own 
 see `engine.py`). A contrastive row holds one slot per branch (its top-k candidates), all sharing
 every earlier position: each step evaluates the k candidates as k ordinary decode rows, the row
 keeps the best by Su et al.'s score, and the chosen branch's newest keys and values are copied into
-the others. A row's tokens depend only on its prompt, settings and seed: sampling draws with noise
-keyed by (row seed, step, token), and the batch around a row moves its logits by ~1e-6 at most,
-which a Gumbel race does not notice.
+the others. Rows that join with one prompt (the sequences of `-n 5`, repeated prompts) prefill it
+once; the others take copies of its keys and values. A row's tokens depend only on its prompt,
+settings and seed: sampling draws with noise keyed by (row seed, step, token), and the batch
+around a row moves its logits by ~1e-6 at most, which a Gumbel race does not notice.
 
 Faults are contained: whatever is done for one row (its rules, processors, draw, text, stop
 checks) that raises ends that row alone with a `Failed` event; a forward pass that raises (out of

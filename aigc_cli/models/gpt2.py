@@ -221,7 +221,7 @@ class SlotCache:
 
     def fork(self, slot: int, times: int) -> None:
         """`times` more rows after the last, each a copy of `slot`'s (contrastive search's branches;
-        the caller reserved room)."""
+        the rows that share a prompt prefilled once; the caller reserved room)."""
         n, filled = self.rows, self.lengths[slot]
         for cache in (self.keys, self.v):
             cache[:, n : n + times, :, :filled] = cache[:, slot : slot + 1, :, :filled]
