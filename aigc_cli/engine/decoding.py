@@ -454,8 +454,8 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
 def _prefilled(dec: _Decoder, capacity: int, hidden: bool) -> tuple[_Runner, torch.Tensor, torch.Tensor | None]:
     """A runner for the decoder's rows after the pass over their prompts, and that pass's outputs
     (logits, and last-layer states with `hidden`). Rows that repeat a prompt (`-n 5`) are prefilled
-    once, then their keys and values repeated: the same values, as a row's do not depend on its
-    batch mates."""
+    once, then their keys and values repeated: the values each row gets alone (see
+    scheduler._shared_prompts)."""
     ids, mask = dec.ids, dec.mask
     first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
     which = [first.setdefault((tuple(r), tuple(m)), len(first)) for r, m in zip(ids.tolist(), mask.tolist())]
@@ -613,7 +613,7 @@ def _beam_loop(dec: _Decoder, model: Backend) -> list[list[int]]:  # kept whole:
     running_idx = torch.full((1, nb, max_len - width), -1, dtype=torch.long)
     beam_idx = running_idx.clone()
     # the prompt is prefilled once and its keys and values repeated for every beam (transformers
-    # prefills nb copies): the same values, as a row's do not depend on its batch mates
+    # prefills nb copies): the values each beam gets alone (see scheduler._shared_prompts)
     run = _Runner(model, 1, max_len)
     ids = prompt.to(dec.device)
     mask = torch.ones_like(ids)
