@@ -254,7 +254,8 @@ def _eight(tiny_lm, sampled: bool) -> list[RowSpec]:
     return _mixed_specs(tiny_lm, 8, rng, sampled)
 
 
-def _run_events(sched: Scheduler, specs: list[RowSpec]) -> tuple[dict, dict]:
+def _run_events(sched: Scheduler, specs: list[RowSpec], after_step=None) -> tuple[dict, dict]:
+    """Submit `specs`, step until idle (calling `after_step()` after each step): ({key: result}, {key: error})."""
     for spec in specs:
         sched.submit(spec)
     results, failed = {}, {}
@@ -264,6 +265,8 @@ def _run_events(sched: Scheduler, specs: list[RowSpec]) -> tuple[dict, dict]:
                 results[event.key] = event.result
             elif isinstance(event, Failed):
                 failed[event.key] = event.error
+        if after_step is not None:
+            after_step()
     return results, failed
 
 
@@ -514,16 +517,11 @@ def test_rows_that_cannot_take_a_copy_of_their_prompt_fail_alone(tiny_lm, monkey
     sched.submit(running)
     sched.step()
     sched.step()
-    for spec in [first, *copies]:
-        sched.submit(spec)
-    results, failed = {}, {}
-    while sched.busy:
-        for event in sched.step():
-            if isinstance(event, Finished):
-                results[event.key] = event.result
-            elif isinstance(event, Failed):
-                failed[event.key] = event.error
+
+    def consistent():
         assert sched.slots.rows == len(sched.live)
+
+    results, failed = _run_events(sched, [first, *copies], consistent)
     assert set(failed) == {"p1", "p2"} and all("out of memory" in str(e) for e in failed.values())
     monkeypatch.setattr(type(sched.slots), "fork", real)
     for spec in (running, first):
