@@ -166,6 +166,11 @@ def test_decoding_any_ids_matches(both):
     assert all(native.convert_ids_to_tokens(i) == hf.convert_ids_to_tokens(i) for i in range(size))
 
 
+def _fresh_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`code` run by a new Python process in the repository (nothing imported yet)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
 def test_loading_a_builtin_model_never_imports_transformers():
     code = (
         "import sys\n"
@@ -175,7 +180,7 @@ def test_loading_a_builtin_model_never_imports_transformers():
         "assert lm.revision == zh.revision == 'builtin'\n"
         "print(type(lm.tokenizer).__name__, lm.tokenizer.pad_token_id, zh.tokenizer.pad_token_id)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = _fresh_python(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["FastTokenizer", "256", "0"]
 
@@ -198,7 +203,7 @@ def test_loading_imports_torch_with_the_collector_paused_then_freezes_what_is_al
         "load('tiny-random')\n"
         "assert gc.get_freeze_count() == frozen\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = _fresh_python(code)
     assert r.returncode == 0, r.stderr
 
 
@@ -213,7 +218,7 @@ def test_generating_from_the_cli_never_imports_transformers(tmp_path):
         "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
     )
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf")}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    r = _fresh_python(code, env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Hello, how are you?") >= 1
 

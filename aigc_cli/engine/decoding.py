@@ -9,7 +9,7 @@ native forward pass use transformers' `generate` for it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -451,19 +451,33 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
         logits, _ = run(token_t, mask, dec.position_ids(mask)[:, -1:])
 
 
+def distinct(keys: Iterable[Hashable]) -> tuple[list[int], list[int]]:
+    """Which keys repeat an earlier one (the prompts of rows that share a prefill): (for each key,
+    the number of its distinct value in order of first appearance; where each distinct value first
+    appears)."""
+    seen: dict[Hashable, int] = {}
+    which: list[int] = []
+    firsts: list[int] = []
+    for i, key in enumerate(keys):
+        n = seen.setdefault(key, len(seen))
+        if n == len(firsts):
+            firsts.append(i)
+        which.append(n)
+    return which, firsts
+
+
 def _prefilled(dec: _Decoder, capacity: int, hidden: bool) -> tuple[_Runner, torch.Tensor, torch.Tensor | None]:
     """A runner for the decoder's rows after the pass over their prompts, and that pass's outputs
     (logits, and last-layer states with `hidden`). Rows that repeat a prompt (`-n 5`) are prefilled
     once, then their keys and values repeated: the values each row gets alone (see
     scheduler._shared_prompts)."""
     ids, mask = dec.ids, dec.mask
-    first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
-    which = [first.setdefault((tuple(r), tuple(m)), len(first)) for r, m in zip(ids.tolist(), mask.tolist())]
-    rows = torch.tensor([which.index(u) for u in range(len(first))], device=ids.device)
-    run = _Runner(dec.model, len(first), capacity)
+    which, firsts = distinct(zip(map(tuple, ids.tolist()), map(tuple, mask.tolist())))
+    rows = torch.tensor(firsts, device=ids.device)
+    run = _Runner(dec.model, len(firsts), capacity)
     ids, mask = ids[rows], mask[rows]
     logits, states = run(ids, mask, dec.position_ids(mask), True) if hidden else run(ids, mask, dec.position_ids(mask))
-    if len(first) < len(which):
+    if len(firsts) < len(which):
         index = torch.tensor(which, device=ids.device)
         run.select(index)
         logits, states = logits[index], (states[index] if states is not None else None)

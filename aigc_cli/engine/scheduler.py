@@ -24,14 +24,14 @@ run at all fails. The other rows go on as if nothing happened.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from aigc_cli.engine.decoding import RowResult, RowRules, _mask_banned_top, _Row, _Sampler, _unbanned
+from aigc_cli.engine.decoding import RowResult, RowRules, _mask_banned_top, _Row, _Sampler, _unbanned, distinct
 from aigc_cli.engine.processors import MinNewTokens, ProcessorList
 from aigc_cli.core.settings import Decoding, GenerationSettings
 
@@ -104,9 +104,9 @@ class _Live:
         return self.spec.settings.decoding is Decoding.contrastive
 
     @property
-    def holding(self) -> bool:
-        """Is EOS held back from this row's next token?"""
-        return self.hold is not None and self.hold.holds(len(self.row.generated))
+    def held_eos(self) -> int | None:
+        """The EOS token when min_new_tokens holds it back from this row's next token, else None."""
+        return self.hold.eos if self.hold is not None and self.hold.holds(len(self.row.generated)) else None
 
 
 class Scheduler:
@@ -272,8 +272,8 @@ class Scheduler:
         rows = self.slots.rows
         start = rows - len(firsts)
         try:
-            for at in sorted({at for at, _ in copies}):
-                self.slots.fork(start + at, sum(1 for i, _ in copies if i == at))
+            for at, times in sorted(Counter(at for at, _ in copies).items()):
+                self.slots.fork(start + at, times)
             index = torch.tensor([len(parts.logits) - len(firsts) + at for at, _ in copies], dtype=torch.long, device=parts.logits.device)
             return _Parts(torch.cat([parts.logits, parts.logits[index]])), firsts + [spec for _, spec in copies]
         except Exception as exc:  # noqa: BLE001 - these rows fail alone
@@ -542,7 +542,7 @@ class Scheduler:
     @staticmethod
     def _held_back(scores: torch.Tensor, rows: list[_Live]) -> torch.Tensor:
         """`scores` (one row each of `rows`) with EOS at -inf where a row's min_new_tokens holds it back."""
-        held = [(i, live.hold.eos) for i, live in enumerate(rows) if live.holding and live.hold is not None]
+        held = [(i, eos) for i, live in enumerate(rows) if (eos := live.held_eos) is not None]
         if not held:
             return scores
         scores = scores.clone()
@@ -567,17 +567,10 @@ def _shared_prompts(joining: list[RowSpec]) -> tuple[list[RowSpec], list[tuple[i
     keys and values. A row gets the logits it gets prefilled alone: the same bits on the CPU (a
     row's values do not depend on its batch mates there; measured for float32, int8 and fp16),
     within the ~1e-6 a batch moves them elsewhere, which a seeded draw does not notice."""
-    where: dict[tuple[int, ...], int] = {}
-    firsts: list[RowSpec] = []
-    copies: list[tuple[int, RowSpec]] = []
-    for spec in joining:
-        at = where.setdefault(tuple(spec.prompt_ids), len(firsts))
-        if at == len(firsts):
-            firsts.append(spec)
-        else:
-            copies.append((at, spec))
-    copies.sort(key=lambda c: c[0])  # stable: each first's copies in arrival order
-    return firsts, copies
+    which, firsts = distinct(tuple(spec.prompt_ids) for spec in joining)
+    starts = set(firsts)
+    copies = sorted(((which[i], spec) for i, spec in enumerate(joining) if i not in starts), key=lambda c: c[0])  # stable: arrival order
+    return [joining[i] for i in firsts], copies
 
 
 @dataclass
