@@ -406,3 +406,29 @@ def test_the_sequences_of_one_prompt_share_its_prefill_at_the_full_context(cli, 
     assert [r["prompt_tokens"] for r in rows] == [974] * 3  # [CLS] and 973 characters
     assert max(r["prompt_tokens"] + r["completion_tokens"] for r in rows) == 1024
     assert len({r["text"] for r in rows}) == 3
+
+
+def test_beam_search_prefills_once_and_equals_transformers_at_the_full_context(uer1024):
+    """Beam search (its default 4 beams, the default 50 new tokens) on a prompt that fills the
+    1,024-token context with them: the prompt is prefilled once for every beam, and the beams are
+    transformers' `generate` on the same weights and token ids."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from aigc_cli.core.settings import Decoding, GenerationSettings
+    from aigc_cli.engine.engine import Engine, Request
+
+    engine = Engine.load(str(uer1024))
+    settings = GenerationSettings(decoding=Decoding.beam).resolved()
+    prompt = ("春风吹绿江南岸明月何时照我还" * 70)[:973]
+    ids = engine.encode(prompt, settings)
+    assert len(ids) + settings.max_new_tokens == 1024
+    ours = [c.token_ids for c in engine.generate([Request(0, prompt, settings, 1)])]
+    hf = GPT2LMHeadModel.from_pretrained(uer1024).eval()
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, num_beams=settings.num_beams,
+                          max_new_tokens=50, pad_token_id=0, eos_token_id=engine.tokenizer.eos_token_id)
+    theirs = out[0, len(ids) :].tolist()
+    eos = engine.tokenizer.eos_token_id
+    assert ours == [theirs[: theirs.index(eos)] if eos in theirs else theirs]
