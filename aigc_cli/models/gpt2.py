@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from aigc_cli.models import fused
 from aigc_cli.models import quantize as q8
 from aigc_cli.models.weights import InMemory, SafetensorsReader, loading_memory
 
@@ -416,6 +417,9 @@ class GPT2:
         # thread costs more in waking and waiting than it saves (the built-in 64-wide models: 50
         # decode steps took 6.0 s on two threads with the other core busy, 0.04 s on one).
         self.threads = 1 if self.device.type == "cpu" and cfg.n_embd <= SMALL_WIDTH else None
+        # int8 decoding's layer norms, GELU and attention as compiled kernels where they build (see
+        # fused.py); both decoding steps use them, so a row gets the same bits from either.
+        self.rowops = fused.row_ops() if quantize == "int8" else None
 
     @staticmethod
     def _table_and_head(
@@ -516,6 +520,8 @@ class GPT2:
         a Python int: the cache is written and read through plain slices. Measured, GPT-2 small,
         2-core AMD EPYC, one thread, same process: one row 29.9 against 30.7 ms a step, five rows
         32.0 against 33.1 (the matmuls are ~90% of a step; bench/RESULTS-decode.md)."""
+        if self.rowops is not None:
+            return self._step_level_fused(tokens, slots, first, self.rowops)
         cfg = self.cfg
         heads, head_dim, e, eps = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd, cfg.eps
         rows, p = tokens.shape[0], slots.lengths[first]
@@ -538,6 +544,25 @@ class GPT2:
         slots.lengths[first : first + rows] = [p + 1] * rows
         return self.logits(layer_norm(x, norm, self.ln_f[0], self.ln_f[1], eps)).float()
 
+    def _step_level_fused(self, tokens: torch.Tensor, slots: SlotCache, first: int, ops: fused.RowOps) -> torch.Tensor:
+        """`_step_level` with the compiled row kernels (int8): per layer the four matmuls and four
+        kernel calls (attention with its cache write; residual add + layer norm, twice; GELU), the
+        same functions `_step` calls for int8, so the same bits. Measured, GPT-2 small int8, one
+        thread, 2-core AMD EPYC: 9.8 -> 8.9 ms a token against an 7.6 ms floor (bench/RESULTS-decode.md)."""
+        cfg = self.cfg
+        rows, p, eps = tokens.shape[0], slots.lengths[first], cfg.eps
+        x = self.embed(tokens) + self.wpe[p]
+        attention = ops.attention(slots.k, slots.v, first, [p] * rows, (cfg.n_embd // cfg.n_head) ** -0.5)
+        layers = self.layers
+        h = ops.layer_norm(x, layers[0][0], layers[0][1], eps)
+        for i, (_, _, attn, proj, w2, b2, fc, fc_out) in enumerate(layers):
+            a = attention(i, attn(h))
+            h = ops.layer_norm(x, w2, b2, eps, residual=proj(a))
+            w, b = layers[i + 1][:2] if i + 1 < len(layers) else self.ln_f
+            h = ops.layer_norm(x, w, b, eps, residual=fc_out(ops.gelu_(fc(h))))
+        slots.lengths[first : first + rows] = [p + 1] * rows
+        return self.logits(h).float()
+
     def _step(  # one pass, kept whole: it is the decode loop's hot path, read top to bottom layer by layer
         self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False, first: int = 0
     ) -> torch.Tensor | Stepped:
@@ -554,7 +579,15 @@ class GPT2:
         every running slot. A step that raises has changed no row's length, so it can be retried."""
         cfg = self.cfg
         heads, head_dim, e = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd
-        dev = self.device
+        dev, ops = self.device, self.rowops
+        norm: Callable[..., torch.Tensor]
+        act: Callable[[torch.Tensor], torch.Tensor]
+        if ops is None:
+            norm = functools.partial(F.layer_norm, normalized_shape=(e,), eps=cfg.eps)
+            act = functools.partial(F.gelu, approximate="tanh")
+        else:  # int8 with the compiled kernels, as `_step_level_fused` calls them
+            norm = functools.partial(_ops_norm, ops, eps=cfg.eps)
+            act = ops.gelu_
         bsz = 0 if tokens is None else tokens.shape[0]
         parts = []
         lengths = slots.lengths[first : first + bsz]
@@ -562,7 +595,8 @@ class GPT2:
             pos = torch.tensor(lengths, dtype=torch.long, device=dev)
             rows = torch.arange(first, first + bsz, device=dev)
             blocks = []  # (lo, hi, positions attended, mask hiding each shorter row's unused positions)
-            for lo, hi, top in attention_blocks(lengths):
+            attention = ops.attention(slots.k, slots.v, first, lengths, head_dim**-0.5) if ops is not None else None
+            for lo, hi, top in attention_blocks(lengths) if ops is None else []:
                 mask = None
                 if min(lengths[lo:hi]) != top:
                     keys = torch.arange(top + 1, device=dev)
@@ -582,9 +616,11 @@ class GPT2:
             parts.append(self.embed(ids) + F.embedding(positions, self.wpe))
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         for i, (w1, b1, attn, proj, w2, b2, fc, fc_out) in enumerate(self.layers):
-            qkv = attn(F.layer_norm(x, (e,), w1, b1, cfg.eps))
+            qkv = attn(norm(x, weight=w1, bias=b1))
             outs = []
-            if bsz:
+            if bsz and attention is not None:
+                outs.append(attention(i, qkv[:bsz]))
+            elif bsz:
                 q, k, v = qkv[:bsz].view(bsz, 3, heads, head_dim).unbind(1)  # each (B, H, D)
                 slots.k[i, rows, :, :, pos] = k
                 slots.v[i, rows, :, pos] = v
@@ -600,16 +636,15 @@ class GPT2:
                 a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)
                 outs.append(a[0].transpose(0, 1).reshape(n, e))
             x = x + proj(torch.cat(outs) if len(outs) > 1 else outs[0])
-            h = F.gelu(fc(F.layer_norm(x, (e,), w2, b2, cfg.eps)), approximate="tanh")
-            x = x + fc_out(h)
+            x = x + fc_out(act(fc(norm(x, weight=w2, bias=b2))))
         last = torch.tensor([*range(bsz), *(begin + n - 1 for begin, n in spans)], dtype=torch.long, device=dev)
         slots.lengths[first : first + bsz] = [n + 1 for n in lengths]
         slots.lengths += [len(p) for p in prompts]
-        h = F.layer_norm(x[last], (e,), self.ln_f[0], self.ln_f[1], cfg.eps)
+        h = norm(x[last], weight=self.ln_f[0], bias=self.ln_f[1])
         logits = self.logits(h).float()
         if not states:
             return logits
-        spans_h = [F.layer_norm(x[begin : begin + n], (e,), self.ln_f[0], self.ln_f[1], cfg.eps).float() for begin, n in spans]
+        spans_h = [norm(x[begin : begin + n], weight=self.ln_f[0], bias=self.ln_f[1]).float() for begin, n in spans]
         return Stepped(logits, h.float(), spans_h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -638,6 +673,11 @@ def _threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _ops_norm(ops: fused.RowOps, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """`F.layer_norm`'s keyword form for the compiled kernel (`_step`'s `norm`)."""
+    return ops.layer_norm(x, weight, bias, eps)
 
 
 def _decode_attention(q: torch.Tensor, keys_t: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,202 @@
+"""Compiled row kernels for `--quantize int8` decoding (kernels/rowops.c): a GPT-2 layer's layer
+norms, tanh-GELU and one-position attention in four calls instead of ~15 torch calls.
+
+Built on first use with the system's C compiler for this machine's CPU (`-march=native`), kept in
+aigc's cache (keyed by the source, the compiler and the CPU), and checked against torch's own ops
+before use. Without a compiler, with `AIGC_FUSED=0`, or when building, loading or the check fails,
+`row_ops()` is None and the model runs torch's ops: slower, never wrong."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from aigc_cli.core.caches import cache_dir, file_identity
+
+ABI = 2  # aigc_rowops_abi() of the source this module calls
+SOURCE = Path(__file__).with_name("kernels") / "rowops.c"
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+BUILD_TIMEOUT = 60  # seconds for the compiler; past it, torch's ops
+_P, _L, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+
+
+class RowOps:
+    """The compiled kernels on float32 CPU tensors. Each method checks what the C code relies on
+    (dtype, device, contiguity, shapes) and raises ValueError otherwise: a wrong pointer must not
+    reach it."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._ln = lib.aigc_add_layer_norm
+        self._ln.argtypes, self._ln.restype = [_P, _P, _P, _P, _P, _L, _L, _F], None
+        self._gelu = lib.aigc_gelu_tanh
+        self._gelu.argtypes, self._gelu.restype = [_P, _L], None
+        self._attend = lib.aigc_attend
+        self._attend.argtypes = [_P, _P, _P, _P, _P, _P, _F, _P]
+        self._attend.restype = None
+
+    def layer_norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """F.layer_norm(x) over the last dimension of a (rows, dim) `x`, to ~1e-6; with `residual`,
+        first x += residual in place (the same bits as torch's add)."""
+        if not (_floats(x) and x.dim() == 2 and _floats(w) and _floats(b) and w.shape == b.shape == x.shape[1:]):
+            raise ValueError("layer_norm: x must be a contiguous float32 CPU matrix, w and b its rows' width")
+        if residual is not None and not (_floats(residual) and residual.shape == x.shape):
+            raise ValueError("layer_norm: residual must be a contiguous float32 CPU matrix shaped like x")
+        h = torch.empty_like(x)
+        self._ln(x.data_ptr(), None if residual is None else residual.data_ptr(), w.data_ptr(), b.data_ptr(), h.data_ptr(), x.shape[0], x.shape[1], eps)
+        return h
+
+    def gelu_(self, x: torch.Tensor) -> torch.Tensor:
+        """F.gelu(x, approximate="tanh") in place, to ~1e-6 relative."""
+        if not _floats(x):
+            raise ValueError("gelu_: x must be contiguous float32 on the CPU")
+        self._gelu(x.data_ptr(), x.numel())
+        return x
+
+    def attention(self, keys_t: torch.Tensor, values: torch.Tensor, first: int, positions: list[int], scale: float) -> Attention:
+        """One step's decode attention for the rows at slots first.. of a slot cache: `keys_t`
+        (layers, slots, heads, head_dim, capacity), `values` (layers, slots, heads, capacity, head_dim),
+        `positions` each row's new position. Checked here, once a step; then called once a layer."""
+        return Attention(self._attend, keys_t, values, first, positions, scale)
+
+
+class Attention:
+    """`RowOps.attention`: `GPT2._step`'s decode attention and cache write, one call a layer."""
+
+    def __init__(self, fn: Any, keys_t: torch.Tensor, values: torch.Tensor, first: int, positions: list[int], scale: float) -> None:
+        layers, slots, heads, head_dim, capacity = keys_t.shape if keys_t.dim() == 5 else (0, 0, 0, 0, 0)
+        rows = len(positions)
+        if values.shape != (layers, slots, heads, capacity, head_dim) or not all(t.dtype is torch.float32 and t.is_cpu and t.stride(4) == 1 for t in (keys_t, values)):
+            raise ValueError("attention: keys_t and values must be float32 CPU caches of one shape, last dimension contiguous")
+        if not (0 <= first and first + rows <= slots and all(0 <= p < capacity for p in positions)):
+            raise ValueError(f"attention: rows {first}..{first + rows - 1} at positions up to {max(positions, default=0)} lie outside the cache")
+        ks, vs = keys_t.stride(), values.stride()
+        self._fn, self._cache = fn, (keys_t, values)  # the cache stays alive while this holds its pointers
+        self._pos = torch.tensor(positions, dtype=torch.long)
+        self._layout = torch.tensor([rows, heads, head_dim, ks[1], ks[2], ks[3], vs[1], vs[2], vs[3]], dtype=torch.long)
+        self._scores = torch.empty(capacity)
+        self._k, self._v = keys_t.data_ptr() + first * ks[1] * 4, values.data_ptr() + first * vs[1] * 4
+        self._k_layer, self._v_layer = ks[0] * 4, vs[0] * 4
+        self.layers, self.rows, self.width, self.scale = layers, rows, heads * head_dim, scale
+
+    def __call__(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s attention for `qkv` (rows, 3 * heads * head_dim): (rows, heads * head_dim)."""
+        if not (0 <= layer < self.layers and _floats(qkv) and qkv.shape == (self.rows, 3 * self.width)):
+            raise ValueError("attention: qkv must be contiguous float32 CPU rows of 3 * heads * head_dim, one per row")
+        out = qkv.new_empty((self.rows, self.width))
+        self._fn(
+            qkv.data_ptr(), self._k + layer * self._k_layer, self._v + layer * self._v_layer, out.data_ptr(),
+            self._pos.data_ptr(), self._layout.data_ptr(), self.scale, self._scores.data_ptr(),
+        )  # fmt: skip
+        return out
+
+
+def _floats(t: torch.Tensor) -> bool:
+    """What the C code reads through a bare pointer: contiguous float32 in CPU memory."""
+    return t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
+
+
+@functools.cache
+def row_ops() -> RowOps | None:
+    """The kernels for this machine, built once and cached; None where they are not available."""
+    if os.environ.get("AIGC_FUSED", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    target = _target(compiler)
+    for fresh in (False, True):  # a cached library that fails to load or to check is built again, once
+        if fresh or not target.is_file():
+            if not _build(compiler, target):
+                return None
+        ops = _load(target)
+        if ops is not None:
+            return ops
+    return None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        found = shutil.which(name) if name else None
+        if found:
+            return found
+    return None
+
+
+def _target(compiler: str) -> Path:
+    """Where the library for this source, compiler and CPU lives."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+        cpu = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "vendor_id"))}))
+    key = [SOURCE.read_bytes().hex(), ABI, FLAGS, file_identity(Path(compiler)), platform.machine(), cpu]
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:32]
+    return cache_dir() / "kernels" / f"rowops-{digest}.so"
+
+
+def _build(compiler: str, target: Path) -> bool:
+    """Compile into a temporary file beside `target`, then rename it into place (two processes
+    building at once each rename a whole library)."""
+    tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.so")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            [compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True, timeout=BUILD_TIMEOUT, check=False
+        )
+        if done.returncode != 0:
+            return False
+        os.replace(tmp, target)
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _load(path: Path) -> RowOps | None:
+    try:
+        lib = ctypes.CDLL(str(path))
+        if lib.aigc_rowops_abi() != ABI:
+            return None
+        ops = RowOps(lib)
+    except (OSError, AttributeError):
+        return None
+    return ops if _agrees_with_torch(ops) else None
+
+
+def _agrees_with_torch(ops: RowOps) -> bool:
+    """A quick check of each kernel against torch's op on random values (a miscompiled or foreign
+    library must not run)."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 40, generator=g), torch.randn(40, generator=g), torch.randn(40, generator=g)
+    res = torch.randn(3, 40, generator=g)
+    want = F.layer_norm(x + res, (40,), w, b, 1e-5)
+    summed = x.clone()
+    if not torch.allclose(ops.layer_norm(summed, w, b, 1e-5, res), want, atol=1e-5) or not torch.equal(summed, x + res):
+        return False
+    y = torch.randn(2, 50, generator=g) * 4
+    if not torch.allclose(ops.gelu_(y.clone()), F.gelu(y, approximate="tanh"), atol=1e-5):
+        return False
+    heads, dim, cap = 2, 8, 6
+    keys_t, values = torch.randn(2, 3, heads, dim, cap, generator=g), torch.randn(2, 3, heads, cap, dim, generator=g)
+    qkv, pos = torch.randn(2, 3 * heads * dim, generator=g), [3, 5]
+    out = ops.attention(keys_t, values, 1, pos, 0.5)(1, qkv)
+    q, k, v = qkv.view(2, 3, heads, dim).unbind(1)
+    for r, p in enumerate(pos):
+        if not (torch.equal(keys_t[1, r + 1, :, :, p], k[r]) and torch.equal(values[1, r + 1, :, p], v[r])):
+            return False
+        ref = torch.softmax((q[r, :, None, :] * 0.5) @ keys_t[1, r + 1, :, :, : p + 1], -1) @ values[1, r + 1, :, : p + 1]
+        if not torch.allclose(out[r].view(heads, dim), ref[:, 0], atol=1e-5):
+            return False
+    return True

@@ -1,0 +1,189 @@
+"""The compiled row kernels of int8 decoding (models/fused.py, models/kernels/rowops.c): each kernel
+against torch's own op, the checks that keep a wrong pointer from the C code, the build cache and
+its fallbacks, and the int8 model with and without them."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aigc_cli.models import fused
+
+needs_compiler = pytest.mark.skipif(fused._compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def ops() -> fused.RowOps:
+    found = fused.row_ops()
+    assert found is not None, "a C compiler is here, so the kernels must build and pass their check"
+    return found
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows,dim", [(1, 768), (5, 768), (3, 50), (2, 1600)])
+def test_layer_norm_with_and_without_a_residual_matches_torch(ops, rows, dim):
+    g = torch.Generator().manual_seed(rows * dim)
+    x, res = torch.randn(rows, dim, generator=g) * 30 + 5, torch.randn(rows, dim, generator=g)
+    w, b = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+    assert torch.allclose(ops.layer_norm(x.clone(), w, b, 1e-5), F.layer_norm(x, (dim,), w, b, 1e-5), atol=2e-5)
+    summed = x.clone()
+    got = ops.layer_norm(summed, w, b, 1e-5, residual=res)
+    assert torch.equal(summed, x + res)  # the residual add is torch's add, to the bit
+    assert torch.allclose(got, F.layer_norm(x + res, (dim,), w, b, 1e-5), atol=2e-5)
+
+
+@needs_compiler
+def test_gelu_matches_torch_over_its_range_and_keeps_nan_and_inf(ops):
+    x = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, 80.0, -80.0])])
+    got = ops.gelu_(x.clone().view(1, -1)).view(-1)
+    want = F.gelu(x, approximate="tanh")
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
+    special = ops.gelu_(torch.tensor([[math.nan, math.inf]]))
+    assert math.isnan(special[0, 0]) and special[0, 1] == math.inf
+
+
+def _naive_attention(q, keys_t, values, p, scale):
+    """softmax(q K * scale) V over positions 0..p for one row: q (H, D), keys_t (H, D, C), values (H, C, D)."""
+    scores = torch.einsum("hd,hds->hs", q.double(), keys_t[:, :, : p + 1].double()) * scale
+    return torch.einsum("hs,hsd->hd", torch.softmax(scores, -1), values[:, : p + 1].double())
+
+
+@needs_compiler
+@pytest.mark.parametrize("positions", [[0], [5, 0, 17], [1023, 400]], ids=["one position", "rows apart", "full context"])
+def test_attention_matches_a_naive_computation_and_writes_only_its_rows_positions(ops, positions):
+    """Rows at slots 1.. of a 3-layer cache, each at its own position: the attention equals a
+    float64 computation, each row's key and value land at its position of layer 1, and nothing
+    else in the cache moves."""
+    g = torch.Generator().manual_seed(len(positions))
+    layers, heads, dim, cap, rows, first = 3, 12, 64, 1024, len(positions), 1
+    keys_t = torch.randn(layers, rows + 2, heads, dim, cap, generator=g)
+    values = torch.randn(layers, rows + 2, heads, cap, dim, generator=g)
+    before_k, before_v = keys_t.clone(), values.clone()
+    qkv = torch.randn(rows, 3 * heads * dim, generator=g) * 3
+    out = ops.attention(keys_t, values, first, positions, dim**-0.5)(1, qkv)
+    q, k, v = qkv.view(rows, 3, heads, dim).unbind(1)
+    for r, p in enumerate(positions):
+        slot = first + r
+        assert torch.equal(keys_t[1, slot, :, :, p], k[r]) and torch.equal(values[1, slot, :, p], v[r])
+        before_k[1, slot, :, :, p], before_v[1, slot, :, p] = k[r], v[r]
+        want = _naive_attention(q[r], keys_t[1, slot], values[1, slot], p, dim**-0.5)
+        assert torch.allclose(out[r].view(heads, dim).double(), want, atol=1e-5)
+    assert torch.equal(keys_t, before_k) and torch.equal(values, before_v)
+
+
+@needs_compiler
+def test_wrong_shapes_are_refused_before_any_pointer_reaches_the_c_code(ops):
+    x, w = torch.randn(2, 768), torch.randn(768)
+    keys_t, values = torch.zeros(2, 3, 12, 64, 16), torch.zeros(2, 3, 12, 16, 64)
+    with pytest.raises(ValueError, match="layer_norm"):
+        ops.layer_norm(x, w[:700], w, 1e-5)
+    with pytest.raises(ValueError, match="layer_norm"):
+        ops.layer_norm(x.t(), w, w, 1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        ops.layer_norm(x, w, w, 1e-5, residual=torch.randn(1, 768))
+    with pytest.raises(ValueError, match="gelu"):
+        ops.gelu_(x.double())
+    with pytest.raises(ValueError, match="outside the cache"):
+        ops.attention(keys_t, values, 2, [3, 3], 0.1)  # slots 2..3 of 3
+    with pytest.raises(ValueError, match="outside the cache"):
+        ops.attention(keys_t, values, 0, [16], 0.1)  # position 16 of 16
+    with pytest.raises(ValueError, match="one shape"):
+        ops.attention(keys_t, values[..., :32], 0, [3], 0.1)
+    attention = ops.attention(keys_t, values, 0, [3], 0.1)
+    with pytest.raises(ValueError, match="qkv"):
+        attention(0, torch.randn(2, 3 * 768))  # two rows for a one-row step
+    with pytest.raises(ValueError, match="qkv"):
+        attention(2, torch.randn(1, 3 * 768))  # a layer the cache does not have
+
+
+def _fresh(monkeypatch, tmp_path, **env):
+    """row_ops() as a new process would see it: its cache cleared, aigc's cache dir at tmp_path."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    fused.row_ops.cache_clear()
+    return fused.row_ops()
+
+
+@pytest.fixture
+def restore_row_ops():
+    yield
+    fused.row_ops.cache_clear()
+
+
+@needs_compiler
+def test_the_library_is_built_once_and_then_read_from_the_cache(monkeypatch, tmp_path, restore_row_ops):
+    assert _fresh(monkeypatch, tmp_path) is not None
+    built = list((tmp_path / "aigc" / "kernels").glob("rowops-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "aigc" / "kernels").glob("*.tmp*"))
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(fused.subprocess, "run", no_compiler)
+    assert _fresh(monkeypatch, tmp_path) is not None
+
+
+@needs_compiler
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+    """In fresh processes (a process keeps the library it loaded): one builds it, the file is then
+    replaced by garbage, and the next process builds it again instead of failing."""
+    probe = "from aigc_cli.models import fused; print(fused.row_ops() is not None)"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    run = lambda: subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert run().stdout.strip() == "True"
+    (built,) = (tmp_path / "aigc" / "kernels").glob("rowops-*.so")
+    damaged = built.with_suffix(".new")
+    damaged.write_bytes(b"not a library")
+    os.replace(damaged, built)
+    again = run()
+    assert again.stdout.strip() == "True", again.stderr
+    assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_without_a_working_compiler_or_when_turned_off_there_are_no_kernels(monkeypatch, tmp_path, restore_row_ops):
+    assert _fresh(monkeypatch, tmp_path, AIGC_FUSED="0") is None
+    monkeypatch.delenv("AIGC_FUSED")
+    failing = shutil.which("false")
+    assert failing is not None
+    assert _fresh(monkeypatch, tmp_path / "broken", CC=failing) is None  # the compiler fails
+    monkeypatch.setattr(fused, "_compiler", lambda: None)
+    assert _fresh(monkeypatch, tmp_path / "none") is None  # no compiler at all
+
+
+def test_an_int8_model_without_the_kernels_runs_torchs_ops_and_agrees_with_them(tiny_lm, monkeypatch, restore_row_ops):
+    """With the kernels turned off the int8 model steps with torch's ops; with them (where they
+    build) it gives the same tokens on the tiny model and logits within int8's own noise."""
+    from aigc_cli.models.gpt2 import from_hf_model
+
+    monkeypatch.setenv("AIGC_FUSED", "0")
+    fused.row_ops.cache_clear()
+    plain = from_hf_model(tiny_lm.hf_model, quantize="int8")
+    assert plain.rowops is None
+    monkeypatch.delenv("AIGC_FUSED")
+    fused.row_ops.cache_clear()
+    model = from_hf_model(tiny_lm.hf_model, quantize="int8")
+    if fused._compiler() is None:
+        assert model.rowops is None
+        return
+    assert model.rowops is not None
+    prompt = tiny_lm.tokenizer.encode("the cat sat on the mat and", add_special_tokens=False)
+    runs = []
+    for m in (plain, model):
+        slots = m.new_slots()
+        slots.reserve(2, 64)
+        logits = m.step(None, slots, [prompt, prompt[:3]])
+        tokens, steps = logits.argmax(-1), [logits]
+        for _ in range(10):
+            logits = m.step(tokens, slots, [])
+            tokens = logits.argmax(-1)
+            steps.append(logits)
+        runs.append(torch.stack(steps))
+    scale = runs[0].abs().max()
+    assert ((runs[0] - runs[1]).abs().max() / scale) < 0.05
+    assert torch.equal(runs[0].argmax(-1), runs[1].argmax(-1))
