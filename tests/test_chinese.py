@@ -432,3 +432,39 @@ def test_beam_search_prefills_once_and_equals_transformers_at_the_full_context(u
     theirs = out[0, len(ids) :].tolist()
     eos = engine.tokenizer.eos_token_id
     assert ours == [theirs[: theirs.index(eos)] if eos in theirs else theirs]
+
+
+def test_int8_row_kernels_at_the_full_context(uer1024):
+    """`--quantize int8` with its compiled row kernels (models/fused.py) on a Chinese prompt that
+    fills the 1,024-token context over 50 steps of three rows: the level step and the batch step
+    give the same bits at every position up to 1,023, and both stay within int8's noise of the same
+    model on torch's own ops (fed the same tokens)."""
+    import torch
+
+    from aigc_cli.models import fused
+    from aigc_cli.models.gpt2 import load_gpt2
+
+    model = load_gpt2(uer1024, quantize="int8")
+    assert model is not None
+    if fused._compiler() is None:
+        pytest.skip("no C compiler: int8 runs torch's ops")
+    assert model.rowops is not None
+    torch_ops = load_gpt2(uer1024, quantize="int8")
+    assert torch_ops is not None
+    torch_ops.rowops = None
+    prompt = [2] + [int(t) for t in torch.randint(5, 200, (973,), generator=torch.Generator().manual_seed(3))]
+    caches = {name: m.new_slots() for name, m in (("level", model), ("batch", model), ("torch", torch_ops))}
+    for name, slots in caches.items():
+        slots.reserve(3, 1024)
+        logits = (torch_ops if name == "torch" else model).step(None, slots, [prompt] * 3)
+    tokens = logits.argmax(-1) + torch.tensor([0, 1, 2])  # three rows apart from the first step on
+    worst = 0.0
+    for _ in range(50):
+        level = model.step(tokens, caches["level"], [])
+        batch = model._step(tokens, caches["batch"], [], False, 0)
+        plain = torch_ops.step(tokens, caches["torch"], [])
+        assert torch.equal(level, batch)
+        worst = max(worst, ((level - plain).abs().max() / plain.abs().max()).item())
+        tokens = level.argmax(-1)
+    assert caches["level"].lengths == [1024] * 3
+    assert worst < 1e-2, worst  # measured 2e-7: no activation crossed an int8 rounding boundary

@@ -77,6 +77,19 @@ def test_attention_matches_a_naive_computation_and_writes_only_its_rows_position
 
 
 @needs_compiler
+def test_int8_embedding_matches_torch_and_refuses_ids_outside_the_table(ops):
+    g = torch.Generator().manual_seed(1)
+    table, scale, pe = torch.randint(-127, 128, (300, 768), generator=g, dtype=torch.int8), torch.rand(300, generator=g), torch.randn(1024, 768, generator=g)
+    ids, pos = torch.tensor([299, 0, 17, 17]), torch.tensor([1023, 0, 5, 6])
+    assert torch.allclose(ops.embed_int8(table, scale, pe, ids, pos), table[ids].float() * scale[ids, None] + pe[pos], atol=1e-6)
+    for bad_ids, bad_pos in (([300], [0]), ([-1], [0]), ([5], [1024])):
+        with pytest.raises(ValueError, match="outside"):
+            ops.embed_int8(table, scale, pe, torch.tensor(bad_ids), torch.tensor(bad_pos))
+    with pytest.raises(ValueError, match="embed_int8"):
+        ops.embed_int8(table.float(), scale, pe, ids, pos)
+
+
+@needs_compiler
 def test_wrong_shapes_are_refused_before_any_pointer_reaches_the_c_code(ops):
     x, w = torch.randn(2, 768), torch.randn(768)
     keys_t, values = torch.zeros(2, 3, 12, 64, 16), torch.zeros(2, 3, 12, 16, 64)

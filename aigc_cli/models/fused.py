@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from aigc_cli.core.caches import cache_dir, file_identity
 
-ABI = 2  # aigc_rowops_abi() of the source this module calls
+ABI = 3  # aigc_rowops_abi() of the source this module calls
 SOURCE = Path(__file__).with_name("kernels") / "rowops.c"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 BUILD_TIMEOUT = 60  # seconds for the compiler; past it, torch's ops
@@ -41,9 +41,28 @@ class RowOps:
         self._ln.argtypes, self._ln.restype = [_P, _P, _P, _P, _P, _L, _L, _F], None
         self._gelu = lib.aigc_gelu_tanh
         self._gelu.argtypes, self._gelu.restype = [_P, _L], None
+        self._embed = lib.aigc_embed_int8
+        self._embed.argtypes, self._embed.restype = [_P, _P, _P, _P, _P, _P, _L, _L, _L, _L], ctypes.c_int
         self._attend = lib.aigc_attend
         self._attend.argtypes = [_P, _P, _P, _P, _P, _P, _F, _P]
         self._attend.restype = None
+
+    def embed_int8(self, table: torch.Tensor, scale: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """table[ids] * scale[ids] + positions[pos], (rows, dim) float32: an int8 token table
+        (vocab, dim) with its row scales, and float32 position embeddings (n_pos, dim). An id or
+        position outside its table raises ValueError."""
+        vocab, dim = table.shape if table.dim() == 2 else (0, 0)
+        if not (table.dtype is torch.int8 and table.is_cpu and table.is_contiguous() and _floats(scale) and scale.shape == (vocab,)):
+            raise ValueError("embed_int8: table must be a contiguous int8 CPU matrix, scale one float32 per row")
+        if not (_floats(positions) and positions.dim() == 2 and positions.shape[1] == dim):
+            raise ValueError("embed_int8: positions must be a contiguous float32 CPU matrix as wide as the table")
+        if not all(t.dtype is torch.long and t.is_cpu and t.is_contiguous() and t.dim() == 1 for t in (ids, pos)) or ids.shape != pos.shape:
+            raise ValueError("embed_int8: ids and pos must be one int64 each per row")
+        out = torch.empty((ids.shape[0], dim))
+        done = self._embed(table.data_ptr(), scale.data_ptr(), positions.data_ptr(), ids.data_ptr(), pos.data_ptr(), out.data_ptr(), ids.shape[0], dim, vocab, positions.shape[0])
+        if done != 0:
+            raise ValueError(f"embed_int8: a token id outside 0..{vocab - 1} or a position outside 0..{positions.shape[0] - 1}")
+        return out
 
     def layer_norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
         """F.layer_norm(x) over the last dimension of a (rows, dim) `x`, to ~1e-6; with `residual`,
@@ -82,7 +101,7 @@ class Attention:
             raise ValueError(f"attention: rows {first}..{first + rows - 1} at positions up to {max(positions, default=0)} lie outside the cache")
         ks, vs = keys_t.stride(), values.stride()
         self._fn, self._cache = fn, (keys_t, values)  # the cache stays alive while this holds its pointers
-        self._pos = torch.tensor(positions, dtype=torch.long)
+        self.positions = torch.tensor(positions, dtype=torch.long)
         self._layout = torch.tensor([rows, heads, head_dim, ks[1], ks[2], ks[3], vs[1], vs[2], vs[3]], dtype=torch.long)
         self._scores = torch.empty(capacity)
         self._k, self._v = keys_t.data_ptr() + first * ks[1] * 4, values.data_ptr() + first * vs[1] * 4
@@ -96,7 +115,7 @@ class Attention:
         out = qkv.new_empty((self.rows, self.width))
         self._fn(
             qkv.data_ptr(), self._k + layer * self._k_layer, self._v + layer * self._v_layer, out.data_ptr(),
-            self._pos.data_ptr(), self._layout.data_ptr(), self.scale, self._scores.data_ptr(),
+            self.positions.data_ptr(), self._layout.data_ptr(), self.scale, self._scores.data_ptr(),
         )  # fmt: skip
         return out
 
@@ -187,6 +206,10 @@ def _agrees_with_torch(ops: RowOps) -> bool:
         return False
     y = torch.randn(2, 50, generator=g) * 4
     if not torch.allclose(ops.gelu_(y.clone()), F.gelu(y, approximate="tanh"), atol=1e-5):
+        return False
+    table, scales, pe = torch.randint(-127, 128, (9, 40), generator=g, dtype=torch.int8), torch.rand(9, generator=g), torch.randn(5, 40, generator=g)
+    ids, at = torch.tensor([8, 0, 3]), torch.tensor([4, 0, 2])
+    if not torch.allclose(ops.embed_int8(table, scales, pe, ids, at), table[ids].float() * scales[ids, None] + pe[at], atol=1e-5):
         return False
     heads, dim, cap = 2, 8, 6
     keys_t, values = torch.randn(2, 3, heads, dim, cap, generator=g), torch.randn(2, 3, heads, cap, dim, generator=g)

@@ -419,7 +419,7 @@ class GPT2:
         self.threads = 1 if self.device.type == "cpu" and cfg.n_embd <= SMALL_WIDTH else None
         # int8 decoding's layer norms, GELU and attention as compiled kernels where they build (see
         # fused.py); both decoding steps use them, so a row gets the same bits from either.
-        self.rowops = fused.row_ops() if quantize == "int8" else None
+        self.rowops = fused.row_ops() if quantize == "int8" and isinstance(self.embed, q8.Embedding) and self.embed.scale is not None else None
 
     @staticmethod
     def _table_and_head(
@@ -551,8 +551,8 @@ class GPT2:
         thread, 2-core AMD EPYC: 9.8 -> 8.9 ms a token against an 7.6 ms floor (bench/RESULTS-decode.md)."""
         cfg = self.cfg
         rows, p, eps = tokens.shape[0], slots.lengths[first], cfg.eps
-        x = self.embed(tokens) + self.wpe[p]
         attention = ops.attention(slots.k, slots.v, first, [p] * rows, (cfg.n_embd // cfg.n_head) ** -0.5)
+        x = ops.embed_int8(self.embed.table, self.embed.scale, self.wpe, tokens, attention.positions)
         layers = self.layers
         h = ops.layer_norm(x, layers[0][0], layers[0][1], eps)
         for i, (_, _, attn, proj, w2, b2, fc, fc_out) in enumerate(layers):
@@ -603,7 +603,10 @@ class GPT2:
                     mask = torch.zeros((hi - lo, 1, 1, top + 1), dtype=self.dtype, device=dev)
                     mask.masked_fill_((keys[None, :] > pos[lo:hi, None])[:, None, None, :], float("-inf"))
                 blocks.append((lo, hi, top + 1, mask))
-            parts.append(self.embed(tokens) + F.embedding(pos, self.wpe))
+            if ops is not None and attention is not None and tokens is not None:
+                parts.append(ops.embed_int8(self.embed.table, self.embed.scale, self.wpe, tokens, attention.positions))
+            else:
+                parts.append(self.embed(tokens) + F.embedding(pos, self.wpe))
         # New rows' prompts are packed end to end, without padding: the matmuls do not care where a
         # row starts, and attention runs on each prompt's own span.
         spans, start, base = [], bsz, slots.rows  # new rows take the slots after every running one

@@ -15,7 +15,7 @@
 
 #define LANES 16
 
-int aigc_rowops_abi(void) { return 2; }
+int aigc_rowops_abi(void) { return 3; }
 
 /* e^x to about 2 ulp (Cephes' expf polynomial); NaN stays NaN; below -87 gives ~1e-38. */
 static inline float fexp(float x) {
@@ -52,6 +52,24 @@ static float max_of(const float *restrict x, long n) {
     float m = x[0];
     for (long i = 1; i < n; i++) m = x[i] > m || x[i] != x[i] ? x[i] : m; /* NaN wins */
     return m;
+}
+
+/* Per row: out[r] = table[ids[r]] * scale[ids[r]] + positions[pos[r]] (an int8 token table with its
+   row scales, and float32 position embeddings). Returns -1, having written nothing, when an id is
+   outside the table's `vocab` rows or a position outside its `n_pos`. */
+int aigc_embed_int8(const int8_t *restrict table, const float *restrict scale, const float *restrict positions,
+                    const long *restrict ids, const long *restrict pos, float *restrict out, long rows, long dim,
+                    long vocab, long n_pos) {
+    for (long r = 0; r < rows; r++)
+        if (ids[r] < 0 || ids[r] >= vocab || pos[r] < 0 || pos[r] >= n_pos) return -1;
+    for (long r = 0; r < rows; r++) {
+        const int8_t *restrict q = table + ids[r] * dim;
+        const float *restrict pe = positions + pos[r] * dim;
+        float s = scale[ids[r]];
+        float *restrict o = out + r * dim;
+        for (long i = 0; i < dim; i++) o[i] = (float)q[i] * s + pe[i];
+    }
+    return 0;
 }
 
 /* Per row: x += y when y is not NULL; then h = (x - mean) / sqrt(var + eps) * w + b. */
