@@ -159,6 +159,24 @@ def test_a_damaged_cached_library_is_built_again(tmp_path):
     assert built.read_bytes()[:4] == b"\x7fELF"
 
 
+@needs_compiler
+def test_a_cache_that_cannot_be_written_only_costs_the_build(monkeypatch, tmp_path, restore_row_ops):
+    """aigc's cache dir lies under a plain file (no directory can be made there): the library is
+    built and loaded from a temporary directory instead, which is gone afterwards."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    made = []
+    real = fused.tempfile.TemporaryDirectory
+
+    def remembered(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(fused.tempfile, "TemporaryDirectory", remembered)
+    assert _fresh(monkeypatch, blocker) is not None
+    assert made and not os.path.exists(made[0].name)
+
+
 def test_without_a_working_compiler_or_when_turned_off_there_are_no_kernels(monkeypatch, tmp_path, restore_row_ops):
     assert _fresh(monkeypatch, tmp_path, AIGC_FUSED="0") is None
     monkeypatch.delenv("AIGC_FUSED")

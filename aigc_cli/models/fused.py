@@ -1,5 +1,6 @@
 """Compiled row kernels for `--quantize int8` decoding (kernels/rowops.c): a GPT-2 layer's layer
-norms, tanh-GELU and one-position attention in four calls instead of ~15 torch calls.
+norms, tanh-GELU and one-position attention in four calls instead of ~15 torch calls, and the int8
+token and position embeddings in one.
 
 Built on first use with the system's C compiler for this machine's CPU (`-march=native`), kept in
 aigc's cache (keyed by the source, the compiler and the CPU), and checked against torch's own ops
@@ -16,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -134,14 +136,11 @@ def row_ops() -> RowOps | None:
     if compiler is None:
         return None
     target = _target(compiler)
-    for fresh in (False, True):  # a cached library that fails to load or to check is built again, once
-        if fresh or not target.is_file():
-            if not _build(compiler, target):
-                return None
+    if target.is_file():
         ops = _load(target)
         if ops is not None:
             return ops
-    return None
+    return _build(compiler, target)  # none yet, or one that fails to load or to check
 
 
 def _compiler() -> str | None:
@@ -163,24 +162,31 @@ def _target(compiler: str) -> Path:
     return cache_dir() / "kernels" / f"rowops-{digest}.so"
 
 
-def _build(compiler: str, target: Path) -> bool:
-    """Compile into a temporary file beside `target`, then rename it into place (two processes
-    building at once each rename a whole library)."""
-    tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.so")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(
-            [compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True, timeout=BUILD_TIMEOUT, check=False
-        )
-        if done.returncode != 0:
-            return False
-        os.replace(tmp, target)
-        return True
-    except (OSError, subprocess.SubprocessError):
-        return False
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+def _build(compiler: str, target: Path) -> RowOps | None:
+    """Compile in a temporary directory, then copy the library into the cache under a temporary
+    name and rename it into place (two processes building at once each rename a whole library).
+    Where the cache cannot be written, the library is loaded from the temporary directory: each
+    run then pays the build (~0.3 s)."""
+    with tempfile.TemporaryDirectory(prefix="aigc-rowops-") as scratch:
+        built = Path(scratch) / "rowops.so"
+        try:
+            done = subprocess.run(
+                [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, timeout=BUILD_TIMEOUT, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if done.returncode != 0 or not built.is_file():
+            return None
+        staged = target.with_name(f"{target.stem}.{os.getpid()}.tmp.so")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(built, staged)
+            os.replace(staged, target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                staged.unlink()
+            return _load(built)  # loaded (mapped) before the directory goes
+        return _load(target)
 
 
 def _load(path: Path) -> RowOps | None:

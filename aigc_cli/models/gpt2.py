@@ -1,4 +1,5 @@
-"""A lean GPT-2 forward pass in plain PyTorch with a preallocated KV cache.
+"""A lean GPT-2 forward pass in plain PyTorch with a preallocated KV cache (and, for int8, a few
+compiled row kernels: fused.py).
 
 It reads Hugging Face GPT-2 checkpoints (config.json + safetensors) directly, without importing
 transformers' modeling code, and computes what `GPT2LMHeadModel` computes with the same weights:
@@ -591,6 +592,7 @@ class GPT2:
         bsz = 0 if tokens is None else tokens.shape[0]
         parts = []
         lengths = slots.lengths[first : first + bsz]
+        attention = None  # int8's compiled decode attention, when its kernels run
         if bsz:
             pos = torch.tensor(lengths, dtype=torch.long, device=dev)
             rows = torch.arange(first, first + bsz, device=dev)

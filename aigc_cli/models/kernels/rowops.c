@@ -7,7 +7,8 @@
 
    Written for the compiler's auto-vectoriser (built with -O3 -march=native -fno-trapping-math):
    reductions keep LANES partial sums so that they vectorise without reassociation flags, and exp
-   is a branch-free polynomial. float32 throughout, row-major, no allocation, no threads. */
+   is a branch-free polynomial. float32 throughout, row-major, no allocation, no threads; index
+   arrays are torch's int64. */
 
 #include <math.h>
 #include <stdint.h>
@@ -58,7 +59,7 @@ static float max_of(const float *restrict x, long n) {
    row scales, and float32 position embeddings). Returns -1, having written nothing, when an id is
    outside the table's `vocab` rows or a position outside its `n_pos`. */
 int aigc_embed_int8(const int8_t *restrict table, const float *restrict scale, const float *restrict positions,
-                    const long *restrict ids, const long *restrict pos, float *restrict out, long rows, long dim,
+                    const int64_t *restrict ids, const int64_t *restrict pos, float *restrict out, long rows, long dim,
                     long vocab, long n_pos) {
     for (long r = 0; r < rows; r++)
         if (ids[r] < 0 || ids[r] >= vocab || pos[r] < 0 || pos[r] >= n_pos) return -1;
@@ -113,7 +114,7 @@ void aigc_gelu_tanh(float *restrict x, long n) {
    keys_t's row, head and d, and of values' row, head and position. `scores`: room for the
    longest row's pos + 1 floats. */
 void aigc_attend(const float *restrict qkv, float *restrict keys_t, float *restrict values, float *restrict out,
-                 const long *restrict pos, const long *restrict layout, float scale, float *restrict scores) {
+                 const int64_t *restrict pos, const int64_t *restrict layout, float scale, float *restrict scores) {
     long rows = layout[0], heads = layout[1], hd = layout[2];
     long k_row = layout[3], k_head = layout[4], k_dim = layout[5], v_row = layout[6], v_head = layout[7], v_pos = layout[8];
     long qkv_row = 3 * heads * hd, out_row = heads * hd;
