@@ -549,7 +549,8 @@ class GPT2:
         """`_step_level` with the compiled row kernels (int8): per layer the four matmuls and four
         kernel calls (attention with its cache write; residual add + layer norm, twice; GELU), the
         same functions `_step` calls for int8, so the same bits. Measured, GPT-2 small int8, one
-        thread, 2-core AMD EPYC: 9.8 -> 8.9 ms a token against an 7.6 ms floor (bench/RESULTS-decode.md)."""
+        thread, 2-core AMD EPYC, batch-1 greedy: 10.2 -> 9.5 ms a token against an 8.1 ms floor
+        (bench/RESULTS-decode.md)."""
         cfg = self.cfg
         rows, p, eps = tokens.shape[0], slots.lengths[first], cfg.eps
         attention = ops.attention(slots.k, slots.v, first, [p] * rows, (cfg.n_embd // cfg.n_head) ** -0.5)
