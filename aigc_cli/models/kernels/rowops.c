@@ -3,7 +3,8 @@
    Between its int8 matmuls a GPT-2 layer does little arithmetic (two layer norms, a tanh-GELU,
    attention of one new position per row over the cached keys and values), but as separate torch
    calls it takes ~15 of them a layer, each a few microseconds among the streamed weights: about a
-   fifth of an int8 token's time. These functions do that work in four calls a layer.
+   fifth of an int8 token's time. These functions do that work in four calls a layer, and a
+   step's int8 token and position embeddings in one.
 
    Written for the compiler's auto-vectoriser (built with -O3 -march=native -fno-trapping-math):
    reductions keep LANES partial sums so that they vectorise without reassociation flags, and exp
