@@ -468,3 +468,16 @@ def test_int8_row_kernels_at_the_full_context(uer1024):
         tokens = level.argmax(-1)
     assert caches["level"].lengths == [1024] * 3
     assert worst < 1e-2, worst  # measured 2e-7: no activation crossed an int8 rounding boundary
+
+
+def test_generate_int8_with_defaults_fills_the_context(cli, uer1024):
+    """`generate --quantize int8 -n 3` with every other setting at its default (50 new tokens) on a
+    prompt that fills the 1,024-token context with them: the int8 row kernels decode the three
+    sequences to the end of the context."""
+    args = ("generate", ("春风吹绿江南岸明月何时照我还" * 70)[:973], "-n", "3", "--quantize", "int8", "--model", str(uer1024), "--seed", "1", "--format", "jsonl")
+    r = cli(*args)
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [row["prompt_tokens"] for row in rows] == [974] * 3  # [CLS] and 973 characters
+    assert max(row["prompt_tokens"] + row["completion_tokens"] for row in rows) == 1024  # (a row may end at [SEP])
+    assert not CJK_SPACE.search(rows[0]["text"])

@@ -189,7 +189,8 @@ def test_without_a_working_compiler_or_when_turned_off_there_are_no_kernels(monk
 
 def test_an_int8_model_without_the_kernels_runs_torchs_ops_and_agrees_with_them(tiny_lm, monkeypatch, restore_row_ops):
     """With the kernels turned off the int8 model steps with torch's ops; with them (where they
-    build) it gives the same tokens on the tiny model and logits within int8's own noise."""
+    build) it gives the same tokens on the tiny model and logits within 1e-3 (measured ~1e-7), in
+    the batch step (rows at different positions) and in the level step (rows at one position)."""
     from aigc_cli.models.gpt2 import from_hf_model
 
     monkeypatch.setenv("AIGC_FUSED", "0")
@@ -204,17 +205,18 @@ def test_an_int8_model_without_the_kernels_runs_torchs_ops_and_agrees_with_them(
         return
     assert model.rowops is not None
     prompt = tiny_lm.tokenizer.encode("the cat sat on the mat and", add_special_tokens=False)
-    runs = []
-    for m in (plain, model):
-        slots = m.new_slots()
-        slots.reserve(2, 64)
-        logits = m.step(None, slots, [prompt, prompt[:3]])
-        tokens, steps = logits.argmax(-1), [logits]
-        for _ in range(10):
-            logits = m.step(tokens, slots, [])
-            tokens = logits.argmax(-1)
-            steps.append(logits)
-        runs.append(torch.stack(steps))
-    scale = runs[0].abs().max()
-    assert ((runs[0] - runs[1]).abs().max() / scale) < 0.05
-    assert torch.equal(runs[0].argmax(-1), runs[1].argmax(-1))
+    for prompts in ([prompt, prompt[:3]], [prompt, prompt]):  # the batch step (rows apart), the level step
+        runs = []
+        for m in (plain, model):
+            slots = m.new_slots()
+            slots.reserve(2, 64)
+            logits = m.step(None, slots, prompts)
+            tokens, steps = logits.argmax(-1) + torch.tensor([0, 1]), [logits]
+            for _ in range(10):
+                logits = m.step(tokens, slots, [])
+                tokens = logits.argmax(-1)
+                steps.append(logits)
+            runs.append(torch.stack(steps))
+        worst = ((runs[0] - runs[1]).abs().max() / runs[0].abs().max()).item()
+        assert worst < 1e-3, worst  # no activation crossed an int8 rounding boundary on this model
+        assert torch.equal(runs[0].argmax(-1), runs[1].argmax(-1))
