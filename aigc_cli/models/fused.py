@@ -66,9 +66,10 @@ class RowOps:
             raise ValueError(f"embed_int8: a token id outside 0..{vocab - 1} or a position outside 0..{positions.shape[0] - 1}")
         return out
 
-    def layer_norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
         """F.layer_norm(x) over the last dimension of a (rows, dim) `x`, to ~1e-6; with `residual`,
         first x += residual in place (the same bits as torch's add)."""
+        w, b = weight, bias
         if not (_floats(x) and x.dim() == 2 and _floats(w) and _floats(b) and w.shape == b.shape == x.shape[1:]):
             raise ValueError("layer_norm: x must be a contiguous float32 CPU matrix, w and b its rows' width")
         if residual is not None and not (_floats(residual) and residual.shape == x.shape):

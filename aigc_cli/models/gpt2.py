@@ -588,7 +588,7 @@ class GPT2:
             norm = functools.partial(F.layer_norm, normalized_shape=(e,), eps=cfg.eps)
             act = functools.partial(F.gelu, approximate="tanh")
         else:  # int8 with the compiled kernels, as `_step_level_fused` calls them
-            norm = functools.partial(_ops_norm, ops, eps=cfg.eps)
+            norm = functools.partial(ops.layer_norm, eps=cfg.eps)
             act = ops.gelu_
         bsz = 0 if tokens is None else tokens.shape[0]
         parts = []
@@ -679,11 +679,6 @@ def _threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _ops_norm(ops: fused.RowOps, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """`F.layer_norm`'s keyword form for the compiled kernel (`_step`'s `norm`)."""
-    return ops.layer_norm(x, weight, bias, eps)
 
 
 def _decode_attention(q: torch.Tensor, keys_t: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
