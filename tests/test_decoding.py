@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from aigc_cli.engine.decoding import _BanLogits, _Decoder, generate_beam, generate_rows
+from aigc_cli.engine.decoding import _BanLogits, _Decoder, generate_beam, generate_rows, greedy_tokens
 from aigc_cli.engine.seeds import row_seed
 from aigc_cli.core.textrules import find_stop
 from aigc_cli.engine.engine import Engine, Request
@@ -628,3 +629,17 @@ def test_the_static_loop_prefills_a_repeated_prompt_once(tiny_lm, decoding, monk
     assert together == [generate_rows(tiny_lm, [p], settings, [seed])[0].token_ids for p, seed in zip(prompts, seeds)]
     if decoding == "sample":
         assert len({tuple(t) for t in together}) > 2  # the seeds really drew apart
+
+
+def test_greedy_tokens_are_torchs_argmax():
+    """numpy's argmax where it applies, torch's elsewhere: the first of equal maxima, NaN above all,
+    rows of -inf, float16, strided rows."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 50257, generator=g)
+    scores[1, [7, 90, 50000]] = 99.0  # ties: the first
+    scores[2, [5, 40000]] = math.nan  # NaN wins, the first
+    scores[3] = -math.inf
+    scores[4, 123] = math.inf
+    for s in (scores, scores.half(), scores.double(), scores[:, ::3], scores.bfloat16()):
+        assert greedy_tokens(s) == s.argmax(-1).tolist()
+    assert greedy_tokens(scores)[1:5] == [7, 5, 0, 123]

@@ -47,33 +47,40 @@ def test_gelu_matches_torch_over_its_range_and_keeps_nan_and_inf(ops):
     assert math.isnan(special[0, 0]) and special[0, 1] == math.inf
 
 
-def _naive_attention(q, keys_t, values, p, scale):
-    """softmax(q K * scale) V over positions 0..p for one row: q (H, D), keys_t (H, D, C), values (H, C, D)."""
-    scores = torch.einsum("hd,hds->hs", q.double(), keys_t[:, :, : p + 1].double()) * scale
+def _naive_attention(q, keys, values, p, scale):
+    """softmax(q K * scale) V over positions 0..p for one row: q (H, D), keys and values (H, C, D)."""
+    scores = torch.einsum("hd,hsd->hs", q.double(), keys[:, : p + 1].double()) * scale
     return torch.einsum("hs,hsd->hd", torch.softmax(scores, -1), values[:, : p + 1].double())
 
 
+def _cache(layout, layers, slots, heads, cap, dim, g):
+    """A (layers, slots, heads, cap, dim) view of random values stored as the layout says."""
+    if layout == "positions":  # as SlotCache(layout="positions") stores it
+        return torch.randn(layers, slots, cap, heads, dim, generator=g).transpose(2, 3)
+    return torch.randn(layers, slots, heads, cap, dim, generator=g)
+
+
 @needs_compiler
+@pytest.mark.parametrize("layout", ["positions", "heads"])
 @pytest.mark.parametrize("positions", [[0], [5, 0, 17], [1023, 400]], ids=["one position", "rows apart", "full context"])
-def test_attention_matches_a_naive_computation_and_writes_only_its_rows_positions(ops, positions):
+def test_attention_matches_a_naive_computation_and_writes_only_its_rows_positions(ops, positions, layout):
     """Rows at slots 1.. of a 3-layer cache, each at its own position: the attention equals a
     float64 computation, each row's key and value land at its position of layer 1, and nothing
-    else in the cache moves."""
+    else in the cache moves; for a cache stored by position (the model's) and by head."""
     g = torch.Generator().manual_seed(len(positions))
     layers, heads, dim, cap, rows, first = 3, 12, 64, 1024, len(positions), 1
-    keys_t = torch.randn(layers, rows + 2, heads, dim, cap, generator=g)
-    values = torch.randn(layers, rows + 2, heads, cap, dim, generator=g)
-    before_k, before_v = keys_t.clone(), values.clone()
+    keys, values = (_cache(layout, layers, rows + 2, heads, cap, dim, g) for _ in range(2))
+    before_k, before_v = keys.clone(), values.clone()
     qkv = torch.randn(rows, 3 * heads * dim, generator=g) * 3
-    out = ops.attention(keys_t, values, first, positions, dim**-0.5)(1, qkv)
+    out = ops.attention(keys, values, first, positions, dim**-0.5)(1, qkv)
     q, k, v = qkv.view(rows, 3, heads, dim).unbind(1)
     for r, p in enumerate(positions):
         slot = first + r
-        assert torch.equal(keys_t[1, slot, :, :, p], k[r]) and torch.equal(values[1, slot, :, p], v[r])
-        before_k[1, slot, :, :, p], before_v[1, slot, :, p] = k[r], v[r]
-        want = _naive_attention(q[r], keys_t[1, slot], values[1, slot], p, dim**-0.5)
+        assert torch.equal(keys[1, slot, :, p], k[r]) and torch.equal(values[1, slot, :, p], v[r])
+        before_k[1, slot, :, p], before_v[1, slot, :, p] = k[r], v[r]
+        want = _naive_attention(q[r], keys[1, slot], values[1, slot], p, dim**-0.5)
         assert torch.allclose(out[r].view(heads, dim).double(), want, atol=1e-5)
-    assert torch.equal(keys_t, before_k) and torch.equal(values, before_v)
+    assert torch.equal(keys, before_k) and torch.equal(values, before_v)
 
 
 @needs_compiler
@@ -92,7 +99,7 @@ def test_int8_embedding_matches_torch_and_refuses_ids_outside_the_table(ops):
 @needs_compiler
 def test_wrong_shapes_are_refused_before_any_pointer_reaches_the_c_code(ops):
     x, w = torch.randn(2, 768), torch.randn(768)
-    keys_t, values = torch.zeros(2, 3, 12, 64, 16), torch.zeros(2, 3, 12, 16, 64)
+    keys, values = torch.zeros(2, 3, 12, 16, 64), torch.zeros(2, 3, 12, 16, 64)
     with pytest.raises(ValueError, match="layer_norm"):
         ops.layer_norm(x, w[:700], w, 1e-5)
     with pytest.raises(ValueError, match="layer_norm"):
@@ -102,12 +109,14 @@ def test_wrong_shapes_are_refused_before_any_pointer_reaches_the_c_code(ops):
     with pytest.raises(ValueError, match="gelu"):
         ops.gelu_(x.double())
     with pytest.raises(ValueError, match="outside the cache"):
-        ops.attention(keys_t, values, 2, [3, 3], 0.1)  # slots 2..3 of 3
+        ops.attention(keys, values, 2, [3, 3], 0.1)  # slots 2..3 of 3
     with pytest.raises(ValueError, match="outside the cache"):
-        ops.attention(keys_t, values, 0, [16], 0.1)  # position 16 of 16
+        ops.attention(keys, values, 0, [16], 0.1)  # position 16 of 16
     with pytest.raises(ValueError, match="one shape"):
-        ops.attention(keys_t, values[..., :32], 0, [3], 0.1)
-    attention = ops.attention(keys_t, values, 0, [3], 0.1)
+        ops.attention(keys, values[..., :32], 0, [3], 0.1)
+    with pytest.raises(ValueError, match="head_dim contiguous"):  # keys stored transposed (a "heads" SlotCache)
+        ops.attention(torch.zeros(2, 3, 12, 64, 16).transpose(3, 4), values, 0, [3], 0.1)
+    attention = ops.attention(keys, values, 0, [3], 0.1)
     with pytest.raises(ValueError, match="qkv"):
         attention(0, torch.randn(2, 3 * 768))  # two rows for a one-row step
     with pytest.raises(ValueError, match="qkv"):
@@ -220,3 +229,74 @@ def test_an_int8_model_without_the_kernels_runs_torchs_ops_and_agrees_with_them(
         worst = ((runs[0] - runs[1]).abs().max() / runs[0].abs().max()).item()
         assert worst < 1e-3, worst  # no activation crossed an int8 rounding boundary on this model
         assert torch.equal(runs[0].argmax(-1), runs[1].argmax(-1))
+
+
+def _slot_ops(slots, g):
+    """The same cache work on any layout: two rows prefilled, a third forked, steps written, a row
+    removed, the cache grown, rows swapped by `tidy`; every write of random values from `g`."""
+    cfg = slots.cfg
+    slots.reserve(3, 8)
+    for row, n in ((0, 5), (1, 2)):
+        slots.keys[:, row, :, :n] = torch.randn(cfg.n_layer, cfg.n_head, n, cfg.n_embd // cfg.n_head, generator=g)
+        slots.v[:, row, :, :n] = torch.randn(cfg.n_layer, cfg.n_head, n, cfg.n_embd // cfg.n_head, generator=g)
+        slots.lengths.append(n)
+    slots.fork(1, 1)
+    slots.k[:, 2, :, :, 2] = torch.randn(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, generator=g)
+    slots.copy_position(2, [1], 2)
+    slots.lengths[1:3] = [3, 3]
+    slots.remove(0)
+    slots.resize(12, 30)
+    for row in range(2, 12):
+        slots.keys[:, row, :, :20] = torch.randn(cfg.n_layer, cfg.n_head, 20, cfg.n_embd // cfg.n_head, generator=g)
+        slots.v[:, row, :, :20] = torch.randn(cfg.n_layer, cfg.n_head, 20, cfg.n_embd // cfg.n_head, generator=g)
+        slots.lengths.append(20)
+    return slots.tidy()
+
+
+def test_a_slot_cache_stored_by_position_behaves_as_one_stored_by_head():
+    """Every SlotCache operation gives the same keys and values whichever way the cache is stored
+    ("positions" is what the int8 kernels read), and only "positions" keeps head_dim contiguous
+    in `keys`; an unknown layout is refused."""
+    from aigc_cli.models.gpt2 import Config, SlotCache
+
+    cfg = Config(n_layer=2, n_head=3, n_embd=12, n_positions=64, vocab_size=10, eps=1e-5, tied=True, n_inner=0)
+    caches = {layout: SlotCache(cfg, torch.float32, "cpu", layout) for layout in SlotCache.LAYOUTS}
+    swaps = {layout: _slot_ops(c, torch.Generator().manual_seed(3)) for layout, c in caches.items()}
+    heads, positions = caches["heads"], caches["positions"]
+    assert swaps["heads"] == swaps["positions"] != []
+    assert heads.lengths == positions.lengths and heads.capacity == positions.capacity == (12, 30)
+    assert torch.equal(heads.keys, positions.keys) and torch.equal(heads.v, positions.v) and torch.equal(heads.k, positions.k)
+    assert positions.keys.stride(4) == positions.v.stride(4) == 1 and heads.keys.stride(4) != 1
+    assert positions.keys.stride(3) == positions.v.stride(3) == cfg.n_embd  # a position's heads together
+    with pytest.raises(ValueError, match="layout"):
+        SlotCache(cfg, torch.float32, "cpu", "rows")
+
+
+@needs_compiler
+def test_an_int8_step_reuses_its_attention_plan_until_the_cache_is_resized(tiny_lm):
+    """The compiled attention's plan is kept between steps of the same rows and made again when the
+    rows change or the cache's buffers do (a stale plan would write into freed memory): logits
+    after a resize mid-generation equal those of a cache that never grew."""
+    from aigc_cli.models.gpt2 import from_hf_model
+
+    model = from_hf_model(tiny_lm.hf_model, quantize="int8")
+    assert model.rowops is not None
+    prompt = tiny_lm.tokenizer.encode("the cat sat on the mat and", add_special_tokens=False)
+    runs = []
+    for grow in (False, True):
+        slots = model.new_slots()
+        assert slots.layout == "positions"
+        slots.reserve(1, len(prompt) + 5 if grow else 40)
+        tokens, steps, plans = model.step(None, slots, [prompt]).argmax(-1), [], []
+        for i in range(20):
+            if grow and slots.lengths[0] + 1 >= slots.capacity[1]:
+                slots.reserve(1, 40)
+                assert slots.plan is None
+            logits = model.step(tokens, slots, [])
+            plans.append(slots.plan)
+            tokens = logits.argmax(-1)
+            steps.append(logits)
+        runs.append(torch.stack(steps))
+        assert len({id(p) for p in plans}) == (2 if grow else 1)
+    assert torch.equal(runs[0], runs[1])
+

@@ -280,6 +280,15 @@ def generate_rows(
     return dec.results()
 
 
+def greedy_tokens(scores: torch.Tensor) -> list[int]:
+    """Each row's argmax, as torch's: the first of equal maxima, a NaN over any number. On the CPU
+    through numpy, whose argmax is vectorised: 4 us for GPT-2's 50,257 scores against torch's
+    44 (2-core AMD EPYC, one thread; ~0.5% of an int8 token)."""
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64, torch.float16):
+        return scores.numpy().argmax(-1).tolist()  # type: ignore[no-any-return]
+    return scores.argmax(-1).tolist()  # type: ignore[no-any-return]
+
+
 def _signed(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
@@ -430,8 +439,7 @@ def _sample_loop(dec: _Decoder, seeds: Sequence[int]) -> None:
         raw = torch.log_softmax(logits, dim=-1) if dec.logprobs else None  # processors may write in place
         scores = dec.processors(ids, logits)
         draws = torch.full((len(active),), step, dtype=torch.long)
-        picked = sampler(scores, row_seeds[active], draws) if sampling else scores.argmax(-1)
-        tokens = picked.tolist()
+        tokens = sampler(scores, row_seeds[active], draws).tolist() if sampling else greedy_tokens(scores)
         for b, r in enumerate(active):
             if dec.ban:
                 draw = (sampler, row_seeds[r : r + 1], draws[:1]) if sampling else None

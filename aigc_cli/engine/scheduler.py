@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from aigc_cli.engine.decoding import RowResult, RowRules, _mask_banned_top, _Row, _Sampler, _unbanned, distinct
+from aigc_cli.engine.decoding import RowResult, RowRules, _mask_banned_top, _Row, _Sampler, _unbanned, distinct, greedy_tokens
 from aigc_cli.engine.processors import MinNewTokens, ProcessorList
 from aigc_cli.core.settings import Decoding, GenerationSettings
 
@@ -528,7 +528,7 @@ class Scheduler:
             draws = torch.tensor([self.live[b].step for b in rows], dtype=torch.long)
             picked = sampler(scores, seeds, draws).tolist()
         else:
-            picked = scores.argmax(-1).tolist()
+            picked = greedy_tokens(scores)
         for i, b in enumerate(rows):
             live = self.live[b]
             if Scheduler.fault is not None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from aigc_cli.core.caches import cache_dir, file_identity
 
-ABI = 3  # aigc_rowops_abi() of the source this module calls
+ABI = 4  # aigc_rowops_abi() of the source this module calls
 SOURCE = Path(__file__).with_name("kernels") / "rowops.c"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 BUILD_TIMEOUT = 60  # seconds for the compiler; past it, torch's ops
@@ -69,14 +69,11 @@ class RowOps:
     def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
         """F.layer_norm(x) over the last dimension of a (rows, dim) `x`, to ~1e-6; with `residual`,
         first x += residual in place (the same bits as torch's add)."""
-        w, b = weight, bias
-        if not (_floats(x) and x.dim() == 2 and _floats(w) and _floats(b) and w.shape == b.shape == x.shape[1:]):
-            raise ValueError("layer_norm: x must be a contiguous float32 CPU matrix, w and b its rows' width")
-        if residual is not None and not (_floats(residual) and residual.shape == x.shape):
-            raise ValueError("layer_norm: residual must be a contiguous float32 CPU matrix shaped like x")
-        h = torch.empty_like(x)
-        self._ln(x.data_ptr(), None if residual is None else residual.data_ptr(), w.data_ptr(), b.data_ptr(), h.data_ptr(), x.shape[0], x.shape[1], eps)
-        return h
+        return self.norm(weight, bias, eps)(x, residual)
+
+    def norm(self, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> Norm:
+        """`layer_norm` with this weight and bias, checked once (a model's norms, made at load)."""
+        return Norm(self._ln, weight, bias, eps)
 
     def gelu_(self, x: torch.Tensor) -> torch.Tensor:
         """F.gelu(x, approximate="tanh") in place, to ~1e-6 relative."""
@@ -85,31 +82,59 @@ class RowOps:
         self._gelu(x.data_ptr(), x.numel())
         return x
 
-    def attention(self, keys_t: torch.Tensor, values: torch.Tensor, first: int, positions: list[int], scale: float) -> Attention:
-        """One step's decode attention for the rows at slots first.. of a slot cache: `keys_t`
-        (layers, slots, heads, head_dim, capacity), `values` (layers, slots, heads, capacity, head_dim),
-        `positions` each row's new position. Checked here, once a step; then called once a layer."""
-        return Attention(self._attend, keys_t, values, first, positions, scale)
+    def attention(self, keys: torch.Tensor, values: torch.Tensor, first: int, positions: list[int], scale: float) -> Attention:
+        """One step's decode attention for the rows at slots first.. of a slot cache: `keys` and
+        `values` (layers, slots, heads, capacity, head_dim), head_dim contiguous (any other strides;
+        `SlotCache(layout="positions")` reads fastest), `positions` each row's new position.
+        Checked here, once a step; then called once a layer. `Attention.at` reuses it for the next
+        step of the same rows."""
+        return Attention(self._attend, keys, values, first, len(positions), scale).at(positions)
+
+
+class Norm:
+    """`RowOps.layer_norm` bound to one weight and bias: each call checks only its activations."""
+
+    def __init__(self, fn: Any, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> None:
+        if not (_floats(weight) and _floats(bias) and weight.dim() == 1 and weight.shape == bias.shape):
+            raise ValueError("layer_norm: w and b must be contiguous float32 CPU vectors of one width")
+        self._fn, self._kept = fn, (weight, bias)  # the weights stay alive while this holds their pointers
+        self._w, self._b, self.dim, self.eps = weight.data_ptr(), bias.data_ptr(), weight.shape[0], eps
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if not (_floats(x) and x.dim() == 2 and x.shape[1] == self.dim):
+            raise ValueError("layer_norm: x must be a contiguous float32 CPU matrix, w and b its rows' width")
+        if residual is not None and not (_floats(residual) and residual.shape == x.shape):
+            raise ValueError("layer_norm: residual must be a contiguous float32 CPU matrix shaped like x")
+        h = torch.empty_like(x)
+        self._fn(x.data_ptr(), None if residual is None else residual.data_ptr(), self._w, self._b, h.data_ptr(), x.shape[0], self.dim, self.eps)
+        return h
 
 
 class Attention:
     """`RowOps.attention`: `GPT2._step`'s decode attention and cache write, one call a layer."""
 
-    def __init__(self, fn: Any, keys_t: torch.Tensor, values: torch.Tensor, first: int, positions: list[int], scale: float) -> None:
-        layers, slots, heads, head_dim, capacity = keys_t.shape if keys_t.dim() == 5 else (0, 0, 0, 0, 0)
-        rows = len(positions)
-        if values.shape != (layers, slots, heads, capacity, head_dim) or not all(t.dtype is torch.float32 and t.is_cpu and t.stride(4) == 1 for t in (keys_t, values)):
-            raise ValueError("attention: keys_t and values must be float32 CPU caches of one shape, last dimension contiguous")
-        if not (0 <= first and first + rows <= slots and all(0 <= p < capacity for p in positions)):
-            raise ValueError(f"attention: rows {first}..{first + rows - 1} at positions up to {max(positions, default=0)} lie outside the cache")
-        ks, vs = keys_t.stride(), values.stride()
-        self._fn, self._cache = fn, (keys_t, values)  # the cache stays alive while this holds its pointers
-        self.positions = torch.tensor(positions, dtype=torch.long)
+    def __init__(self, fn: Any, keys: torch.Tensor, values: torch.Tensor, first: int, rows: int, scale: float) -> None:
+        layers, slots, heads, capacity, head_dim = keys.shape if keys.dim() == 5 else (0, 0, 0, 0, 0)
+        if values.shape != keys.shape or not all(t.dtype is torch.float32 and t.is_cpu and t.stride(4) == 1 for t in (keys, values)):
+            raise ValueError("attention: keys and values must be float32 CPU caches of one shape, head_dim contiguous")
+        if not (0 <= first and first + rows <= slots):
+            raise ValueError(f"attention: rows {first}..{first + rows - 1} lie outside the cache's {slots} slots")
+        ks, vs = keys.stride(), values.stride()
+        self._fn, self._cache = fn, (keys, values)  # the cache stays alive while this holds its pointers
+        self.positions = torch.zeros(rows, dtype=torch.long)
+        self._at = self.positions.numpy()  # the same memory: a step's positions written without torch calls
         self._layout = torch.tensor([rows, heads, head_dim, ks[1], ks[2], ks[3], vs[1], vs[2], vs[3]], dtype=torch.long)
-        self._scores = torch.empty(capacity)
-        self._k, self._v = keys_t.data_ptr() + first * ks[1] * 4, values.data_ptr() + first * vs[1] * 4
+        self._scores = torch.empty(heads * capacity)
+        self._k, self._v = keys.data_ptr() + first * ks[1] * 4, values.data_ptr() + first * vs[1] * 4
         self._k_layer, self._v_layer = ks[0] * 4, vs[0] * 4
-        self.layers, self.rows, self.width, self.scale = layers, rows, heads * head_dim, scale
+        self.first, self.layers, self.rows, self.capacity, self.width, self.scale = first, layers, rows, capacity, heads * head_dim, scale
+
+    def at(self, positions: list[int]) -> Attention:
+        """This step's new position of each row (`positions`, a tensor, follows)."""
+        if len(positions) != self.rows or not all(0 <= p < self.capacity for p in positions):
+            raise ValueError(f"attention: {len(positions)} rows at positions up to {max(positions, default=0)} for a plan of {self.rows} rows in {self.capacity} positions: outside the cache")
+        self._at[:] = positions
+        return self
 
     def __call__(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         """Layer `layer`'s attention for `qkv` (rows, 3 * heads * head_dim): (rows, heads * head_dim)."""
@@ -219,14 +244,15 @@ def _agrees_with_torch(ops: RowOps) -> bool:
     if not torch.allclose(ops.embed_int8(table, scales, pe, ids, at), table[ids].float() * scales[ids, None] + pe[at], atol=1e-5):
         return False
     heads, dim, cap = 2, 8, 6
-    keys_t, values = torch.randn(2, 3, heads, dim, cap, generator=g), torch.randn(2, 3, heads, cap, dim, generator=g)
+    keys = torch.randn(2, 3, cap, heads, dim, generator=g).transpose(2, 3)  # (layers, slots, heads, cap, dim), stored by position
+    values = torch.randn(2, 3, heads, cap, dim, generator=g)
     qkv, pos = torch.randn(2, 3 * heads * dim, generator=g), [3, 5]
-    out = ops.attention(keys_t, values, 1, pos, 0.5)(1, qkv)
+    out = ops.attention(keys, values, 1, pos, 0.5)(1, qkv)
     q, k, v = qkv.view(2, 3, heads, dim).unbind(1)
     for r, p in enumerate(pos):
-        if not (torch.equal(keys_t[1, r + 1, :, :, p], k[r]) and torch.equal(values[1, r + 1, :, p], v[r])):
+        if not (torch.equal(keys[1, r + 1, :, p], k[r]) and torch.equal(values[1, r + 1, :, p], v[r])):
             return False
-        ref = torch.softmax((q[r, :, None, :] * 0.5) @ keys_t[1, r + 1, :, :, : p + 1], -1) @ values[1, r + 1, :, : p + 1]
+        ref = torch.softmax((q[r, :, None, :] * 0.5) @ keys[1, r + 1, :, : p + 1].transpose(1, 2), -1) @ values[1, r + 1, :, : p + 1]
         if not torch.allclose(out[r].view(heads, dim), ref[:, 0], atol=1e-5):
             return False
     return True

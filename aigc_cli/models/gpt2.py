@@ -143,15 +143,24 @@ class SlotCache:
     length. Running rows occupy slots 0..rows-1 (a finished row's slot is refilled by the last
     row, so a decode step reads one contiguous block); slots and positions grow on demand.
 
-    Keys are stored transposed, (layers, slots, heads, head_dim, positions), values as
-    (layers, slots, heads, positions, head_dim): a decode step's q @ K then streams each key row
-    in memory order, about 20% faster on CPU than over (positions, head_dim) keys. `keys` is
-    the same memory viewed like the values."""
+    `k` is viewed as (layers, slots, heads, head_dim, positions), `v` and `keys` (the keys again)
+    as (layers, slots, heads, positions, head_dim); how they are stored is the `layout`:
+    - "heads": keys stored as `k` (transposed), values as `v`: a decode step's torch q @ K streams
+      each key row in memory order, about 20% faster on CPU than over (positions, head_dim) keys.
+    - "positions": both stored (layers, slots, positions, heads, head_dim), what the compiled
+      int8 attention (`fused.RowOps.attention`) reads fastest: a row's keys, then its values, as
+      one stream each. Measured, GPT-2 small shape, one row at 70 positions, one thread, the
+      layer's cache cold: 68 -> 34 us a layer (~0.4 ms an int8 token of ~9.5)."""
 
-    def __init__(self, cfg: Config, dtype: torch.dtype, device: str) -> None:
-        self.cfg, self.dtype, self.device = cfg, dtype, device
+    LAYOUTS = ("heads", "positions")
+
+    def __init__(self, cfg: Config, dtype: torch.dtype, device: str, layout: str = "heads") -> None:
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"unknown slot cache layout {layout!r}")
+        self.cfg, self.dtype, self.device, self.layout = cfg, dtype, device, layout
         self.k = self.v = torch.empty(0)
         self.lengths: list[int] = []  # per running row: positions filled
+        self.plan: Any = None  # the compiled attention's plan on these buffers (`GPT2._attention`); dropped when they change
 
     @property
     def keys(self) -> torch.Tensor:
@@ -183,16 +192,20 @@ class SlotCache:
         positions = min(positions, self.cfg.n_positions)
         if (slots, positions) == self.capacity:
             return
-        head_dim = self.cfg.n_embd // self.cfg.n_head
-        shape = (self.cfg.n_layer, slots, self.cfg.n_head, positions, head_dim)
+        layers, heads, head_dim = self.cfg.n_layer, self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head
         # zeros, not empty: masked positions still enter the attention's products, and 0 * NaN is NaN
-        k = torch.zeros((*shape[:3], head_dim, positions), dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.layout == "heads":
+            k = torch.zeros((layers, slots, heads, head_dim, positions), dtype=self.dtype, device=self.device)
+            v = torch.zeros((layers, slots, heads, positions, head_dim), dtype=self.dtype, device=self.device)
+        else:
+            stored = (layers, slots, positions, heads, head_dim)
+            k = torch.zeros(stored, dtype=self.dtype, device=self.device).permute(0, 1, 3, 4, 2)
+            v = torch.zeros(stored, dtype=self.dtype, device=self.device).transpose(2, 3)
         if self.rows:
             n, filled = self.rows, max(self.lengths)
             k.transpose(3, 4)[:, :n, :, :filled] = self.keys[:, :n, :, :filled]
             v[:, :n, :, :filled] = self.v[:, :n, :, :filled]
-        self.k, self.v = k, v
+        self.k, self.v, self.plan = k, v, None
 
     def tidy(self, swaps: int = 2) -> list[tuple[int, int]]:
         """Move the running rows a little towards longest-first order, so that each block of
@@ -421,6 +434,9 @@ class GPT2:
         # int8 decoding's layer norms, GELU and attention as compiled kernels where they build (see
         # fused.py); both decoding steps use them, so a row gets the same bits from either.
         self.rowops = fused.row_ops() if quantize == "int8" and isinstance(self.embed, q8.Embedding) and self.embed.scale is not None else None
+        # their layer norms in the order a step runs them (each layer's two, then the final one),
+        # weights checked once here
+        self.norms = [] if self.rowops is None else [self.rowops.norm(w, b, cfg.eps) for w, b in [*((layer[i], layer[i + 1]) for layer in self.layers for i in (0, 4)), self.ln_f]]
 
     @staticmethod
     def _table_and_head(
@@ -498,7 +514,8 @@ class GPT2:
         return 2 * self.cfg.n_layer * self.cfg.n_embd * self.dtype.itemsize
 
     def new_slots(self) -> SlotCache:
-        return SlotCache(self.cfg, self.dtype, str(self.device))
+        """An empty slot cache, laid out for the attention this model runs."""
+        return SlotCache(self.cfg, self.dtype, str(self.device), "heads" if self.rowops is None else "positions")
 
     def step(
         self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False, first: int = 0
@@ -551,19 +568,26 @@ class GPT2:
         same functions `_step` calls for int8, so the same bits. Measured, GPT-2 small int8, one
         thread, 2-core AMD EPYC, batch-1 greedy: 10.2 -> 9.5 ms a token against an 8.1 ms floor
         (bench/RESULTS-decode.md)."""
-        cfg = self.cfg
-        rows, p, eps = tokens.shape[0], slots.lengths[first], cfg.eps
-        attention = ops.attention(slots.k, slots.v, first, [p] * rows, (cfg.n_embd // cfg.n_head) ** -0.5)
+        rows, p = tokens.shape[0], slots.lengths[first]
+        attention = self._attention(ops, slots, first, [p] * rows)
         x = ops.embed_int8(self.embed.table, self.embed.scale, self.wpe, tokens, attention.positions)
-        layers = self.layers
-        h = ops.layer_norm(x, layers[0][0], layers[0][1], eps)
-        for i, (_, _, attn, proj, w2, b2, fc, fc_out) in enumerate(layers):
-            a = attention(i, attn(h))
-            h = ops.layer_norm(x, w2, b2, eps, residual=proj(a))
-            w, b = layers[i + 1][:2] if i + 1 < len(layers) else self.ln_f
-            h = ops.layer_norm(x, w, b, eps, residual=fc_out(ops.gelu_(fc(h))))
+        norms = self.norms
+        h = norms[0](x)
+        for i, (_, _, attn, proj, _, _, fc, fc_out) in enumerate(self.layers):
+            h = norms[2 * i + 1](x, proj(attention(i, attn(h))))
+            h = norms[2 * i + 2](x, fc_out(ops.gelu_(fc(h))))
         slots.lengths[first : first + rows] = [p + 1] * rows
         return self.logits(h).float()
+
+    def _attention(self, ops: fused.RowOps, slots: SlotCache, first: int, positions: list[int]) -> fused.Attention:
+        """The compiled attention for rows first.. at these positions: the previous step's plan when
+        it was made for the same rows on the same buffers (set up cold, at the start of a step, a
+        new one took ~0.08 ms of an int8 token), else a new one."""
+        plan = slots.plan
+        if isinstance(plan, fused.Attention) and plan.first == first and plan.rows == len(positions):
+            return plan.at(positions)
+        slots.plan = ops.attention(slots.keys, slots.v, first, positions, (self.cfg.n_embd // self.cfg.n_head) ** -0.5)
+        return slots.plan
 
     def _step(  # one pass, kept whole: it is the decode loop's hot path, read top to bottom layer by layer
         self, tokens: torch.Tensor | None, slots: SlotCache, prompts: list[list[int]], states: bool = False, first: int = 0
@@ -598,7 +622,7 @@ class GPT2:
             pos = torch.tensor(lengths, dtype=torch.long, device=dev)
             rows = torch.arange(first, first + bsz, device=dev)
             blocks = []  # (lo, hi, positions attended, mask hiding each shorter row's unused positions)
-            attention = ops.attention(slots.k, slots.v, first, lengths, head_dim**-0.5) if ops is not None else None
+            attention = self._attention(ops, slots, first, lengths) if ops is not None else None
             for lo, hi, top in attention_blocks(lengths) if ops is None else []:
                 mask = None
                 if min(lengths[lo:hi]) != top:

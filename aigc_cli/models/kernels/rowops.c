@@ -17,7 +17,7 @@
 
 #define LANES 16
 
-int aigc_rowops_abi(void) { return 3; }
+int aigc_rowops_abi(void) { return 4; }
 
 /* e^x to about 2 ulp (Cephes' expf polynomial); NaN stays NaN; below -87 gives ~1e-38. */
 static inline float fexp(float x) {
@@ -109,45 +109,59 @@ void aigc_gelu_tanh(float *restrict x, long n) {
 }
 
 /* One new position per row, for each row r < rows: its query, key and value are
-   qkv[r * 3 * heads * hd + (0, 1, 2) * heads * hd ...]; the key goes to keys_t[r][head][d][pos[r]] and
-   the value to values[r][head][pos[r]][d], then out[r * heads * hd + head * hd + d] =
-   softmax(q . K[0..pos[r]] * scale) V. layout: rows, heads, hd, then the strides (in floats) of
-   keys_t's row, head and d, and of values' row, head and position. `scores`: room for the
-   longest row's pos + 1 floats. */
-void aigc_attend(const float *restrict qkv, float *restrict keys_t, float *restrict values, float *restrict out,
+   qkv[r * 3 * heads * hd + (0, 1, 2) * heads * hd ...]; the key and value go to position pos[r] of
+   the row's cache, then out[r * heads * hd + head * hd + d] = softmax(q . K[0..pos[r]] * scale) V.
+   Keys and values are addressed as K[r][head][position][d] through strides (in floats) with d
+   contiguous: layout = rows, heads, hd, then the strides of the keys' row, head and position, and
+   of the values' row, head and position. With the cache stored (positions, heads, hd) per row and
+   layer (`SlotCache(layout="positions")`), each row's keys and then its values are read as one
+   stream, position after position, all heads together: read cold (as every step reads them, the
+   streamed weights having evicted them), that is half the time of one short stream per head.
+   `scores`: room for heads * (the longest row's pos + 1) floats. */
+void aigc_attend(const float *restrict qkv, float *restrict keys, float *restrict values, float *restrict out,
                  const int64_t *restrict pos, const int64_t *restrict layout, float scale, float *restrict scores) {
     long rows = layout[0], heads = layout[1], hd = layout[2];
-    long k_row = layout[3], k_head = layout[4], k_dim = layout[5], v_row = layout[6], v_head = layout[7], v_pos = layout[8];
-    long qkv_row = 3 * heads * hd, out_row = heads * hd;
-    long e = heads * hd;
+    long k_row = layout[3], k_head = layout[4], k_pos = layout[5], v_row = layout[6], v_head = layout[7], v_pos = layout[8];
+    long qkv_row = 3 * heads * hd, e = heads * hd;
     for (long r = 0; r < rows; r++) {
         long p = pos[r], n = p + 1;
         const float *restrict base = qkv + r * qkv_row;
+        float *restrict K = keys + r * k_row;
+        float *restrict V = values + r * v_row;
+        float *restrict o = out + r * e;
         for (long h = 0; h < heads; h++) {
-            const float *restrict q = base + h * hd;
-            const float *restrict k = base + e + h * hd;
-            const float *restrict v = base + 2 * e + h * hd;
-            float *restrict K = keys_t + r * k_row + h * k_head;
-            float *restrict V = values + r * v_row + h * v_head;
-            for (long d = 0; d < hd; d++) K[d * k_dim + p] = k[d];
-            for (long d = 0; d < hd; d++) V[p * v_pos + d] = v[d];
-            for (long s = 0; s < n; s++) scores[s] = 0.0f;
-            for (long d = 0; d < hd; d++) {
-                float qd = q[d] * scale;
-                const float *restrict Kd = K + d * k_dim;
-                for (long s = 0; s < n; s++) scores[s] += qd * Kd[s];
+            memcpy(K + p * k_pos + h * k_head, base + e + h * hd, hd * sizeof(float));
+            memcpy(V + p * v_pos + h * v_head, base + 2 * e + h * hd, hd * sizeof(float));
+        }
+        for (long s = 0; s < n; s++) {
+            for (long h = 0; h < heads; h++) {
+                const float *restrict q = base + h * hd;
+                const float *restrict k = K + s * k_pos + h * k_head;
+                float acc[LANES] = {0};
+                long d = 0;
+                for (; d + LANES <= hd; d += LANES)
+                    for (int j = 0; j < LANES; j++) acc[j] += q[d + j] * k[d + j];
+                float t = 0;
+                for (int j = 0; j < LANES; j++) t += acc[j];
+                for (; d < hd; d++) t += q[d] * k[d];
+                scores[h * n + s] = t * scale;
             }
-            float m = max_of(scores, n);
-            for (long s = 0; s < n; s++) scores[s] = fexp(scores[s] - m);
-            float inv = 1.0f / sum(scores, n);
-            float *restrict o = out + r * out_row + h * hd;
-            for (long d = 0; d < hd; d++) o[d] = 0.0f;
-            for (long s = 0; s < n; s++) {
-                float w = scores[s];
-                const float *restrict Vs = V + s * v_pos;
-                for (long d = 0; d < hd; d++) o[d] += w * Vs[d];
+        }
+        for (long h = 0; h < heads; h++) {
+            float *restrict w = scores + h * n;
+            float m = max_of(w, n);
+            for (long s = 0; s < n; s++) w[s] = fexp(w[s] - m);
+            float inv = 1.0f / sum(w, n);
+            for (long s = 0; s < n; s++) w[s] *= inv;
+        }
+        for (long i = 0; i < e; i++) o[i] = 0.0f;
+        for (long s = 0; s < n; s++) {
+            for (long h = 0; h < heads; h++) {
+                float w = scores[h * n + s];
+                const float *restrict v = V + s * v_pos + h * v_head;
+                float *restrict oh = o + h * hd;
+                for (long d = 0; d < hd; d++) oh[d] += w * v[d];
             }
-            for (long d = 0; d < hd; d++) o[d] *= inv;
         }
     }
 }
