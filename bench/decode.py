@@ -35,6 +35,11 @@ detokenisation and stop checks, the scheduler's own bookkeeping, and the engine 
 conversions of tensors to Python numbers (`.tolist()`, `.item()`, `int()`: host synchronisations
 on a GPU, plain reads on the CPU) are counted and timed where they happen.
 
+The batch-1 cases (greedy, int8, top-p) also run once more per round in each build with today's
+layout with one pass over the weight matrices after every scheduler step, timed apart: a floor
+measured in the same seconds as the steps, which a busy neighbour's load moves alike (on a shared
+host the floor taken before a case moved 7.8-13 ms between processes within minutes).
+
 Greedy and beam outputs are asserted identical to transformers'; seeded sampling outputs of every
 --build are asserted identical to this tree's.
 """
@@ -62,6 +67,7 @@ BATCH_PROMPTS = [
     "Scientists announced today that",
     "My favourite recipe for a rainy day is",
 ]
+INTERLEAVED = ("greedy", "int8", "sample")  # the batch-1 cases also measured against a floor taken between their steps
 LONG_PROMPT_TOKENS = 900
 MIXED_RECORDS = 64  # the mixed-length file case: records as bench/batch.py --mixed makes them
 README_TOKENS, README_N = 44, 5
@@ -155,7 +161,7 @@ def _worker(kind: str, quantize: str, path: str, long_prompt: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         hf_kw = {"greedy": {"do_sample": False}, "beam": {"do_sample": False, "num_beams": 5}, "sample": {"do_sample": True, "top_p": 0.9}}
 
-        def run(name: str, _breakdown: bool) -> dict[str, Any]:
+        def run(name: str, _breakdown: bool, _interleave: bool = False) -> dict[str, Any]:
             case = CASES[name]
             torch.manual_seed(0)
             started, cpu = time.perf_counter(), time.process_time()
@@ -188,14 +194,22 @@ def _worker(kind: str, quantize: str, path: str, long_prompt: str) -> None:
                 kw["num_sequences"] = case["sequences"]
             settings[name] = GenerationSettings(**kw).resolved()
 
-        def run(name: str, breakdown: bool) -> dict[str, Any]:
+        def run(name: str, breakdown: bool, interleave: bool = False) -> dict[str, Any]:
             case = CASES[name]
             reqs = [Request(i, p, _record_settings(case, settings[name], i), 1) for i, p in enumerate(prompts_of(case))]
             probe = _Probe() if breakdown else None
+            floor_passes = _Interleaved(engine.lm.model) if interleave else None
             started, cpu = time.perf_counter(), time.process_time()
-            completions = list(engine.generate(reqs, batch_size=64))
+            try:
+                completions = list(engine.generate(reqs, batch_size=64))
+            finally:
+                if floor_passes is not None:
+                    floor_passes.remove()
             seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
             out = {"seconds": seconds, "cpu": cpu, "ids": list(completions[0].token_ids), "prompt_tokens": completions[0].prompt_tokens}
+            if floor_passes is not None:  # the engine's own time, and the floor measured between its steps
+                out["seconds"] -= sum(floor_passes.passes)
+                out["floor_pass"] = statistics.median(floor_passes.passes)
             if case.get("mixed"):  # every record's tokens, in order, and how many there were
                 done = sorted(completions, key=lambda c: c.index)
                 out["ids"] = [t for c in done for t in c.token_ids]
@@ -217,7 +231,7 @@ def _worker(kind: str, quantize: str, path: str, long_prompt: str) -> None:
             elif "lean" in ask:
                 answer = _lean_against_batch_step(engine.lm.model, ask["lean"], ask.get("rows", 1))
             else:
-                answer = run(ask["case"], ask.get("breakdown", False))
+                answer = run(ask["case"], ask.get("breakdown", False), ask.get("interleave", False))
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which names the engine
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         proto.write(json.dumps(answer) + "\n")
@@ -318,6 +332,37 @@ def _floor(model: Any, rounds: int) -> dict[str, Any]:
 def _bound(fn: Any, *args: Any, **kw: Any) -> Any:
     """fn(x, *args, **kw) as a function of x."""
     return lambda x: fn(x, *args, **kw)
+
+
+class _Interleaved:
+    """One pass over the model's weight matrices (the floor, as `_floor` makes it) after every
+    scheduler step, timed apart: a floor measured in the same moments as the steps it is compared
+    with, so that a neighbour's load moves both alike. A step after a pass starts as cold as one
+    after a step (each streams every weight)."""
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        from aigc_cli.engine import scheduler
+
+        mats = _matrices(model)
+        calls = [(fn, torch.randn(1, i)) for fn, i, _ in mats]
+        self.passes: list[float] = []
+        self._owner, self._original = scheduler.Scheduler, scheduler.Scheduler.step
+        original, passes = self._original, self.passes
+
+        def step(sched: Any) -> Any:
+            events = original(sched)
+            started = time.perf_counter()
+            for fn, x in calls:
+                fn(x)
+            passes.append(time.perf_counter() - started)
+            return events
+
+        scheduler.Scheduler.step = step  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        self._owner.step = self._original  # type: ignore[method-assign]
 
 
 class _Probe:
@@ -528,6 +573,7 @@ def main() -> None:
     prompt_tokens: dict[str, int] = {}
     new_tokens: dict[str, int] = {}
     round_floor: dict[str, list[tuple[float, float]]] = {}  # per case, each round's floor (wall, CPU), measured in that round's worker
+    interleaved: dict[str, dict[str, list[tuple[float, float]]]] = {}  # per case and build, each round's (step, floor pass between steps)
     for case in (c for c in cases if c in CASES):
         spec = CASES[case]
         q = spec["quantize"]
@@ -558,9 +604,14 @@ def main() -> None:
                 got = engine.ask(case=case)
                 times[name].append(got["seconds"])
                 cpus[name].append(got["cpu"])
+            if case in INTERLEAVED:
+                for name, engine in order:
+                    if name in builds and _has_scheduler(builds[name]):
+                        got = engine.ask(case=case, interleave=True)
+                        interleaved.setdefault(case, {}).setdefault(name, []).append((got["seconds"] / spec["tokens"], got["floor_pass"]))
         results[case], cpu_times[case] = times, cpus
         for name, root in builds.items():
-            if root is not None and (root / "aigc_cli" / "engine" / "scheduler.py").exists():
+            if _has_scheduler(root):
                 breakdowns.setdefault(case, {})[name] = engines[(name, q)].ask(case=case, breakdown=True)["breakdown"]
         print(f"{spec['title']}: " + ", ".join(f"{n} {statistics.median(t):.3f} s" for n, t in times.items()), flush=True)
 
@@ -676,6 +727,18 @@ def main() -> None:
                 pct = f"{100 * statistics.median(f[0] * steps / w for f, w, _ in pairs):.0f}%" if pairs and single else "-"
             step_ms, cpu_ms = (f"{per_step * 1e3:.1f} ms", f"{cpu_step * 1e3:.1f} ms") if not spec.get("mixed") else ("-", "-")
             lines.append(f"| {spec['title']} | {name} | {m:.3f} s (min {min(t):.3f}) | {tps} | {step_ms} | {gbs} | {pct} | {cpu_ms} | {pct_cpu} |")
+    if interleaved:
+        lines += ["", "## Against a floor measured between the steps (one pass over the weight matrices after every step, same process)", "",
+                  "A second run per round of each build with today's layout: after every scheduler step, one batch-1 pass over the "
+                  "model's weight matrices with its own kernels, timed apart (the step's time excludes it). Step and floor are then "
+                  "measured in the same seconds, so a busy neighbour slows both alike. Ratio: the median over the rounds of each "
+                  "round's step / floor; target 1.15x.", ""]
+        lines += ["| case | build | per step | floor pass | step / floor | within 1.15x |", "|---|---|---:|---:|---:|---|"]
+        for case, per in interleaved.items():
+            for name, pairs in per.items():
+                ratio = med(st / fl for st, fl in pairs)
+                lines.append(f"| {CASES[case]['title']} | {name} | {med(st for st, _ in pairs) * 1e3:.2f} ms | {med(fl for _, fl in pairs) * 1e3:.2f} ms | "
+                             f"{ratio:.3f} (rounds: {', '.join(f'{st / fl:.3f}' for st, fl in pairs)}) | {'yes' if ratio <= 1.15 else 'no'} |")
     if readme_times:
         floor_s = med(floors["none"]["seconds"])
         bare = med(readme_times["import torch"])
@@ -727,6 +790,11 @@ def main() -> None:
     tmp.write_text(text)
     os.replace(tmp, args.out)
     print(f"wrote {args.out}")
+
+
+def _has_scheduler(root: Path | None) -> bool:
+    """A build with today's layout (its scheduler where the probes hook in)."""
+    return root is not None and (root / "aigc_cli" / "engine" / "scheduler.py").exists()
 
 
 def _version(module: str) -> str:

@@ -407,7 +407,7 @@ class Scheduler:
 
     def _admit(self) -> list[RowSpec]:
         """Queued rows that fit now, first come first served; their slots are reserved."""
-        if self.live and not self.refill:
+        if not self.queue or (self.live and not self.refill):
             return []
         joining: list[RowSpec] = []
         longest = max((x.reserve for x in self.live), default=0)
@@ -515,13 +515,16 @@ class Scheduler:
         """Process and draw the tokens of rows that share their sampling settings."""
         settings = self.live[rows[0]].spec.settings
         scores = logits if len(rows) == len(self.live) else logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+        sampling = settings.decoding is Decoding.sample
+        if not sampling and not any(self.live[b].processors or self.live[b].rules.ban for b in rows):
+            self._pick_greedy(scores, rows, tokens)
+            return
         if len(rows) == 1:  # one row (batch-1 decoding): no slicing and joining
             scores = self._processed(self.live[rows[0]], scores)
         else:
             scores = self._held_back(scores, [self.live[b] for b in rows])
             if any(self.live[b].processors for b in rows):  # history-based: each row on its own sequence
                 scores = torch.cat([self._processed(self.live[b], scores[i : i + 1], held=True) for i, b in enumerate(rows)])
-        sampling = settings.decoding is Decoding.sample
         sampler = _Sampler(settings)
         if sampling:
             seeds = torch.tensor([self.live[b].spec.seed for b in rows], dtype=torch.long)
@@ -538,6 +541,21 @@ class Scheduler:
                 draw = (sampler, seeds[i : i + 1], draws[i : i + 1]) if sampling else None
                 token = _unbanned(live.rules, live.row, scores[i], token, draw)
             tokens[b] = token
+
+    def _pick_greedy(self, scores: torch.Tensor, rows: list[int], tokens: list[int]) -> None:
+        """`_pick_group` for greedy rows without processors or bans: the argmax of the raw scores,
+        and only where a row's min_new_tokens holds EOS back and EOS won, that row again with EOS at
+        -inf: the same tokens as masking first, without copying every row's scores each step (a
+        cold copy of GPT-2's 50,257 scores took ~0.09 ms of a ~9 ms int8 token)."""
+        picked = greedy_tokens(scores)
+        for i, b in enumerate(rows):
+            live = self.live[b]
+            if Scheduler.fault is not None:
+                Scheduler.fault(live.spec)
+            eos = live.held_eos
+            if eos is not None and picked[i] == eos:
+                picked[i] = greedy_tokens(self._held_back(scores[i : i + 1], [live]))[0]
+            tokens[b] = picked[i]
 
     @staticmethod
     def _held_back(scores: torch.Tensor, rows: list[_Live]) -> torch.Tensor:
