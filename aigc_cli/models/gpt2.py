@@ -577,7 +577,7 @@ class GPT2:
             h = norms[2 * i + 1](x, proj(attention(i, attn(h))))
             h = norms[2 * i + 2](x, fc_out(ops.gelu_(fc(h))))
         slots.lengths[first : first + rows] = [p + 1] * rows
-        return self.logits(h).float()
+        return self.head(h)  # (rows, V) float32 already: no reshape or cast
 
     def _attention(self, ops: fused.RowOps, slots: SlotCache, first: int, positions: list[int]) -> fused.Attention:
         """The compiled attention for rows first.. at these positions: the previous step's plan when
