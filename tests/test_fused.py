@@ -54,8 +54,10 @@ def _naive_attention(q, keys, values, p, scale):
 
 
 def _cache(layout, layers, slots, heads, cap, dim, g):
-    """A (layers, slots, heads, cap, dim) view of random values stored as the layout says."""
-    if layout == "positions":  # as SlotCache(layout="positions") stores it
+    """A (layers, slots, heads, cap, dim) view of random values stored as the layout says: by
+    position (SlotCache(layout="positions"), keys and values) or by head (how a "heads" SlotCache
+    stores its values)."""
+    if layout == "positions":
         return torch.randn(layers, slots, cap, heads, dim, generator=g).transpose(2, 3)
     return torch.randn(layers, slots, heads, cap, dim, generator=g)
 
@@ -66,7 +68,7 @@ def _cache(layout, layers, slots, heads, cap, dim, g):
 def test_attention_matches_a_naive_computation_and_writes_only_its_rows_positions(ops, positions, layout):
     """Rows at slots 1.. of a 3-layer cache, each at its own position: the attention equals a
     float64 computation, each row's key and value land at its position of layer 1, and nothing
-    else in the cache moves; for a cache stored by position (the model's) and by head."""
+    else in the cache moves; for caches stored by position (the model's) and by head (other strides)."""
     g = torch.Generator().manual_seed(len(positions))
     layers, heads, dim, cap, rows, first = 3, 12, 64, 1024, len(positions), 1
     keys, values = (_cache(layout, layers, rows + 2, heads, cap, dim, g) for _ in range(2))
@@ -275,8 +277,9 @@ def test_a_slot_cache_stored_by_position_behaves_as_one_stored_by_head():
 @needs_compiler
 def test_an_int8_step_reuses_its_attention_plan_until_the_cache_is_resized(tiny_lm):
     """The compiled attention's plan is kept between steps of the same rows and made again when the
-    rows change or the cache's buffers do (a stale plan would write into freed memory): logits
-    after a resize mid-generation equal those of a cache that never grew."""
+    rows change or the cache's buffers do (a stale plan would write this step's keys into the old
+    buffers, which it keeps alive, and read them back from there): logits after a resize
+    mid-generation equal those of a cache that never grew."""
     from aigc_cli.models.gpt2 import from_hf_model
 
     model = from_hf_model(tiny_lm.hf_model, quantize="int8")
@@ -290,8 +293,10 @@ def test_an_int8_step_reuses_its_attention_plan_until_the_cache_is_resized(tiny_
         tokens, steps, plans = model.step(None, slots, [prompt]).argmax(-1), [], []
         for i in range(20):
             if grow and slots.lengths[0] + 1 >= slots.capacity[1]:
+                stale = slots.plan
                 slots.reserve(1, 40)
                 assert slots.plan is None
+                slots.plan = stale  # as if some other path changed the buffers: the plan must see it
             logits = model.step(tokens, slots, [])
             plans.append(slots.plan)
             tokens = logits.argmax(-1)
@@ -300,3 +305,25 @@ def test_an_int8_step_reuses_its_attention_plan_until_the_cache_is_resized(tiny_
         assert len({id(p) for p in plans}) == (2 if grow else 1)
     assert torch.equal(runs[0], runs[1])
 
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_torch_step_on_a_cache_stored_by_position_equals_it_on_one_stored_by_head(tiny_lm, rows):
+    """A float32 model (torch's ops) given a "positions" cache: rows at one position step through
+    `_step` (the level step's lane views need keys stored by head), with the same logits."""
+    from aigc_cli.models.gpt2 import SlotCache, from_hf_model
+
+    model = from_hf_model(tiny_lm.hf_model)
+    assert model.rowops is None
+    prompt = tiny_lm.tokenizer.encode("the cat sat on the mat and", add_special_tokens=False)
+    runs = []
+    for layout in SlotCache.LAYOUTS:
+        slots = SlotCache(model.cfg, model.dtype, "cpu", layout)
+        slots.reserve(rows, len(prompt) + 8)
+        tokens, steps = model.step(None, slots, [prompt] * rows).argmax(-1), []
+        for _ in range(6):
+            logits = model.step(tokens, slots, [])
+            tokens = logits.argmax(-1)
+            steps.append(logits)
+        runs.append(torch.stack(steps))
+    assert torch.allclose(runs[0], runs[1], atol=1e-5)

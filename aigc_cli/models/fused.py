@@ -86,8 +86,8 @@ class RowOps:
         """One step's decode attention for the rows at slots first.. of a slot cache: `keys` and
         `values` (layers, slots, heads, capacity, head_dim), head_dim contiguous (any other strides;
         `SlotCache(layout="positions")` reads fastest), `positions` each row's new position.
-        Checked here, once a step; then called once a layer. `Attention.at` reuses it for the next
-        step of the same rows."""
+        Checked here; then called once a layer. `Attention.at` moves it to the next step of the same
+        rows (checking the new positions)."""
         return Attention(self._attend, keys, values, first, len(positions), scale).at(positions)
 
 
@@ -128,6 +128,11 @@ class Attention:
         self._k, self._v = keys.data_ptr() + first * ks[1] * 4, values.data_ptr() + first * vs[1] * 4
         self._k_layer, self._v_layer = ks[0] * 4, vs[0] * 4
         self.first, self.layers, self.rows, self.capacity, self.width, self.scale = first, layers, rows, capacity, heads * head_dim, scale
+
+    def reads(self, values: torch.Tensor) -> bool:
+        """Was this plan made on this cache's current buffers? (`SlotCache.resize` replaces its keys
+        and values together, as new tensors.)"""
+        return self._cache[1] is values
 
     def at(self, positions: list[int]) -> Attention:
         """This step's new position of each row (`positions`, a tensor, follows)."""

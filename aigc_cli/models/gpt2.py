@@ -540,6 +540,8 @@ class GPT2:
         32.0 against 33.1 (the matmuls are ~90% of a step; bench/RESULTS-decode.md)."""
         if self.rowops is not None:
             return self._step_level_fused(tokens, slots, first, self.rowops)
+        if slots.layout != "heads":  # its lane views below need keys stored by head: copies would miss this step's writes
+            return self._step(tokens, slots, [], False, first)  # type: ignore[return-value]
         cfg = self.cfg
         heads, head_dim, e, eps = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd, cfg.eps
         rows, p = tokens.shape[0], slots.lengths[first]
@@ -577,14 +579,14 @@ class GPT2:
             h = norms[2 * i + 1](x, proj(attention(i, attn(h))))
             h = norms[2 * i + 2](x, fc_out(ops.gelu_(fc(h))))
         slots.lengths[first : first + rows] = [p + 1] * rows
-        return self.head(h)  # (rows, V) float32 already: no reshape or cast
+        return self.logits(h)  # float32 already: no cast
 
     def _attention(self, ops: fused.RowOps, slots: SlotCache, first: int, positions: list[int]) -> fused.Attention:
         """The compiled attention for rows first.. at these positions: the previous step's plan when
         it was made for the same rows on the same buffers (set up cold, at the start of a step, a
         new one took ~0.08 ms of an int8 token), else a new one."""
         plan = slots.plan
-        if isinstance(plan, fused.Attention) and plan.first == first and plan.rows == len(positions):
+        if isinstance(plan, fused.Attention) and plan.first == first and plan.rows == len(positions) and plan.reads(slots.v):
             return plan.at(positions)
         slots.plan = ops.attention(slots.keys, slots.v, first, positions, (self.cfg.n_embd // self.cfg.n_head) ** -0.5)
         return slots.plan
