@@ -568,7 +568,8 @@ class GPT2:
         """`_step_level` with the compiled row kernels (int8): per layer the four matmuls and four
         kernel calls (attention with its cache write; residual add + layer norm, twice; GELU), the
         same functions `_step` calls for int8, so the same bits. Measured, GPT-2 small int8, one
-        thread, 2-core AMD EPYC, batch-1 greedy: 10.2 -> 9.5 ms a token against an 8.1 ms floor
+        thread, 2-core AMD EPYC, batch-1 greedy: 11.4 -> 9.6 ms a token (forward) with the
+        kernels, 9.4 -> 8.7 with the cache stored by position and the plan kept between steps
         (bench/RESULTS-decode.md)."""
         rows, p = tokens.shape[0], slots.lengths[first]
         attention = self._attention(ops, slots, first, [p] * rows)
