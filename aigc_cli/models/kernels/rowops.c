@@ -50,6 +50,18 @@ static float sum(const float *restrict x, long n) {
     return t;
 }
 
+/* a . b with LANES partial sums (the same order wherever it is used). */
+static float dot(const float *restrict a, const float *restrict b, long n) {
+    float acc[LANES] = {0};
+    long i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * b[i + j];
+    float t = 0;
+    for (int j = 0; j < LANES; j++) t += acc[j];
+    for (; i < n; i++) t += a[i] * b[i];
+    return t;
+}
+
 static float max_of(const float *restrict x, long n) {
     float m = x[0];
     for (long i = 1; i < n; i++) m = x[i] > m || x[i] != x[i] ? x[i] : m; /* NaN wins */
@@ -86,13 +98,7 @@ void aigc_add_layer_norm(float *restrict x, const float *restrict y, const float
         }
         float mean = sum(xr, dim) / (float)dim;
         for (long i = 0; i < dim; i++) hr[i] = xr[i] - mean;
-        float acc[LANES] = {0};
-        long i = 0;
-        for (; i + LANES <= dim; i += LANES)
-            for (int j = 0; j < LANES; j++) acc[j] += hr[i + j] * hr[i + j];
-        float var = 0;
-        for (int j = 0; j < LANES; j++) var += acc[j];
-        for (; i < dim; i++) var += hr[i] * hr[i];
+        float var = dot(hr, hr, dim);
         float rstd = 1.0f / sqrtf(var / (float)dim + eps);
         for (long k = 0; k < dim; k++) hr[k] = hr[k] * rstd * w[k] + b[k];
     }
@@ -135,16 +141,7 @@ void aigc_attend(const float *restrict qkv, float *restrict keys, float *restric
         }
         for (long s = 0; s < n; s++) {
             for (long h = 0; h < heads; h++) {
-                const float *restrict q = base + h * hd;
-                const float *restrict k = K + s * k_pos + h * k_head;
-                float acc[LANES] = {0};
-                long d = 0;
-                for (; d + LANES <= hd; d += LANES)
-                    for (int j = 0; j < LANES; j++) acc[j] += q[d + j] * k[d + j];
-                float t = 0;
-                for (int j = 0; j < LANES; j++) t += acc[j];
-                for (; d < hd; d++) t += q[d] * k[d];
-                scores[h * n + s] = t * scale;
+                scores[h * n + s] = dot(base + h * hd, K + s * k_pos + h * k_head, hd) * scale;
             }
         }
         for (long h = 0; h < heads; h++) {
