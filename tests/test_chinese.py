@@ -481,3 +481,54 @@ def test_generate_int8_with_defaults_fills_the_context(cli, uer1024):
     assert [row["prompt_tokens"] for row in rows] == [974] * 3  # [CLS] and 973 characters
     assert max(row["prompt_tokens"] + row["completion_tokens"] for row in rows) == 1024  # (a row may end at [SEP])
     assert not CJK_SPACE.search(rows[0]["text"])
+
+
+@pytest.fixture(scope="module")
+def uer1024_sep(uer1024: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """uer1024 with [SEP]'s (tied) embedding set to 1.01 x that of 寒, which greedy decoding of
+    the prompt below reaches: [SEP] then wins wherever 寒 would, so greedy texts end early."""
+    import shutil
+
+    import torch
+    from transformers import BertTokenizer, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("uer-1024-sep")
+    for name in ("vocab.txt", "special_tokens_map.json", "tokenizer_config.json"):
+        shutil.copy(uer1024 / name, d / name)
+    bert, hf = BertTokenizer.from_pretrained(uer1024), GPT2LMHeadModel.from_pretrained(uer1024)
+    with torch.no_grad():
+        table = hf.transformer.wte.weight
+        table[bert.sep_token_id] = table[bert.convert_tokens_to_ids("寒")] * 1.01
+    hf.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("more", [(), ("--min-new-tokens", "50")], ids=["defaults", "EOS held back"])
+def test_greedy_generate_with_defaults_fills_the_context_as_transformers(cli, uer1024_sep, more):
+    """`generate --temperature 0` (greedy; 50 new tokens by default) on a prompt that fills the
+    1,024-token context with them, on a model whose greedy text reaches [SEP]: the same text as
+    transformers' greedy `generate` on the same weights, ended at [SEP]; with `--min-new-tokens
+    50`, [SEP] held back to the end of the context (the scheduler masks it only in a row where it
+    won, then takes that row's next best)."""
+    import torch
+    from transformers import BertTokenizer, GPT2LMHeadModel
+
+    from aigc_cli.models.loading import load_tokenizer
+
+    model = uer1024_sep
+    bert, hf = BertTokenizer.from_pretrained(model), GPT2LMHeadModel.from_pretrained(model).eval()
+    ours, _, _ = load_tokenizer(str(model))
+    prompt = ("春风吹绿江南岸明月何时照我还" * 70)[:973]
+    rows = cli.jsonl("generate", prompt, "--temperature", "0", "--model", str(model), *more)
+    ids = [bert.cls_token_id, *bert.encode(prompt, add_special_tokens=False)]
+    assert len(ids) == 974 and rows[0]["prompt_tokens"] == 974
+    held = {"min_new_tokens": 50} if more else {}
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=50, do_sample=False, eos_token_id=bert.sep_token_id, pad_token_id=bert.pad_token_id, **held)
+    new = out[0, len(ids) :].tolist()
+    ended = bert.sep_token_id in new
+    assert ended != bool(more)  # the model's text reaches [SEP] unless it is held back
+    assert rows[0]["text"] == ours.decode(new[: new.index(bert.sep_token_id)] if ended else new)
+    assert rows[0]["finish_reason"] == ("eos" if ended else "length")
+    if more:
+        assert rows[0]["completion_tokens"] == 50 and len(ids) + 50 == 1024
