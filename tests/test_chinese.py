@@ -434,7 +434,7 @@ def test_beam_search_prefills_once_and_equals_transformers_at_the_full_context(u
     assert ours == [theirs[: theirs.index(eos)] if eos in theirs else theirs]
 
 
-def test_int8_row_kernels_at_the_full_context(uer1024):
+def test_int8_row_kernels_at_the_full_context(uer1024, monkeypatch):
     """`--quantize int8` with its compiled row kernels (models/fused.py) on a Chinese prompt that
     fills the 1,024-token context over 50 steps of three rows: the level step and the batch step
     give the same bits at every position up to 1,023, and both stay within int8's noise of the same
@@ -449,9 +449,14 @@ def test_int8_row_kernels_at_the_full_context(uer1024):
     if fused._compiler() is None:
         pytest.skip("no C compiler: int8 runs torch's ops")
     assert model.rowops is not None
-    torch_ops = load_gpt2(uer1024, quantize="int8")
-    assert torch_ops is not None
-    torch_ops.rowops = None
+    monkeypatch.setenv("AIGC_FUSED", "0")  # the same model on torch's own ops
+    fused.row_ops.cache_clear()
+    try:
+        torch_ops = load_gpt2(uer1024, quantize="int8")
+    finally:
+        monkeypatch.delenv("AIGC_FUSED")
+        fused.row_ops.cache_clear()
+    assert torch_ops is not None and torch_ops.rowops is None
     prompt = [2] + [int(t) for t in torch.randint(5, 200, (973,), generator=torch.Generator().manual_seed(3))]
     caches = {name: m.new_slots() for name, m in (("level", model), ("batch", model), ("torch", torch_ops))}
     for name, slots in caches.items():

@@ -434,9 +434,13 @@ class GPT2:
         # int8 decoding's layer norms, GELU and attention as compiled kernels where they build (see
         # fused.py); both decoding steps use them, so a row gets the same bits from either.
         self.rowops = fused.row_ops() if quantize == "int8" and isinstance(self.embed, q8.Embedding) and self.embed.scale is not None else None
-        # their layer norms in the order a step runs them (each layer's two, then the final one),
-        # weights checked once here
-        self.norms = [] if self.rowops is None else [self.rowops.norm(w, b, cfg.eps) for w, b in [*((layer[i], layer[i + 1]) for layer in self.layers for i in (0, 4)), self.ln_f]]
+        # the layer norms in the order a step runs them (each layer's two, then the final one), bound
+        # to their weights: the compiled kernel where it runs (weights checked once, here), else torch's
+        pairs = [*((layer[i], layer[i + 1]) for layer in self.layers for i in (0, 4)), self.ln_f]
+        if self.rowops is not None:
+            self.norms: list[Callable[..., torch.Tensor]] = [self.rowops.norm(w, b, cfg.eps) for w, b in pairs]
+        else:
+            self.norms = [functools.partial(F.layer_norm, normalized_shape=(cfg.n_embd,), weight=w, bias=b, eps=cfg.eps) for w, b in pairs]
 
     @staticmethod
     def _table_and_head(
@@ -609,14 +613,8 @@ class GPT2:
         cfg = self.cfg
         heads, head_dim, e = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd
         dev, ops = self.device, self.rowops
-        norm: Callable[..., torch.Tensor]
-        act: Callable[[torch.Tensor], torch.Tensor]
-        if ops is None:
-            norm = functools.partial(F.layer_norm, normalized_shape=(e,), eps=cfg.eps)
-            act = functools.partial(F.gelu, approximate="tanh")
-        else:  # int8 with the compiled kernels, as `_step_level_fused` calls them
-            norm = functools.partial(ops.layer_norm, eps=cfg.eps)
-            act = ops.gelu_
+        norms = self.norms  # int8 with the compiled kernels: as `_step_level_fused` calls them
+        act: Callable[[torch.Tensor], torch.Tensor] = functools.partial(F.gelu, approximate="tanh") if ops is None else ops.gelu_
         bsz = 0 if tokens is None else tokens.shape[0]
         parts = []
         lengths = slots.lengths[first : first + bsz]
@@ -648,8 +646,8 @@ class GPT2:
             positions = torch.cat([torch.arange(len(p)) for p in prompts]).to(dev)
             parts.append(self.embed(ids) + F.embedding(positions, self.wpe))
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
-        for i, (w1, b1, attn, proj, w2, b2, fc, fc_out) in enumerate(self.layers):
-            qkv = attn(norm(x, weight=w1, bias=b1))
+        for i, (_, _, attn, proj, _, _, fc, fc_out) in enumerate(self.layers):
+            qkv = attn(norms[2 * i](x))
             outs = []
             if bsz and attention is not None:
                 outs.append(attention(i, qkv[:bsz]))
@@ -669,15 +667,15 @@ class GPT2:
                 a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)
                 outs.append(a[0].transpose(0, 1).reshape(n, e))
             x = x + proj(torch.cat(outs) if len(outs) > 1 else outs[0])
-            x = x + fc_out(act(fc(norm(x, weight=w2, bias=b2))))
+            x = x + fc_out(act(fc(norms[2 * i + 1](x))))
         last = torch.tensor([*range(bsz), *(begin + n - 1 for begin, n in spans)], dtype=torch.long, device=dev)
         slots.lengths[first : first + bsz] = [n + 1 for n in lengths]
         slots.lengths += [len(p) for p in prompts]
-        h = norm(x[last], weight=self.ln_f[0], bias=self.ln_f[1])
+        h = norms[-1](x[last])
         logits = self.logits(h).float()
         if not states:
             return logits
-        spans_h = [norm(x[begin : begin + n], weight=self.ln_f[0], bias=self.ln_f[1]).float() for begin, n in spans]
+        spans_h = [norms[-1](x[begin : begin + n]).float() for begin, n in spans]
         return Stepped(logits, h.float(), spans_h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
