@@ -380,7 +380,8 @@ class _Probe:
         self.counts: dict[str, int] = {}
         self._undo: list[tuple[Any, str, Any, bool]] = []
         self._wrap(gpt2.GPT2, "step", "forward")
-        self._wrap(scheduler.Scheduler, "_pick", "processors + sampling")
+        # each group's processing and draw (the lone-row step calls it without `_pick` around it)
+        self._wrap(scheduler.Scheduler, "_pick_group" if hasattr(scheduler.Scheduler, "_pick_group") else "_pick", "processors + sampling")
         self._wrap(decoding._Row, "push", "detokenisation + stop checks")
         self._wrap(scheduler.Scheduler, "step", "scheduler step")
         for method in ("tolist", "item", "__int__", "__float__"):

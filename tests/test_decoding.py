@@ -640,6 +640,6 @@ def test_greedy_tokens_are_torchs_argmax():
     scores[2, [5, 40000]] = math.nan  # NaN wins, the first
     scores[3] = -math.inf
     scores[4, 123] = math.inf
-    for s in (scores, scores.half(), scores.double(), scores[:, ::3], scores.bfloat16()):
+    for s in (scores, scores.half(), scores.double(), scores[:, ::3], scores.bfloat16(), scores.clone().requires_grad_()):
         assert greedy_tokens(s) == s.argmax(-1).tolist()
     assert greedy_tokens(scores)[1:5] == [7, 5, 0, 123]

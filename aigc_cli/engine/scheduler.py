@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -130,6 +130,8 @@ class Scheduler:
         self.hidden: torch.Tensor | None = None  # (slots, E) last-layer states, while contrastive rows run
         self._rules: dict[GenerationSettings, RowRules] = {}
         self._cancel: set[Hashable] = set()
+        self._lone_token: torch.Tensor | None = None  # `_step_lone`'s token, written in place each step
+        self._lone_view: Any = None  # its numpy view (on the CPU)
 
     @property
     def busy(self) -> bool:
@@ -167,6 +169,11 @@ class Scheduler:
         """Pick one token for every running row, free the slots of rows that finished (or failed),
         admit what fits into the free slots, then one forward pass: the running rows' new tokens and
         the new rows' prompts together. Returns what happened, in slot order (contrastive rows last)."""
+        if len(self.live) == 1 and not self.queue and not self._cancel and not self.live[0].contrastive:
+            return self._step_lone()
+        return self._step_many()
+
+    def _step_many(self) -> list[Event]:
         self._drop_cancelled()
         events: list[Event] = []
         tokens: list[int] = []
@@ -174,10 +181,47 @@ class Scheduler:
             tokens = self._choose(events)
         joining = self._admit()
         if not self.live and not joining:
-            self.logits = self.hidden = None
-            self.slots = self.model.new_slots()  # idle: give the cache's memory back
+            self._idle()
             return events
         self._forward(tokens, joining, events)
+        return events
+
+    def _idle(self) -> None:
+        self.logits = self.hidden = None
+        self.slots = self.model.new_slots()  # give the cache's memory back
+
+    def _step_lone(self) -> list[Event]:
+        """`step` for one running greedy or sampled row with nothing waiting or cancelled (batch-1
+        decoding: a prompt at a terminal, a server with one client): the same pick, accept and
+        forward pass, without what many rows need (groups, slot order, admission). After every
+        forward pass that Python runs cold (the weights have streamed through the caches since it
+        last ran), so each call left out counts: see bench/RESULTS-decode.md. A row that finishes
+        or fails leaves as in `step`; a forward pass that raises goes through `_forward`, whose
+        retry fails the row alone."""
+        live, events, tokens = self.live[0], list[Event](), [0]
+        assert self.logits is not None
+        try:
+            self._pick_group(self.logits, [0], tokens)
+            raw, top = self._raw_logprobs(self.logits[0], tokens[0], live) if live.spec.logprobs else (None, None)
+            done = self._accept(live, tokens[0], raw, top, events)
+        except Exception as exc:  # noqa: BLE001 - the row fails (alone: it is the only one)
+            events.append(Failed(live.spec.key, exc))
+            done = True
+        if done:
+            self._remove([0])
+            self._idle()
+            return events
+        if self._lone_token is None:
+            self._lone_token = torch.zeros(1, dtype=torch.long, device=self.model.device)
+            self._lone_view = self._lone_token.numpy() if self._lone_token.is_cpu else None
+        if self._lone_view is not None:
+            self._lone_view[0] = tokens[0]  # the same memory: no new tensor (~30 us, cold)
+        else:
+            self._lone_token.fill_(tokens[0])
+        try:
+            self.logits = self.model.step(self._lone_token, self.slots, [])  # type: ignore[assignment]
+        except Exception:  # noqa: BLE001 - as any step's pass: retried, then the row fails
+            self._forward(tokens, [], events)
         return events
 
     def _choose(self, events: list[Event]) -> list[int]:
