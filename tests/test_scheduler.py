@@ -165,11 +165,16 @@ def test_rows_stream_their_text_and_logprobs(tiny_lm):
 
 
 def test_rows_of_very_different_lengths_attend_in_blocks_and_keep_their_tokens(tiny_lm, monkeypatch):
-    """Long prompts beside short ones, joining at random steps: the decode step's attention runs
-    per block of slots, each up to its own longest row, and every row still gets exactly the
-    tokens it gets alone."""
-    from aigc_cli.models import gpt2
+    """Long prompts beside short ones, joining at random steps: torch's decode attention (a model
+    without the compiled kernels, which take each row at its own length) runs per block of slots,
+    each up to its own longest row, and every row still gets exactly the tokens it gets alone."""
+    import dataclasses
 
+    from aigc_cli.models import fused, gpt2
+
+    monkeypatch.setattr(fused, "row_ops", lambda: None)
+    tiny_lm = dataclasses.replace(tiny_lm, model=gpt2.from_hf_model(tiny_lm.hf_model))
+    assert tiny_lm.model.rowops is None
     split = []
     blocks = gpt2.attention_blocks
 
@@ -483,8 +488,8 @@ def test_min_new_tokens_holds_eos_back_as_the_static_loop_does(tiny_lm, decoding
     EOS logit is raised so that EOS would come early."""
     from aigc_cli.engine.decoding import generate_rows
 
-    logits, eos = tiny_lm.model.logits, tiny_lm.tokenizer.eos_token_id
-    monkeypatch.setattr(tiny_lm.model, "logits", lambda hidden: logits(hidden).index_add(-1, torch.tensor([eos]), torch.full((*hidden.shape[:-1], 1), 8.0)))
+    head, eos = tiny_lm.model.head, tiny_lm.tokenizer.eos_token_id  # every step's and pass's logits come from the head
+    monkeypatch.setattr(tiny_lm.model, "head", lambda hidden: head(hidden).index_add(-1, torch.tensor([eos]), torch.full((*hidden.shape[:-1], 1), 8.0)))
     prompt, seeds = "he was in", list(range(5))
     for rows in (5, 1):
         for extra in ({}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}):
@@ -526,3 +531,83 @@ def test_rows_that_cannot_take_a_copy_of_their_prompt_fail_alone(tiny_lm, monkey
     monkeypatch.setattr(type(sched.slots), "fork", real)
     for spec in (running, first):
         assert results[spec.key].token_ids == _alone(tiny_lm, spec).token_ids, spec.key
+
+
+# --- one row alone: the scheduler's lone-row step -----------------------------------------------
+
+LONE = {
+    "greedy": GREEDY,
+    "eos held": GenerationSettings(decoding="greedy", max_new_tokens=20, min_new_tokens=20).resolved(),
+    "sampled": GenerationSettings(max_new_tokens=15, top_p=0.9, temperature=0.8).resolved(),
+    "processors and stop": GenerationSettings(decoding="greedy", max_new_tokens=15, repetition_penalty=1.3, no_repeat_ngram_size=2, stop=(" zq",)).resolved(),
+}
+
+
+def _all_events(sched: Scheduler, spec: RowSpec) -> list:
+    sched.submit(spec)
+    events = []
+    while sched.busy:
+        events += sched.step()
+    return events
+
+
+@pytest.mark.parametrize("settings", LONE.values(), ids=LONE.keys())
+def test_a_lone_row_takes_the_lone_step_with_the_general_steps_events(tiny_lm, monkeypatch, settings):
+    """Every event (token, text, logprobs, top alternatives, the result) is what the general step
+    gives the same row, and the lone step ran."""
+    import dataclasses
+
+    spec = dataclasses.replace(_spec(tiny_lm, "a", "he was in the", settings), logprobs=True, top_logprobs=3)
+    calls = []
+    lone = Scheduler._step_lone
+    monkeypatch.setattr(Scheduler, "_step_lone", lambda self: calls.append(1) or lone(self))
+    got = _all_events(Scheduler(tiny_lm, max_rows=4), spec)
+    monkeypatch.setattr(Scheduler, "_step_lone", Scheduler._step_many)
+    want = _all_events(Scheduler(tiny_lm, max_rows=4), spec)
+    assert len(calls) >= len(want) - 2 > 0  # every step but the prefill (and the last token's)
+    assert got == want
+
+
+def test_a_fault_in_a_lone_row_fails_it_and_leaves_the_scheduler_idle_and_working(tiny_lm, monkeypatch):
+    doomed, seen = _spec(tiny_lm, "doomed", "he was in the", GREEDY), {"n": 0}
+
+    def fault(spec: RowSpec) -> None:
+        if spec.key == "doomed":
+            seen["n"] += 1
+            if seen["n"] == 4:
+                raise RuntimeError("injected")
+
+    monkeypatch.setattr(Scheduler, "fault", staticmethod(fault))
+    sched = Scheduler(tiny_lm, max_rows=4)
+    events = _all_events(sched, doomed)
+    assert len(events) >= 2 and all(type(e) is Token for e in events[:-1]) and str(events[-1].error) == "injected"
+    assert not sched.busy and sched.logits is None and sched.slots.rows == 0
+    after = _spec(tiny_lm, "after", "it is", GREEDY)
+    assert _run_events(sched, [after])[0]["after"].token_ids == _alone(tiny_lm, after).token_ids
+
+
+@pytest.mark.parametrize("failing", ["once", "always"])
+def test_a_lone_rows_forward_pass_that_raises_is_retried_then_fails_the_row_alone(tiny_lm, monkeypatch, failing):
+    """Out of memory at the lone row's fifth step: raised once, the retry gives the row its clean
+    tokens; raised at every try from there, the row fails and the next one runs."""
+    spec = _spec(tiny_lm, "a", "he was in the", GREEDY)
+    clean = _alone(tiny_lm, spec)
+    real, calls = tiny_lm.model.step, {"n": 0, "failed": 0}
+
+    def step(tokens, slots, prompts, states=False, first=0):
+        calls["n"] += 1
+        if calls["n"] == 5 or (failing == "always" and calls["n"] > 5 and calls["failed"] < 10):
+            calls["failed"] += 1
+            raise RuntimeError("out of memory")
+        return real(tokens, slots, prompts, states=states, first=first)
+
+    monkeypatch.setattr(tiny_lm.model, "step", step)
+    sched = Scheduler(tiny_lm, max_rows=4)
+    results, failed = _run_events(sched, [spec])
+    if failing == "once":
+        assert calls["failed"] == 1 and not failed and results["a"].token_ids == clean.token_ids
+    else:
+        assert not results and "out of memory" in str(failed["a"]) and not sched.busy
+        calls["failed"] = 10  # the model works again
+        after = _spec(tiny_lm, "after", "it is", GREEDY)
+        assert _run_events(sched, [after])[0]["after"].token_ids == _alone(tiny_lm, after).token_ids

@@ -1,6 +1,6 @@
-"""Compiled row kernels for `--quantize int8` decoding (kernels/rowops.c): a GPT-2 layer's layer
-norms, tanh-GELU and one-position attention in four calls instead of ~15 torch calls, and the int8
-token and position embeddings in one.
+"""Compiled row kernels for CPU decoding with float32 activations, exact and `--quantize int8`
+(kernels/rowops.c): a GPT-2 layer's layer norms, tanh-GELU and one-position attention in four
+calls instead of ~15 torch calls, and an int8 model's token and position embeddings in one.
 
 Built on first use with the system's C compiler for this machine's CPU (`-march=native`), kept in
 aigc's cache (keyed by the source, the compiler and the CPU), and checked against torch's own ops
@@ -53,18 +53,11 @@ class RowOps:
         """table[ids] * scale[ids] + positions[pos], (rows, dim) float32: an int8 token table
         (vocab, dim) with its row scales, and float32 position embeddings (n_pos, dim). An id or
         position outside its table raises ValueError."""
-        vocab, dim = table.shape if table.dim() == 2 else (0, 0)
-        if not (table.dtype is torch.int8 and table.is_cpu and table.is_contiguous() and _floats(scale) and scale.shape == (vocab,)):
-            raise ValueError("embed_int8: table must be a contiguous int8 CPU matrix, scale one float32 per row")
-        if not (_floats(positions) and positions.dim() == 2 and positions.shape[1] == dim):
-            raise ValueError("embed_int8: positions must be a contiguous float32 CPU matrix as wide as the table")
-        if not all(t.dtype is torch.long and t.is_cpu and t.is_contiguous() and t.dim() == 1 for t in (ids, pos)) or ids.shape != pos.shape:
-            raise ValueError("embed_int8: ids and pos must be one int64 each per row")
-        out = torch.empty((ids.shape[0], dim))
-        done = self._embed(table.data_ptr(), scale.data_ptr(), positions.data_ptr(), ids.data_ptr(), pos.data_ptr(), out.data_ptr(), ids.shape[0], dim, vocab, positions.shape[0])
-        if done != 0:
-            raise ValueError(f"embed_int8: a token id outside 0..{vocab - 1} or a position outside 0..{positions.shape[0] - 1}")
-        return out
+        return self.embedding(table, scale, positions)(ids, pos)
+
+    def embedding(self, table: torch.Tensor, scale: torch.Tensor, positions: torch.Tensor) -> Embedding:
+        """`embed_int8` with these tables, checked once (a model's, made at load)."""
+        return Embedding(self._embed, table, scale, positions)
 
     def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
         """F.layer_norm(x) over the last dimension of a (rows, dim) `x`, to ~1e-6; with `residual`,
@@ -75,9 +68,13 @@ class RowOps:
         """`layer_norm` with this weight and bias, checked once (a model's norms, made at load)."""
         return Norm(self._ln, weight, bias, eps)
 
+    def stream(self, x: torch.Tensor) -> Stream:
+        """A step's residual stream `x`, checked once, for `Stream.norm`."""
+        return Stream(x)
+
     def gelu_(self, x: torch.Tensor) -> torch.Tensor:
         """F.gelu(x, approximate="tanh") in place, to ~1e-6 relative."""
-        if not _floats(x):
+        if not (x.dtype is torch.float32 and x.is_contiguous() and x.is_cpu):
             raise ValueError("gelu_: x must be contiguous float32 on the CPU")
         self._gelu(x.data_ptr(), x.numel())
         return x
@@ -89,6 +86,28 @@ class RowOps:
         Checked here; then called once a layer. `Attention.at` moves it to the next step of the same
         rows (checking the new positions)."""
         return Attention(self._attend, keys, values, first, len(positions), scale).at(positions)
+
+
+class Embedding:
+    """`RowOps.embed_int8` bound to its tables: each call checks only the ids and positions."""
+
+    def __init__(self, fn: Any, table: torch.Tensor, scale: torch.Tensor, positions: torch.Tensor) -> None:
+        vocab, dim = table.shape if table.dim() == 2 else (0, 0)
+        if not (table.dtype is torch.int8 and table.is_cpu and table.is_contiguous() and _floats(scale) and scale.shape == (vocab,)):
+            raise ValueError("embed_int8: table must be a contiguous int8 CPU matrix, scale one float32 per row")
+        if not (_floats(positions) and positions.dim() == 2 and positions.shape[1] == dim):
+            raise ValueError("embed_int8: positions must be a contiguous float32 CPU matrix as wide as the table")
+        self._fn, self._kept = fn, (table, scale, positions)  # alive while this holds their pointers
+        self._table, self._scale, self._positions = table.data_ptr(), scale.data_ptr(), positions.data_ptr()
+        self.vocab, self.dim, self.n_positions = vocab, dim, positions.shape[0]
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if not all(t.dtype is torch.long and t.is_cpu and t.is_contiguous() and t.dim() == 1 for t in (ids, pos)) or ids.shape != pos.shape:
+            raise ValueError("embed_int8: ids and pos must be one int64 each per row")
+        out = torch.empty((ids.shape[0], self.dim))
+        if self._fn(self._table, self._scale, self._positions, ids.data_ptr(), pos.data_ptr(), out.data_ptr(), ids.shape[0], self.dim, self.vocab, self.n_positions) != 0:
+            raise ValueError(f"embed_int8: a token id outside 0..{self.vocab - 1} or a position outside 0..{self.n_positions - 1}")
+        return out
 
 
 class Norm:
@@ -110,6 +129,29 @@ class Norm:
         return h
 
 
+class Stream:
+    """One step's residual stream `x` (rows, dim) and its normalised copy `h`, one buffer for the
+    whole step: each `norm` adds a sublayer's output into x and writes h, the next matmul's input.
+    x and h are checked (and h allocated) once a step, a sublayer's output at each call. Measured,
+    GPT-2 small int8, one thread, 2-core AMD EPYC: checking and allocating at each of a token's 25
+    layer norms took ~0.1 ms of ~8.5 (Python run cold among the streamed weights)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        if not (_floats(x) and x.dim() == 2):
+            raise ValueError("stream: x must be a contiguous float32 CPU matrix")
+        self.x, self.h, self.shape = x, torch.empty_like(x), x.shape
+        self._x, self._h = x.data_ptr(), self.h.data_ptr()
+
+    def norm(self, norm: Norm, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x += residual (when given), then h = norm(x); returns h, which the next call overwrites."""
+        if norm.dim != self.shape[1]:
+            raise ValueError(f"stream: a layer norm of width {norm.dim} on rows of {self.shape[1]}")
+        if residual is not None and not (residual.dtype is torch.float32 and residual.is_contiguous() and residual.shape == self.shape and residual.is_cpu):
+            raise ValueError("stream: the residual must be a contiguous float32 CPU matrix shaped like x")
+        norm._fn(self._x, None if residual is None else residual.data_ptr(), norm._w, norm._b, self._h, self.shape[0], norm.dim, norm.eps)
+        return self.h
+
+
 class Attention:
     """`RowOps.attention`: `GPT2._step`'s decode attention and cache write, one call a layer."""
 
@@ -124,7 +166,10 @@ class Attention:
         self.positions = torch.zeros(rows, dtype=torch.long)
         self._at = self.positions.numpy()  # the same memory: a step's positions written without torch calls
         self._layout = torch.tensor([rows, heads, head_dim, ks[1], ks[2], ks[3], vs[1], vs[2], vs[3]], dtype=torch.long)
+        self._positions_at, self._layout_at = self.positions.data_ptr(), self._layout.data_ptr()
         self._scores = torch.empty(heads * capacity)
+        self._out = torch.empty((rows, heads * head_dim))  # every call's result: see __call__
+        self._out_at, self._scores_at, self._qkv_shape = self._out.data_ptr(), self._scores.data_ptr(), (rows, 3 * heads * head_dim)
         self._k, self._v = keys.data_ptr() + first * ks[1] * 4, values.data_ptr() + first * vs[1] * 4
         self._k_layer, self._v_layer = ks[0] * 4, vs[0] * 4
         self.first, self.layers, self.rows, self.capacity, self.width, self.scale = first, layers, rows, capacity, heads * head_dim, scale
@@ -142,15 +187,16 @@ class Attention:
         return self
 
     def __call__(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        """Layer `layer`'s attention for `qkv` (rows, 3 * heads * head_dim): (rows, heads * head_dim)."""
-        if not (0 <= layer < self.layers and _floats(qkv) and qkv.shape == (self.rows, 3 * self.width)):
+        """Layer `layer`'s attention for `qkv` (rows, 3 * heads * head_dim): (rows, heads * head_dim),
+        in the plan's own buffer, which the next call rewrites (the step's next matmul reads it
+        first; allocating one a layer cost ~2 us each, run cold among the streamed weights)."""
+        if not (0 <= layer < self.layers and qkv.dtype is torch.float32 and qkv.is_contiguous() and qkv.shape == self._qkv_shape and qkv.is_cpu):
             raise ValueError("attention: qkv must be contiguous float32 CPU rows of 3 * heads * head_dim, one per row")
-        out = qkv.new_empty((self.rows, self.width))
         self._fn(
-            qkv.data_ptr(), self._k + layer * self._k_layer, self._v + layer * self._v_layer, out.data_ptr(),
-            self.positions.data_ptr(), self._layout.data_ptr(), self.scale, self._scores.data_ptr(),
+            qkv.data_ptr(), self._k + layer * self._k_layer, self._v + layer * self._v_layer, self._out_at,
+            self._positions_at, self._layout_at, self.scale, self._scores_at,
         )  # fmt: skip
-        return out
+        return self._out
 
 
 def _floats(t: torch.Tensor) -> bool:

@@ -1,5 +1,5 @@
-"""A lean GPT-2 forward pass in plain PyTorch with a preallocated KV cache (and, for int8, a few
-compiled row kernels: fused.py).
+"""A lean GPT-2 forward pass in plain PyTorch with a preallocated KV cache (and, decoding on the
+CPU, a few compiled row kernels: fused.py).
 
 It reads Hugging Face GPT-2 checkpoints (config.json + safetensors) directly, without importing
 transformers' modeling code, and computes what `GPT2LMHeadModel` computes with the same weights:
@@ -148,7 +148,7 @@ class SlotCache:
     - "heads": keys stored as `k` (transposed), values as `v`: a decode step's torch q @ K streams
       each key row in memory order, about 20% faster on CPU than over (positions, head_dim) keys.
     - "positions": both stored (layers, slots, positions, heads, head_dim), what the compiled
-      int8 attention (`fused.RowOps.attention`) reads fastest: a row's keys, then its values, as
+      attention (`fused.RowOps.attention`, CPU decoding) reads fastest: a row's keys, then its values, as
       one stream each. Measured, GPT-2 small shape, one row at 70 positions, one thread, the
       layer's cache cold: 68 -> 34 us a layer (~0.4 ms an int8 token of ~9.5)."""
 
@@ -431,12 +431,18 @@ class GPT2:
         # thread costs more in waking and waiting than it saves (the built-in 64-wide models: 50
         # decode steps took 6.0 s on two threads with the other core busy, 0.04 s on one).
         self.threads = 1 if self.device.type == "cpu" and cfg.n_embd <= SMALL_WIDTH else None
-        # int8 decoding's layer norms, GELU and attention as compiled kernels where they build (see
-        # fused.py); both decoding steps use them, so a row gets the same bits from either.
-        self.rowops = fused.row_ops() if quantize == "int8" and isinstance(self.embed, q8.Embedding) and self.embed.scale is not None else None
+        # CPU decoding's layer norms, GELU and attention as compiled kernels where they build (see
+        # fused.py), for float32 activations (the exact mode and int8); both decoding steps use
+        # them, so a row gets the same bits from either. Measured for the exact mode, GPT-2 small,
+        # 2-core AMD EPYC, lockstep in one process: one row 0.8% (one thread) and 3.6% (two) faster
+        # a step, five rows 5.5% and 11.7% (bench/RESULTS-decode.md).
+        self.rowops = fused.row_ops() if self.device.type == "cpu" and self.dtype == torch.float32 else None
         # the layer norms in the order a step runs them (each layer's two, then the final one), bound
         # to their weights: the compiled kernel where it runs (weights checked once, here), else torch's
         pairs = [*((layer[i], layer[i + 1]) for layer in self.layers for i in (0, 4)), self.ln_f]
+        int8_table = self.rowops is not None and isinstance(self.embed, q8.Embedding) and self.embed.scale is not None
+        # token + position embeddings of a decoding step in one call (an int8 table), else torch's
+        self.embed8 = self.rowops.embedding(self.embed.table, self.embed.scale, self.wpe) if int8_table else None  # type: ignore[union-attr]
         if self.rowops is not None:
             self.norms: list[Callable[..., torch.Tensor]] = [self.rowops.norm(w, b, cfg.eps) for w, b in pairs]
         else:
@@ -569,22 +575,24 @@ class GPT2:
         return self.logits(layer_norm(x, norm, self.ln_f[0], self.ln_f[1], eps)).float()
 
     def _step_level_fused(self, tokens: torch.Tensor, slots: SlotCache, first: int, ops: fused.RowOps) -> torch.Tensor:
-        """`_step_level` with the compiled row kernels (int8): per layer the four matmuls and four
-        kernel calls (attention with its cache write; residual add + layer norm, twice; GELU), the
-        same functions `_step` calls for int8, so the same bits. Measured, GPT-2 small int8, one
-        thread, 2-core AMD EPYC, batch-1 greedy: 11.4 -> 9.6 ms a token (forward) with the
-        kernels, 9.4 -> 8.7 with the cache stored by position and the plan kept between steps
-        (bench/RESULTS-decode.md)."""
+        """`_step_level` with the compiled row kernels (exact and int8 on the CPU): per layer the four
+        matmuls and four kernel calls (attention with its cache write; residual add + layer norm,
+        twice; GELU), the same functions `_step` calls, so the same bits. Measured, GPT-2 small
+        int8, one thread, 2-core AMD EPYC, batch-1 greedy: 11.4 -> 9.6 ms a token (forward) with
+        the kernels, 9.4 -> 8.7 with the cache stored by position and the plan kept between steps,
+        then ~0.15 ms less with the residual stream in one buffer checked once a step
+        (`fused.Stream`) and the embeddings bound at load (bench/RESULTS-decode.md)."""
         rows, p = tokens.shape[0], slots.lengths[first]
         attention = self._attention(ops, slots, first, [p] * rows)
-        x = ops.embed_int8(self.embed.table, self.embed.scale, self.wpe, tokens, attention.positions)
-        norms = self.norms
-        h = norms[0](x)
+        x = self.embed8(tokens, attention.positions) if self.embed8 is not None else self.embed(tokens) + self.wpe[p]
+        norms: list[fused.Norm] = self.norms  # type: ignore[assignment]  # the kernels' own, where they run
+        stream, gelu_ = ops.stream(x), ops.gelu_
+        h = stream.norm(norms[0])  # one buffer, rewritten by each norm once the matmul before has read it
         for i, (_, _, attn, proj, _, _, fc, fc_out) in enumerate(self.layers):
-            h = norms[2 * i + 1](x, proj(attention(i, attn(h))))
-            h = norms[2 * i + 2](x, fc_out(ops.gelu_(fc(h))))
+            h = stream.norm(norms[2 * i + 1], proj(attention(i, attn(h))))
+            h = stream.norm(norms[2 * i + 2], fc_out(gelu_(fc(h))))
         slots.lengths[first : first + rows] = [p + 1] * rows
-        return self.logits(h)  # float32 already: no cast
+        return self.head(h)  # (rows, vocab) float32 already: no reshape, no cast
 
     def _attention(self, ops: fused.RowOps, slots: SlotCache, first: int, positions: list[int]) -> fused.Attention:
         """The compiled attention for rows first.. at these positions: the previous step's plan when
@@ -613,12 +621,12 @@ class GPT2:
         cfg = self.cfg
         heads, head_dim, e = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd
         dev, ops = self.device, self.rowops
-        norms = self.norms  # int8 with the compiled kernels: as `_step_level_fused` calls them
+        norms = self.norms  # the compiled kernels where they run: as `_step_level_fused` calls them
         act: Callable[[torch.Tensor], torch.Tensor] = functools.partial(F.gelu, approximate="tanh") if ops is None else ops.gelu_
         bsz = 0 if tokens is None else tokens.shape[0]
         parts = []
         lengths = slots.lengths[first : first + bsz]
-        attention = None  # int8's compiled decode attention, when its kernels run
+        attention = None  # the compiled decode attention, when its kernels run
         if bsz:
             pos = torch.tensor(lengths, dtype=torch.long, device=dev)
             rows = torch.arange(first, first + bsz, device=dev)
@@ -631,8 +639,8 @@ class GPT2:
                     mask = torch.zeros((hi - lo, 1, 1, top + 1), dtype=self.dtype, device=dev)
                     mask.masked_fill_((keys[None, :] > pos[lo:hi, None])[:, None, None, :], float("-inf"))
                 blocks.append((lo, hi, top + 1, mask))
-            if ops is not None and attention is not None and tokens is not None:
-                parts.append(ops.embed_int8(self.embed.table, self.embed.scale, self.wpe, tokens, attention.positions))
+            if self.embed8 is not None and attention is not None and tokens is not None:
+                parts.append(self.embed8(tokens, attention.positions))
             else:
                 parts.append(self.embed(tokens) + F.embedding(pos, self.wpe))
         # New rows' prompts are packed end to end, without padding: the matmuls do not care where a

@@ -1,6 +1,7 @@
-/* Row kernels for `--quantize int8` decoding (aigc_cli/models/fused.py builds and loads this file).
+/* Row kernels for CPU decoding with float32 activations, the exact mode and `--quantize int8`
+   (aigc_cli/models/fused.py builds and loads this file).
 
-   Between its int8 matmuls a GPT-2 layer does little arithmetic (two layer norms, a tanh-GELU,
+   Between its matmuls a GPT-2 layer does little arithmetic (two layer norms, a tanh-GELU,
    attention of one new position per row over the cached keys and values), but as separate torch
    calls it takes ~15 of them a layer, each a few microseconds among the streamed weights: about a
    fifth of an int8 token's time. These functions do that work in four calls a layer, and a
