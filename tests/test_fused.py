@@ -372,3 +372,41 @@ def test_the_torch_step_on_a_cache_stored_by_position_equals_it_on_one_stored_by
             steps.append(logits)
         runs.append(torch.stack(steps))
     assert torch.allclose(runs[0], runs[1], atol=1e-5)
+
+
+@needs_compiler
+def test_decode_steps_on_an_unpadded_kv_cache_take_the_kernels_and_agree_with_torchs_ops(tiny_lm, monkeypatch):
+    """Beam search's steps (`forward` of one token per row on a KVCache, no padding) run the row
+    kernels, with logits within 1e-5 of torch's ops (the same model with them off) and the same
+    cache; a step whose rows carry padding keeps torch's masked attention."""
+    from aigc_cli.models.gpt2 import GPT2, from_hf_model
+
+    model = from_hf_model(tiny_lm.hf_model)
+    assert model.rowops is not None
+    fused_steps = []
+    real = GPT2._decode_fused
+    monkeypatch.setattr(GPT2, "_decode_fused", lambda self, *a: fused_steps.append(a[0].shape[0]) or real(self, *a))
+    prompt = torch.tensor([tiny_lm.tokenizer.encode("the cat sat on the mat and", add_special_tokens=False)])
+    width, ops = prompt.shape[1], model.rowops
+    runs = []
+    for kernels in (True, False):
+        model.rowops = ops if kernels else None
+        cache = model.new_cache(1, width + 8)
+        h = model.forward(prompt, torch.arange(width)[None], torch.ones_like(prompt), cache)
+        cache.repeat_interleave(3)
+        tokens, steps = model.logits(h[:, -1]).argmax(-1).repeat(3)[:, None] + torch.tensor([[0], [1], [2]]), []
+        for n in range(width, width + 6):
+            h = model.forward(tokens, torch.full((3, 1), n), torch.ones((3, n + 1), dtype=torch.long), cache)
+            steps.append(model.logits(h[:, -1]))
+            tokens = steps[-1].argmax(-1)[:, None]
+        runs.append((torch.stack(steps), cache.k[:, :, :, : width + 6].clone(), cache.v[:, :, :, : width + 6].clone()))
+    model.rowops = ops
+    assert fused_steps == [3] * 6
+    assert torch.allclose(runs[0][0], runs[1][0], atol=1e-5) and torch.equal(runs[0][0].argmax(-1), runs[1][0].argmax(-1))
+    assert torch.allclose(runs[0][1], runs[1][1], atol=1e-5) and torch.allclose(runs[0][2], runs[1][2], atol=1e-5)
+    cache = model.new_cache(2, width + 2)  # two rows, the second left-padded by one position
+    mask = torch.ones((2, width), dtype=torch.long)
+    mask[1, 0] = 0
+    model.forward(prompt.repeat(2, 1), (mask.cumsum(-1) - 1).clamp(min=0), mask, cache)
+    model.forward(torch.tensor([[5], [6]]), torch.tensor([[width], [width - 1]]), torch.cat([mask, torch.ones((2, 1), dtype=torch.long)], 1), cache)
+    assert fused_steps == [3] * 6  # the padded step did not take them
