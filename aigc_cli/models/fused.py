@@ -200,7 +200,10 @@ class Attention:
 
 
 def _floats(t: torch.Tensor) -> bool:
-    """What the C code reads through a bare pointer: contiguous float32 in CPU memory."""
+    """What the C code reads through a bare pointer: contiguous float32 in CPU memory. The checks
+    made at every call of a decoding step (`Stream.norm`, `Attention.__call__`, `gelu_`) spell it
+    out inline instead: a function call, run cold among the streamed weights, costs more than the
+    check itself."""
     return t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
 
 
